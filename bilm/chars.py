@@ -1,0 +1,125 @@
+"""ELMo character ids.
+
+A token becomes ``max_characters_per_token`` ids: begin-of-word, its UTF-8 bytes
+(truncated to ``max_characters_per_token - 2``), end-of-word, then padding.
+``<S>`` and ``</S>`` get the special sentence characters. At prediction every id
+is shifted by +1 so that 0 is the mask (the 262-row char embedding); this module
+always returns shifted ids, the convention of the model modules.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+BOS_TOKEN = "<S>"
+EOS_TOKEN = "</S>"
+UNK_TOKEN = "<UNK>"
+
+# Unshifted ids, as bilm-tf's UnicodeCharsVocabulary and the published weights use them.
+BOS_CHAR = 256
+EOS_CHAR = 257
+BOW_CHAR = 258
+EOW_CHAR = 259
+PAD_CHAR = 260
+N_CHARACTERS = 262  # 261 ids shifted by one, plus 0 for the mask
+
+DEFAULT_MAX_CHARACTERS = 50
+
+
+def token_to_char_ids(token: str, max_characters_per_token: int = DEFAULT_MAX_CHARACTERS) -> np.ndarray:
+    """Shifted char ids (values 1..261) of one token, shape (max_characters_per_token,)."""
+    if max_characters_per_token < 3:
+        raise ValueError(f"max_characters_per_token must be >= 3, got {max_characters_per_token}")
+    ids = np.full(max_characters_per_token, PAD_CHAR, dtype=np.int32)
+    ids[0] = BOW_CHAR
+    if token == BOS_TOKEN or token == EOS_TOKEN:
+        ids[1] = BOS_CHAR if token == BOS_TOKEN else EOS_CHAR
+        ids[2] = EOW_CHAR
+    else:
+        encoded = token.encode("utf-8", "ignore")[: max_characters_per_token - 2]
+        ids[1 : 1 + len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
+        ids[1 + len(encoded)] = EOW_CHAR
+    return ids + 1
+
+
+class CharIdMapper:
+    """Turns token lists into padded char-id arrays, caching each token's row.
+
+    Tokens are looked up once in a dict; the ids of a whole batch are gathered with
+    one numpy fancy-index, so no per-character Python work is done for tokens seen
+    before. Row 0 of the table is the all-zero mask row used for padding positions.
+    """
+
+    def __init__(self, max_characters_per_token: int = DEFAULT_MAX_CHARACTERS,
+                 tokens: Iterable[str] = ()):
+        self.max_characters_per_token = max_characters_per_token
+        self._row_of: dict[str, int] = {}
+        self._table = np.zeros((1024, max_characters_per_token), dtype=np.int32)
+        self._n_rows = 1  # row 0: mask
+        for token in (BOS_TOKEN, EOS_TOKEN, *tokens):
+            self.row(token)
+
+    @classmethod
+    def from_vocab_file(cls, path: str, max_characters_per_token: int = DEFAULT_MAX_CHARACTERS) -> "CharIdMapper":
+        """Preload the cache with every token of a vocab file (one token per line)."""
+        with open(path, encoding="utf-8") as f:
+            return cls(max_characters_per_token, (line.rstrip("\n").split("\t")[0] for line in f if line.strip()))
+
+    def __len__(self) -> int:
+        return self._n_rows - 1
+
+    @property
+    def table(self) -> np.ndarray:
+        """(n_rows, max_characters_per_token) shifted ids; row 0 is the mask row."""
+        return self._table[: self._n_rows]
+
+    def row(self, token: str) -> int:
+        """Row of ``token`` in ``table``, computing its ids on first sight."""
+        row = self._row_of.get(token)
+        if row is None:
+            if self._n_rows == len(self._table):
+                self._table = np.concatenate([self._table, np.zeros_like(self._table)])
+            row = self._n_rows
+            self._table[row] = token_to_char_ids(token, self.max_characters_per_token)
+            self._row_of[token] = row
+            self._n_rows += 1
+        return row
+
+    def rows(self, tokens: Sequence[str]) -> list[int]:
+        get = self._row_of.get
+        out = []
+        for token in tokens:
+            row = get(token)
+            out.append(row if row is not None else self.row(token))
+        return out
+
+    def batch(self, sentences: Sequence[Sequence[str]], add_sentence_boundaries: bool = True) -> np.ndarray:
+        """Char ids (n_sentences, max_len, max_characters_per_token), int32, 0 = padding.
+
+        With ``add_sentence_boundaries`` each sentence is wrapped in ``<S>`` .. ``</S>``
+        (as bilm-tf's Batcher does); ``max_len`` counts them.
+        """
+        check_sentences(sentences)
+        extra = 2 if add_sentence_boundaries else 0
+        max_len = max((len(s) for s in sentences), default=0) + extra
+        index = np.zeros((len(sentences), max_len), dtype=np.int64)
+        for i, sentence in enumerate(sentences):
+            rows = self.rows(sentence)
+            if add_sentence_boundaries:
+                rows = [self._row_of[BOS_TOKEN], *rows, self._row_of[EOS_TOKEN]]
+            index[i, : len(rows)] = rows
+        return self._table[index]
+
+
+def check_sentences(sentences: Sequence[Sequence[str]]) -> None:
+    """Raise a TypeError naming the position of the first thing that is not a token."""
+    if isinstance(sentences, (str, bytes)):
+        raise TypeError("expected a list of sentences (lists of str tokens), got a single string")
+    for i, sentence in enumerate(sentences):
+        if isinstance(sentence, (str, bytes)):
+            raise TypeError(f"sentence {i} is a {type(sentence).__name__}, expected a list of str tokens")
+        for j, token in enumerate(sentence):
+            if not isinstance(token, str):
+                raise TypeError(
+                    f"sentence {i}, token {j} is a {type(token).__name__} ({token!r}), expected str")
