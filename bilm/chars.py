@@ -94,8 +94,8 @@ class CharIdMapper:
             out.append(row if row is not None else self.row(token))
         return out
 
-    def batch(self, sentences: Sequence[Sequence[str]], add_sentence_boundaries: bool = True) -> np.ndarray:
-        """Char ids (n_sentences, max_len, max_characters_per_token), int32, 0 = padding.
+    def batch_rows(self, sentences: Sequence[Sequence[str]], add_sentence_boundaries: bool = True) -> np.ndarray:
+        """Rows of ``table`` for each position (n_sentences, max_len), int64, 0 = padding.
 
         With ``add_sentence_boundaries`` each sentence is wrapped in ``<S>`` .. ``</S>``
         (as bilm-tf's Batcher does); ``max_len`` counts them.
@@ -104,12 +104,18 @@ class CharIdMapper:
         extra = 2 if add_sentence_boundaries else 0
         max_len = max((len(s) for s in sentences), default=0) + extra
         index = np.zeros((len(sentences), max_len), dtype=np.int64)
+        bos, eos = self._row_of[BOS_TOKEN], self._row_of[EOS_TOKEN]
         for i, sentence in enumerate(sentences):
             rows = self.rows(sentence)
             if add_sentence_boundaries:
-                rows = [self._row_of[BOS_TOKEN], *rows, self._row_of[EOS_TOKEN]]
+                rows = [bos, *rows, eos]
             index[i, : len(rows)] = rows
-        return self._table[index]
+        return index
+
+    def batch(self, sentences: Sequence[Sequence[str]], add_sentence_boundaries: bool = True) -> np.ndarray:
+        """Char ids (n_sentences, max_len, max_characters_per_token), int32, 0 = padding."""
+        rows = self.batch_rows(sentences, add_sentence_boundaries)  # may grow the table: index after
+        return self._table[rows]
 
 
 def check_sentences(sentences: Sequence[Sequence[str]]) -> None:

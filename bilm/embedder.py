@@ -1,0 +1,187 @@
+"""ElmoEmbedder: ELMo vectors for tokenized sentences from ``options.json`` + ``weights.hdf5``.
+
+Stateful by default, like bilm-tf's inference graph: batch row k carries its LSTM states
+into row k of the next call, so vectors depend on what was embedded before (the original
+warms up this way). ``stateful=False`` starts every batch from zero states: the same
+sentence always gets the same vectors.
+"""
+from __future__ import annotations
+
+import json
+import os
+from itertools import islice
+from typing import Iterable, Iterator, Optional, Sequence
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bilm.chars import CharIdMapper
+from bilm.modules.bilm import BiState, BidirectionalLM
+from bilm.weights import WeightFileError, load_bilm
+
+OUTPUT_FORMATS = ("all", "top", "average")
+
+
+def _read_vocab_tokens(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n").split("\t")[0] for line in f if line.strip()]
+
+
+class ElmoEmbedder:
+    def __init__(self, options_file: str, weight_file: str, device: str = "cpu", batch_size: int = 64,
+                 stateful: bool = True, token_embedding_file: Optional[str] = None,
+                 vocab_file: Optional[str] = None, lstm_impl: str = "exact"):
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.stateful = stateful
+        self.model: BidirectionalLM = load_bilm(options_file, weight_file, lstm_impl).to(self.device)
+        if not self.model.char_inputs:
+            raise ValueError(f"{options_file}: word-input models need token ids; use the model directly")
+        max_chars = self.model.options.char_cnn.max_characters_per_token
+        self.char_mapper = (CharIdMapper.from_vocab_file(vocab_file, max_chars) if vocab_file
+                            else CharIdMapper(max_chars))
+        self._state: Optional[BiState] = None
+        self._token_table: Optional[torch.Tensor] = None
+        if token_embedding_file is not None:
+            if vocab_file is None:
+                raise ValueError("token_embedding_file needs vocab_file (the order of its rows)")
+            self._load_token_table(token_embedding_file, vocab_file)
+
+    # ----- token-embedding cache -----
+    def _load_token_table(self, path: str, vocab_file: str) -> None:
+        """The cache as a table indexed by the char mapper's rows. Tokens it lacks (<S>, </S>, words
+        not in the vocab) go through the char CNN once and are added, so cache mode gives the same
+        vectors as char mode for every token."""
+        tokens = _read_vocab_tokens(vocab_file)
+        try:
+            with h5py.File(path, "r") as f:
+                if "embedding" not in f:
+                    raise WeightFileError(f"{path}: missing dataset 'embedding'")
+                table = f["embedding"][...]
+        except OSError as e:
+            raise WeightFileError(f"{path} is not a readable HDF5 file ({e})") from None
+        dim = self.model.options.projection_dim
+        if table.shape != (len(tokens), dim):
+            raise WeightFileError(f"{path}: dataset 'embedding' has shape {table.shape}, expected "
+                                  f"({len(tokens)}, {dim}) for {vocab_file} and the options")
+        rows = self.char_mapper.rows(tokens)
+        n_rows = len(self.char_mapper) + 1
+        missing = np.setdiff1d(np.arange(1, n_rows), rows)
+        full = torch.zeros(n_rows, dim, device=self.device)
+        full[torch.as_tensor(rows)] = torch.from_numpy(table.astype(np.float32)).to(self.device)
+        full[torch.as_tensor(missing)] = self._char_cnn_rows(missing)
+        self._token_table = full
+
+    def _char_cnn_rows(self, rows) -> torch.Tensor:
+        char_ids = torch.from_numpy(self.char_mapper.table[np.asarray(rows, dtype=np.int64)]).to(self.device)
+        return self.model.embed_tokens(char_ids)
+
+    def _token_vectors(self, sentences: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.char_mapper.batch_rows(sentences)
+        mask = torch.from_numpy(rows > 0).to(self.device)
+        if self._token_table is None:
+            char_ids = torch.from_numpy(self.char_mapper.table[rows]).to(self.device)
+            return self.model.embed_tokens(char_ids), mask
+        n_known = len(self._token_table)
+        if len(self.char_mapper) + 1 > n_known:  # new tokens since last call: char CNN once, then cached
+            new = self._char_cnn_rows(np.arange(n_known, len(self.char_mapper) + 1))
+            self._token_table = torch.cat([self._token_table, new])
+        return self._token_table[torch.from_numpy(rows).to(self.device)], mask
+
+    # ----- states -----
+    def reset_states(self) -> None:
+        """Forget the carried LSTM states: the next batch starts from zeros."""
+        self._state = None
+
+    def _batch_state(self, batch_size: int) -> Optional[BiState]:
+        if not self.stateful or self._state is None:
+            return None
+        have = self._state["forward"][0][0].shape[0]
+        if have < batch_size:  # grow with zero rows, as bilm-tf's zero-initialized state variables
+            self._state = {d: [tuple(torch.cat([t, t.new_zeros(batch_size - have, t.shape[1])]) for t in layer)
+                               for layer in layers] for d, layers in self._state.items()}
+        return {d: [tuple(t[:batch_size] for t in layer) for layer in layers] for d, layers in self._state.items()}
+
+    def _store_state(self, new_state: BiState, batch_size: int) -> None:
+        if not self.stateful:
+            return
+        if self._state is None or self._state["forward"][0][0].shape[0] <= batch_size:
+            self._state = new_state
+            return
+        # Rows beyond this batch keep their states (bilm-tf: a smaller batch leaves them untouched).
+        self._state = {d: [tuple(torch.cat([new, old[batch_size:]]) for new, old in zip(new_layer, old_layer))
+                           for new_layer, old_layer in zip(new_state[d], self._state[d])] for d in new_state}
+
+    # ----- embedding -----
+    @torch.no_grad()
+    def embed_batch(self, sentences: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """One float32 array (n_layers + 1, n_tokens, 2 * projection_dim) per sentence."""
+        if len(sentences) == 0:
+            return []
+        tokens, mask = self._token_vectors(sentences)
+        layers, new_state = self.model.contextualize(tokens, mask, self._batch_state(len(sentences)))
+        self._store_state(new_state, len(sentences))
+        stacked = torch.stack(layers, dim=1).float().cpu().numpy()  # (B, L, T + 2, D)
+        return [stacked[i, :, 1 : len(s) + 1].copy() for i, s in enumerate(sentences)]
+
+    def embed_sentence(self, tokens: Sequence[str]) -> np.ndarray:
+        return self.embed_batch([tokens])[0]
+
+    def embed_sentences(self, sentences: Iterable[Sequence[str]], batch_size: Optional[int] = None
+                        ) -> Iterator[np.ndarray]:
+        batch_size = batch_size or self.batch_size
+        iterator = iter(sentences)
+        while batch := list(islice(iterator, batch_size)):
+            yield from self.embed_batch(batch)
+
+    def embed_file(self, input_file: str, output_file: str, output_format: str = "all",
+                   batch_size: Optional[int] = None, progress: bool = True) -> int:
+        """Embed every line of ``input_file`` (whitespace-tokenized) into ``output_file``: dataset
+        ``str(i)`` for line i and a JSON ``sentence_to_index`` dataset, as AllenNLP's ``elmo`` command.
+        Written to a temporary file first, so a failure never leaves a half-written output."""
+        if output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
+        with open(input_file, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f]
+        tmp = f"{output_file}.tmp{os.getpid()}"
+        sentence_to_index: dict[str, str] = {}
+        try:
+            with h5py.File(tmp, "w") as out:
+                vectors = self.embed_sentences((line.split() for line in lines), batch_size)
+                for i, (line, emb) in enumerate(tqdm(zip(lines, vectors), total=len(lines), unit="sent",
+                                                     desc="embed", disable=not progress)):
+                    if output_format == "top":
+                        emb = emb[-1]
+                    elif output_format == "average":
+                        emb = emb.mean(axis=0)
+                    out.create_dataset(str(i), data=emb)
+                    sentence_to_index[line] = str(i)
+                out.create_dataset("sentence_to_index", data=json.dumps(sentence_to_index))
+            os.replace(tmp, output_file)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return len(lines)
+
+
+@torch.no_grad()
+def dump_token_embeddings(vocab_file: str, options_file: str, weight_file: str, output_file: str,
+                          batch_size: int = 512, device: str = "cpu", progress: bool = True) -> int:
+    """Write the context-independent token vectors of every vocab token (bilm-tf's
+    ``dump_token_embeddings``): dataset ``embedding`` (n_tokens, projection_dim), vocab order."""
+    tokens = _read_vocab_tokens(vocab_file)
+    model = load_bilm(options_file, weight_file).to(device)
+    mapper = CharIdMapper(model.options.char_cnn.max_characters_per_token)
+    table = np.zeros((len(tokens), model.options.projection_dim), dtype=np.float32)
+    for start in tqdm(range(0, len(tokens), batch_size), desc="tokens", disable=not progress):
+        chunk = tokens[start : start + batch_size]
+        rows = mapper.rows(chunk)
+        char_ids = torch.from_numpy(mapper.table[rows]).to(device)
+        table[start : start + len(chunk)] = model.embed_tokens(char_ids).cpu().numpy()
+    tmp = f"{output_file}.tmp{os.getpid()}"
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("embedding", data=table)
+    os.replace(tmp, output_file)
+    return len(tokens)

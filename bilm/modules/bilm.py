@@ -1,0 +1,80 @@
+"""The bidirectional language model body: a shared token encoder and separate forward and backward LSTM stacks."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from bilm.modules.lstm import LstmStack, State
+from bilm.modules.token_encoder import CharCNNEncoder, WordEmbeddingEncoder
+from bilm.options import BiLMOptions
+
+BiState = dict[str, Optional[list[State]]]  # {"forward": per-layer states, "backward": ...}
+
+
+def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Reverse the first ``lengths[b]`` steps of each row of (B, T, ...), leaving padding in place
+    (TF's reverse_sequence)."""
+    n_steps = x.shape[1]
+    steps = torch.arange(n_steps, device=x.device).unsqueeze(0)
+    lengths = lengths.unsqueeze(1)
+    index = torch.where(steps < lengths, lengths - 1 - steps, steps)
+    index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    return x.gather(1, index)
+
+
+class BidirectionalLM(nn.Module):
+    """Token encoder + forward and backward LSTM stacks (separate weights), as bilm-tf.
+
+    The softmax is not here: it belongs to training (``bilm.model``); inference needs only this.
+    """
+
+    def __init__(self, options: BiLMOptions, dropout: float = 0.0, lstm_impl: str = "exact"):
+        super().__init__()
+        self.options = options
+        dim = options.projection_dim
+        if options.char_cnn is not None:
+            self.token_encoder: nn.Module = CharCNNEncoder(options.char_cnn, dim)
+        else:
+            if not options.n_tokens_vocab:
+                raise ValueError("word-input mode (no 'char_cnn' in options) needs 'n_tokens_vocab'")
+            self.token_encoder = WordEmbeddingEncoder(options.n_tokens_vocab, dim)
+        self.forward_lstm = LstmStack(dim, options.lstm, dropout, lstm_impl)
+        self.backward_lstm = LstmStack(dim, options.lstm, dropout, lstm_impl)
+
+    @property
+    def char_inputs(self) -> bool:
+        return self.options.char_cnn is not None
+
+    @property
+    def n_layers(self) -> int:
+        """Number of ELMo layers: the token layer plus one per LSTM layer."""
+        return self.options.lstm.n_layers + 1
+
+    def embed_tokens(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Char ids (B, T, C) or shifted token ids (B, T); 0 marks padding in both."""
+        return self.token_encoder(inputs)
+
+    def forward(self, inputs: torch.Tensor, mask: torch.Tensor, state: Optional[BiState] = None
+                ) -> tuple[list[torch.Tensor], BiState]:
+        """ELMo layers of sentences padded at the end: inputs as ``embed_tokens``, mask (B, T) bool.
+
+        Returns ``n_layers`` tensors (B, T, 2 * projection_dim) and the new LSTM states.
+        """
+        return self.contextualize(self.embed_tokens(inputs), mask, state)
+
+    def contextualize(self, tokens: torch.Tensor, mask: torch.Tensor, state: Optional[BiState] = None
+                      ) -> tuple[list[torch.Tensor], BiState]:
+        """Token vectors (B, T, projection_dim) -> ELMo layers: the token layer (its vector twice,
+        as bilm-tf) then each LSTM layer, forward and backward concatenated; zero where masked.
+        The backward stack reads each row reversed within its length (TF's reverse_sequence)."""
+        state = state or {"forward": None, "backward": None}
+        tokens = tokens * mask.unsqueeze(-1)
+        lengths = mask.sum(dim=1)
+        forward_out, forward_state = self.forward_lstm(tokens, state["forward"], mask)
+        backward_out, backward_state = self.backward_lstm(reverse_padded(tokens, lengths), state["backward"], mask)
+        layers = [torch.cat([tokens, tokens], dim=-1)]
+        for fwd, bwd in zip(forward_out, backward_out):
+            layers.append(torch.cat([fwd, reverse_padded(bwd, lengths)], dim=-1))
+        return layers, {"forward": forward_state, "backward": backward_state}

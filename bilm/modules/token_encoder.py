@@ -1,0 +1,102 @@
+"""Context-independent token representations: the char CNN (with highway and projection) or a word table."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bilm.options import CharCNNOptions
+
+
+class Highway(nn.Module):
+    """bilm-tf's highway: ``y = g * relu(x W_t + b_t) + (1 - g) * x`` with ``g = sigmoid(x W_c + b_c)``."""
+
+    def __init__(self, dim: int, n_layers: int):
+        super().__init__()
+        self.carry = nn.ModuleList(nn.Linear(dim, dim) for _ in range(n_layers))
+        self.transform = nn.ModuleList(nn.Linear(dim, dim) for _ in range(n_layers))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for carry, transform in zip(self.carry, self.transform):
+            std = math.sqrt(1.0 / carry.in_features)
+            nn.init.normal_(carry.weight, 0.0, std)
+            nn.init.constant_(carry.bias, -2.0)  # start close to the identity, as bilm-tf does
+            nn.init.normal_(transform.weight, 0.0, std)
+            nn.init.zeros_(transform.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for carry, transform in zip(self.carry, self.transform):
+            gate = torch.sigmoid(carry(x))
+            x = gate * F.relu(transform(x)) + (1.0 - gate) * x
+        return x
+
+
+class CharCNNEncoder(nn.Module):
+    """Char ids (B, T, C), 0 = mask, -> token vectors (B, T, output_dim).
+
+    Char embedding, one convolution per filter width, max over character positions,
+    then the activation (bilm-tf's order), highway layers, and a linear projection to
+    ``output_dim`` unless the filters already have that width (bilm-tf writes no
+    projection then).
+    """
+
+    def __init__(self, options: CharCNNOptions, output_dim: int):
+        super().__init__()
+        self.options = options
+        # 262 rows: the 261 published chars shifted by one, row 0 the (zero, frozen) mask.
+        self.char_embedding = nn.Embedding(262, options.embedding_dim, padding_idx=0)
+        self.convolutions = nn.ModuleList(
+            nn.Conv1d(options.embedding_dim, n_filters, kernel_size=width) for width, n_filters in options.filters)
+        n_filters = options.n_filters
+        self.highway = Highway(n_filters, options.n_highway) if options.n_highway > 0 else None
+        self.projection = nn.Linear(n_filters, output_dim) if n_filters != output_dim else None
+        self.output_dim = output_dim
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            nn.init.uniform_(self.char_embedding.weight, -1.0, 1.0)
+            self.char_embedding.weight[0].zero_()
+        for conv in self.convolutions:
+            if self.options.activation == "relu":
+                nn.init.normal_(conv.weight, 0.0, math.sqrt(1.0 / (conv.kernel_size[0] * conv.in_channels)))
+            else:
+                nn.init.uniform_(conv.weight, -0.05, 0.05)
+            nn.init.zeros_(conv.bias)
+        if self.projection is not None:
+            nn.init.normal_(self.projection.weight, 0.0, math.sqrt(1.0 / self.projection.in_features))
+            nn.init.zeros_(self.projection.bias)
+
+    def forward(self, char_ids: torch.Tensor) -> torch.Tensor:
+        batch_shape = char_ids.shape[:-1]
+        chars = self.char_embedding(char_ids.reshape(-1, char_ids.shape[-1]).long())  # (N, C, E)
+        chars = chars.transpose(1, 2)  # (N, E, C) for Conv1d
+        activation = torch.relu if self.options.activation == "relu" else torch.tanh
+        pooled = [activation(conv(chars).amax(dim=-1)) for conv in self.convolutions]
+        x = torch.cat(pooled, dim=-1)
+        if self.highway is not None:
+            x = self.highway(x)
+        if self.projection is not None:
+            x = self.projection(x)
+        return x.reshape(*batch_shape, self.output_dim)
+
+
+class WordEmbeddingEncoder(nn.Module):
+    """Word-input mode: token ids shifted by +1 (0 = mask) -> vectors from a (V + 1, dim) table."""
+
+    def __init__(self, vocab_size: int, output_dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size + 1, output_dim, padding_idx=0)
+        self.output_dim = output_dim
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            nn.init.uniform_(self.embedding.weight, -1.0, 1.0)  # bilm-tf's word embedding init
+            self.embedding.weight[0].zero_()
+
+    def forward(self, shifted_token_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(shifted_token_ids.long())

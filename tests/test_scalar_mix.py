@@ -1,0 +1,77 @@
+"""ScalarMix and Elmo against the formula of bilm-tf's weight_layers test."""
+import numpy as np
+import pytest
+import torch
+
+from bilm.elmo import Elmo, batch_to_ids
+from bilm.modules.scalar_mix import ScalarMix
+from conftest import OPTIONS, WEIGHTS
+
+SENTENCES = [["The", "first", "sentence", "."], ["The", "second"], ["Third"]]
+SETTINGS = [([0.1, 0.3, 0.5], 1.1), ([0.2, 0.4, 0.6], 0.88)]  # bilm-tf's test values
+
+
+def _lm_embeddings():
+    elmo = Elmo(OPTIONS, WEIGHTS, num_output_representations=1, dropout=0.0)
+    char_ids = batch_to_ids(SENTENCES)
+    mask = (char_ids[..., 0] > 0)
+    with torch.no_grad():
+        out = elmo(char_ids)
+    assert out["mask"].tolist() == [[True] * 4, [True, True, False, False], [True, False, False, False]]
+    # Recompute the raw layers for the expected formula.
+    with_boundaries = batch_to_ids([["<S>", *s, "</S>"] for s in SENTENCES])
+    with torch.no_grad():
+        layers, _ = elmo.bilm(with_boundaries, with_boundaries[..., 0] > 0)
+    layers = np.stack([(l[:, 1:-1] * mask.unsqueeze(-1)).numpy() for l in layers], axis=1)  # (B, 3, T, D)
+    return layers, mask.numpy()
+
+
+@pytest.mark.parametrize("do_layer_norm", [True, False])
+def test_weighted_layers_formula(do_layer_norm):
+    lm_embeddings, mask = _lm_embeddings()
+    for weights, gamma in SETTINGS:
+        mix = ScalarMix(3, do_layer_norm=do_layer_norm, initial_weights=weights, initial_gamma=gamma)
+        with torch.no_grad():
+            got = mix([torch.from_numpy(lm_embeddings[:, j]) for j in range(3)], torch.from_numpy(mask)).numpy()
+        normed = np.exp(weights) / np.exp(weights).sum()
+        expected = np.zeros_like(lm_embeddings[:, 0])
+        for j in range(3):
+            layer = lm_embeddings[:, j]
+            if do_layer_norm:
+                mean, std = layer[mask].mean(), layer[mask].std()
+                layer = (layer - mean) / (std + 1e-12)
+            expected += normed[j] * layer
+        expected *= gamma
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_top_only():
+    lm_embeddings, mask = _lm_embeddings()
+    for _, gamma in SETTINGS:
+        # Top only: all weight on the last layer, times gamma.
+        mix = ScalarMix(3, initial_weights=[-1e4, -1e4, 0.0], initial_gamma=gamma)
+        with torch.no_grad():
+            got = mix([torch.from_numpy(lm_embeddings[:, j]) for j in range(3)]).numpy()
+        np.testing.assert_allclose(got, lm_embeddings[:, -1] * gamma, atol=1e-6)
+
+
+def test_elmo_module_outputs_and_grads():
+    elmo = Elmo(OPTIONS, WEIGHTS, num_output_representations=2, dropout=0.0, do_layer_norm=True)
+    out = elmo(batch_to_ids(SENTENCES))
+    reps = out["elmo_representations"]
+    assert len(reps) == 2 and reps[0].shape == (3, 4, 32)
+    reps[0][out["mask"]].sum().backward()
+    assert elmo.scalar_mixes[0].weights.grad is not None
+    assert all(p.grad is None for p in elmo.bilm.parameters())  # frozen biLM
+
+
+def test_elmo_matches_embedder_top_layer():
+    from bilm import ElmoEmbedder
+    embedder = ElmoEmbedder(OPTIONS, WEIGHTS, stateful=False)
+    expected = embedder.embed_batch(SENTENCES)
+    elmo = Elmo(OPTIONS, WEIGHTS, num_output_representations=1, dropout=0.0)
+    with torch.no_grad():
+        elmo.scalar_mixes[0].weights.copy_(torch.tensor([-1e4, -1e4, 0.0]))
+        out = elmo(batch_to_ids(SENTENCES))["elmo_representations"][0]
+    for i, s in enumerate(SENTENCES):
+        np.testing.assert_allclose(out[i, : len(s)].numpy(), expected[i][2], atol=1e-6)
