@@ -69,12 +69,23 @@ class BidirectionalLM(nn.Module):
         """Token vectors (B, T, projection_dim) -> ELMo layers: the token layer (its vector twice,
         as bilm-tf) then each LSTM layer, forward and backward concatenated; zero where masked.
         The backward stack reads each row reversed within its length (TF's reverse_sequence)."""
-        state = state or {"forward": None, "backward": None}
         tokens = tokens * mask.unsqueeze(-1)
         lengths = mask.sum(dim=1)
-        forward_out, forward_state = self.forward_lstm(tokens, state["forward"], mask)
-        backward_out, backward_state = self.backward_lstm(reverse_padded(tokens, lengths), state["backward"], mask)
+        forward_out, backward_out, new_state = self.run_lstms(tokens, reverse_padded(tokens, lengths), state, mask, mask)
         layers = [torch.cat([tokens, tokens], dim=-1)]
         for fwd, bwd in zip(forward_out, backward_out):
             layers.append(torch.cat([fwd, reverse_padded(bwd, lengths)], dim=-1))
-        return layers, {"forward": forward_state, "backward": backward_state}
+        return layers, new_state
+
+    def run_lstms(self, forward_inputs: torch.Tensor, backward_inputs: torch.Tensor,
+                  state: Optional[BiState] = None, forward_mask: Optional[torch.Tensor] = None,
+                  backward_mask: Optional[torch.Tensor] = None
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], BiState]:
+        """Both LSTM stacks over their own inputs (B, T, projection_dim): the backward inputs are
+        already reversed (training reads a reversed stream; inference reverses within lengths).
+        Returns each stack's per-layer outputs and the new states. The one place both directions
+        run, so an implementation may run them concurrently."""
+        state = state or {"forward": None, "backward": None}
+        forward_out, forward_state = self.forward_lstm(forward_inputs, state["forward"], forward_mask)
+        backward_out, backward_state = self.backward_lstm(backward_inputs, state["backward"], backward_mask)
+        return forward_out, backward_out, {"forward": forward_state, "backward": backward_state}
