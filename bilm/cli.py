@@ -62,6 +62,99 @@ def _add_dump_token_embeddings(sub: argparse._SubParsersAction) -> Callable:
     return run
 
 
+def _add_train(sub: argparse._SubParsersAction) -> Callable:
+    p = sub.add_parser("train", help="train the biLM (one process, or one per device under torchrun)",
+                       description="Train forward and backward LSTM language models with sampled softmax. "
+                                   "Run under torchrun for several devices or nodes (see launch/).")
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
+    p.add_argument("--data", required=True, help="manifest.json from `bilm prepare`, or a shard glob (then --vocab)")
+    p.add_argument("--out", required=True, help="run directory: checkpoints/, config.yaml, metrics.jsonl, tensorboard/")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.batch_size=64 (repeatable)")
+    p.add_argument("--vocab", help="vocab file (only when --data is a shard glob)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--device", help="auto (default: cuda when present), cpu or cuda; same as --set train.device=...")
+    p.add_argument("--strategy", choices=["ddp", "deepspeed"], help="same as --set train.strategy=...")
+    p.add_argument("--init-weights", help="start from published ELMo weights.hdf5 (continued pretraining)")
+    p.add_argument("--init-options", help="the options.json that came with --init-weights (sets the architecture)")
+    p.add_argument("--init-softmax", help="softmax.hdf5 from `bilm export --include-softmax` (else a fresh softmax)")
+    p.add_argument("--init-softmax-vocab", help="vocab the --init-softmax rows follow, when it differs from the training vocab")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(args: argparse.Namespace) -> int:
+        from bilm.config import load_config
+        from bilm.train import train
+        overrides = list(args.overrides)
+        if args.device:
+            overrides.append(f"train.device={args.device}")
+        if args.strategy:
+            overrides.append(f"train.strategy={args.strategy}")
+        cfg = load_config(args.config, overrides)
+        init = {"weights": args.init_weights, "options": args.init_options, "softmax": args.init_softmax,
+                "softmax_vocab": args.init_softmax_vocab} if args.init_weights else None
+        summary = train(cfg, args.data, args.out, resume=args.resume, vocab_file=args.vocab, init=init,
+                        progress=not args.no_progress)
+        if summary.get("is_main", True):
+            print(f"trained {summary['step']} steps -> {summary['checkpoint']}")
+        return 0
+    return run
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> Callable:
+    p = sub.add_parser("evaluate", help="full-softmax perplexity on heldout data",
+                       description="Perplexity of the forward LM, the backward LM and their average (exp of the "
+                                   "mean of the two mean losses, as bilm-tf reports). Stateful like training; every "
+                                   "heldout token counts once. Rows concatenate sentences, so --batch-size changes "
+                                   "which sentences precede which; --per-sentence resets the states at every "
+                                   "sentence and depends on neither batch size nor unroll.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (its newest checkpoint)")
+    p.add_argument("--data", required=True, help="manifest.json (its heldout shards) or a shard glob")
+    p.add_argument("--batch-size", type=int, help="rows per batch (default: the training config's)")
+    p.add_argument("--unroll", type=int, help="time steps per batch (default: the training config's); "
+                                             "does not change the result")
+    p.add_argument("--per-sentence", action="store_true", help="reset LSTM states at every sentence")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+        import os
+        from bilm.evaluate import evaluate
+        result = evaluate(args.checkpoint, args.data, args.batch_size, args.unroll, args.per_sentence, args.device)
+        if int(os.environ.get("RANK", 0)) != 0:
+            return 0
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            for d in ("forward", "backward"):
+                r = result[d]
+                print(f"{d:8s} perplexity {r['perplexity']:10.3f}  ({r['tokens']} tokens, {r['unk_targets']} <UNK> targets)")
+            print(f"average  perplexity {result['average_perplexity']:10.3f}  ({result['checkpoint']})")
+        return 0
+    return run
+
+
+def _add_export(sub: argparse._SubParsersAction) -> Callable:
+    p = sub.add_parser("export", help="checkpoint -> weights.hdf5 + options.json + vocab.txt (published ELMo format)",
+                       description="Write the biLM in the published ELMo layout (what bilm-tf wrote and AllenNLP "
+                                   "reads). States which consumers cannot load the result, if any.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (its newest checkpoint)")
+    p.add_argument("--out", required=True, help="directory to write into")
+    p.add_argument("--force", action="store_true", help="overwrite files already in --out")
+    p.add_argument("--include-softmax", action="store_true", help="also write softmax.hdf5 (for --init-softmax)")
+    p.add_argument("--strict", action="store_true", help="fail if any ELMo consumer could not load the result")
+
+    def run(args: argparse.Namespace) -> int:
+        import sys
+        from bilm.export import export
+        result = export(args.checkpoint, args.out, args.force, args.include_softmax, args.strict)
+        for problem in result["problems"]:
+            print(f"warning: {problem}", file=sys.stderr)
+        print(f"exported {result['checkpoint']} -> {args.out}/ ({', '.join(result['files'])})")
+        return 0
+    return run
+
+
 def _add_prepare(sub: argparse._SubParsersAction) -> Optional[Callable]:
     try:
         from data_tools import prepare
@@ -78,7 +171,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     parser.add_argument("--version", action="version", version=f"bilm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     handlers: dict[str, Callable] = {}
-    for name, add in (("prepare", _add_prepare), ("embed", _add_embed),
+    for name, add in (("prepare", _add_prepare), ("train", _add_train), ("evaluate", _add_evaluate),
+                      ("export", _add_export), ("embed", _add_embed),
                       ("dump-token-embeddings", _add_dump_token_embeddings)):
         handler = add(sub)
         if handler is not None:
@@ -94,7 +188,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         return handlers[args.command](args) or 0
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         # User errors: one clear line, no traceback.
         print(f"bilm {args.command}: error: {e}", file=sys.stderr)
         return 1

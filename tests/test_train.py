@@ -1,0 +1,90 @@
+"""Training end to end on the bilm-tf fixture corpus (CPU, tiny models)."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bilm.checkpoint import list_checkpoints, load_checkpoint
+from bilm.evaluate import evaluate
+from bilm.train import train
+from train_helpers import ROOT, TRAIN_DATA, TRAIN_VOCAB, tiny_config
+
+
+@pytest.mark.parametrize("word_inputs", [False, True], ids=["char", "word"])
+def test_reaches_bilm_tf_perplexity_bar(tmp_path, word_inputs):
+    # The original suite: 50 epochs on data.txt, heldout perplexity < 20 on the same file.
+    cfg = tiny_config("train.n_epochs=50", "train.seed=1", word_inputs=word_inputs)
+    n_tokens = sum(len(line.split()) for line in open(TRAIN_DATA))
+    cfg.train.n_train_tokens = n_tokens
+    summary = train(cfg, TRAIN_DATA, str(tmp_path), vocab_file=TRAIN_VOCAB, progress=False)
+    assert summary["step"] == int(50 * n_tokens / 20)
+    result = evaluate(str(tmp_path), TRAIN_DATA, progress=False, device="cpu")
+    assert result["forward"]["tokens"] == n_tokens + 5  # n words + </S> per sentence
+    assert result["average_perplexity"] < 20, result
+
+
+def _params(run_dir):
+    payload = load_checkpoint(list_checkpoints(os.path.join(run_dir, "checkpoints"))[-1])
+    return payload["model"]
+
+
+def test_resume_is_exact(tmp_path):
+    overrides = ("train.max_steps=12", "train.checkpoint_every_steps=5", "train.keep_checkpoints=5",
+                 "train.log_every_steps=1", "train.seed=3")
+    full = tmp_path / "full"
+    train(tiny_config(*overrides), TRAIN_DATA, str(full), vocab_file=TRAIN_VOCAB, progress=False)
+
+    part = tmp_path / "part"
+    train(tiny_config(*overrides[1:], "train.max_steps=7"), TRAIN_DATA, str(part),
+          vocab_file=TRAIN_VOCAB, progress=False)
+    # The stop at 7 checkpoints at 5 and 7; truncate step 7 on disk: resume must fall back to 5.
+    ckpts = list_checkpoints(str(part / "checkpoints"))
+    assert [os.path.basename(p) for p in ckpts] == ["step-00000005.pt", "step-00000007.pt"]
+    with open(ckpts[-1], "r+b") as f:
+        f.truncate(os.path.getsize(ckpts[-1]) // 2)
+    with pytest.warns(UserWarning, match="step-00000007.pt: unreadable checkpoint"):
+        train(tiny_config(*overrides), TRAIN_DATA, str(part), resume=True, vocab_file=TRAIN_VOCAB, progress=False)
+
+    a, b = _params(full), _params(part)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
+    losses = lambda run: {r["step"]: r["loss"] for r in map(json.loads, open(run / "metrics.jsonl"))}
+    full_losses, part_losses = losses(full), losses(part)
+    for step in range(6, 13):
+        assert part_losses[step] == pytest.approx(full_losses[step], abs=1e-6), step
+
+
+def test_checkpoint_holds_config_and_states(tmp_path):
+    train(tiny_config("train.max_steps=2"), TRAIN_DATA, str(tmp_path), vocab_file=TRAIN_VOCAB, progress=False)
+    payload = load_checkpoint(list_checkpoints(str(tmp_path / "checkpoints"))[-1])
+    assert payload["config"]["train"]["batch_size"] == 2
+    assert payload["rank_states"][0]["lstm_state"]["forward"][0][0].shape == (2, 8)
+    assert payload["rank_states"][0]["data"] is not None
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "metrics.jsonl").exists()
+
+
+def test_sigterm_writes_checkpoint_and_exits(tmp_path):
+    script = (
+        "import os, signal, sys; sys.path.insert(0, %r)\n"
+        "import bilm.train as t\n"
+        "from train_helpers import tiny_config, TRAIN_DATA, TRAIN_VOCAB\n"
+        "orig = t.Trainer.step\n"
+        "def step(self, batch):\n"
+        "    r = orig(self, batch)\n"
+        "    if not hasattr(self, 'n'): self.n = 0\n"
+        "    self.n += 1\n"
+        "    if self.n == 3: os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return r\n"
+        "t.Trainer.step = step\n"
+        "s = t.train(tiny_config('train.max_steps=50'), TRAIN_DATA, %r, vocab_file=TRAIN_VOCAB, progress=False)\n"
+        "print('STOPPED AT', s['step'])\n" % (os.path.dirname(__file__), str(tmp_path)))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "STOPPED AT 3" in out.stdout
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "checkpoints"))] == ["step-00000003.pt"]

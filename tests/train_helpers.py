@@ -1,0 +1,28 @@
+"""Shared bits of the training tests: the bilm-tf test model as a config, and fixture data."""
+import os
+
+from bilm.config import load_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TRAIN_DATA = os.path.join(HERE, "fixtures", "bilm-tf", "train", "data.txt")
+TRAIN_VOCAB = os.path.join(HERE, "fixtures", "bilm-tf", "train", "vocab.txt")
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+
+# bilm-tf's test_training.py: 2 layers of 16 cells projected to 8, unroll 10, batch 2, 16 samples.
+BILM_TF_TEST_MODEL = [
+    "model.lstm.dim=16", "model.lstm.projection_dim=8", "model.lstm.n_layers=2",
+    "model.lstm.use_skip_connections=true", "model.lstm.cell_clip=3", "model.lstm.proj_clip=3",
+    "model.char_cnn.embedding.dim=4", "model.char_cnn.filters=[[1,8],[2,8],[3,16],[4,32],[5,64]]",
+    "model.char_cnn.n_highway=1",
+    "train.batch_size=2", "train.unroll_steps=10", "train.n_negative_samples_batch=16",
+    "train.dropout=0.1", "train.log_every_steps=1000", "train.checkpoint_every_steps=100000",
+    "train.checkpoint_every_minutes=1000", "train.device=cpu",
+]
+
+
+def tiny_config(*overrides: str, word_inputs: bool = False):
+    cfg = load_config(TINY, [*BILM_TF_TEST_MODEL, *overrides])
+    if word_inputs:
+        cfg.model.char_cnn = None
+    return cfg
