@@ -170,12 +170,27 @@ class Trainer:
                 # The sparse softmax is reduced by hand (all-gather of touched rows), not by DDP.
                 DDP._set_params_and_buffers_to_ignore_for_model(self.model, ["softmax.weight", "softmax.bias"])
                 self.forward_module = DDP(self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                                          broadcast_buffers=False)
+                                          )
 
     def _init_deepspeed(self) -> None:
         import deepspeed
+        import torch.distributed as dist
 
         t = self.cfg.train
+        if not dist.is_initialized():
+            # A single process outside torchrun: DeepSpeed still wants a process group (else it
+            # looks for MPI). Give it a one-member group on a free local port.
+            import socket
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(port))
+            for key in ("RANK", "LOCAL_RANK"):
+                os.environ.setdefault(key, "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+            dist.init_process_group("nccl" if self.env.device.type == "cuda" else "gloo", init_method="env://",
+                                    rank=0, world_size=1)
         with open(t.deepspeed_config) as f:
             ds_config = json.load(f)
         # Batches are packed by bilm.data; DeepSpeed sees one "sample" per step per rank.
