@@ -44,9 +44,13 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
     if o.name == "adagrad":
-        # bilm-tf: Adagrad, lr 0.2, initial accumulator 1.0. Handles the sparse softmax gradient.
-        return torch.optim.Adagrad(params, lr=o.lr, initial_accumulator_value=o.initial_accumulator_value,
-                                   weight_decay=o.weight_decay)
+        # bilm-tf: Adagrad, lr 0.2, initial accumulator 1.0. It updates only the rows a sparse
+        # softmax gradient touched. The softmax gets its own group: torch falls back to its slow
+        # per-tensor path for every parameter of a group that holds a sparse gradient.
+        softmax = list(model.softmax.parameters())
+        dense = [p for p in params if all(p is not s for s in softmax)]
+        return torch.optim.Adagrad([{"params": dense}, {"params": softmax}], lr=o.lr,
+                                   initial_accumulator_value=o.initial_accumulator_value, weight_decay=o.weight_decay)
     if o.name == "adam":
         sparse = [p for n, p in model.named_parameters() if n.startswith("softmax.") and model.softmax.sparse]
         dense = [p for p in params if all(p is not s for s in sparse)]

@@ -152,14 +152,18 @@ def test_sampled_loss_matches_reference_with_accidental_hits():
     targets = torch.tensor([0, 9, 3, 21, 21, 7, 4])  # rows 0, 1, 3, 4, 6 hit a candidate
     q_candidates = torch.rand(5) * 0.9 + 0.05
     q_targets = torch.rand(7) * 0.9 + 0.05
+    hidden.requires_grad_(True)
     got = layer.sampled_loss(hidden, targets, candidates, q_candidates, q_targets)
+    (got_grad,) = torch.autograd.grad(got.sum(), hidden)
+    want = reference_sampled_loss(hidden, targets, layer.weight, layer.bias, candidates, q_candidates, q_targets)
+    (want_grad,) = torch.autograd.grad(want.sum(), hidden)
     with torch.no_grad():
-        want = reference_sampled_loss(hidden, targets, layer.weight, layer.bias, candidates, q_candidates, q_targets)
         with_hits = reference_sampled_loss(hidden, targets, layer.weight, layer.bias, candidates, q_candidates,
                                            q_targets, remove_hits=False)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-5)
     # The rows whose true id is among the candidates would differ without hit removal.
-    differs = (with_hits - want).abs() > 1e-4
+    differs = (with_hits - want.detach()).abs() > 1e-4
     assert differs.tolist() == [True, True, False, True, True, False, True]
 
 
@@ -187,8 +191,12 @@ def test_sampled_loss_approaches_full_loss_as_samples_grow():
             generator = torch.Generator().manual_seed(11)
             means = []
             for _ in range(20):
-                total, count = layer(hidden, targets, None, n_samples, generator)
-                means.append(float(total / count))
+                # sampled_loss directly: forward() would switch to the full loss at n_samples = V.
+                candidates, num_tries = layer.sampler.sample(n_samples, generator)
+                losses = layer.sampled_loss(hidden, targets, candidates,
+                                            layer.sampler.expected_count(candidates, num_tries, n_samples),
+                                            layer.sampler.expected_count(targets, num_tries, n_samples))
+                means.append(float(losses.mean()))
             errors[n_samples] = abs(sum(means) / len(means) - full_mean)
     # Sampling all 50 classes: expected counts are ~1, so the loss is ~ the full loss.
     assert errors[50] < 0.02
@@ -218,6 +226,16 @@ def test_forward_masks_positions():
     total_kept, count_kept = layer(hidden[mask], targets[mask], None, 10, torch.Generator().manual_seed(0))
     torch.testing.assert_close(total, total_kept)
     assert float(count) == float(count_kept) == 9
+
+
+def test_forward_with_samples_beyond_vocab_is_the_full_loss():
+    layer = make_layer(vocab_size=30)
+    hidden = torch.randn(8, 6)
+    targets = torch.randint(0, 30, (8,))
+    total, count = layer(hidden, targets, None, 256, torch.Generator().manual_seed(0))
+    want, want_count = layer.full_loss(hidden, targets)
+    torch.testing.assert_close(total, want)
+    assert float(count) == float(want_count) == 8
 
 
 # ----- gradients -----

@@ -43,7 +43,7 @@ class LogUniformSampler:
 
     def probability(self, ids: Tensor) -> Tensor:
         """P(id) in float64 (log1p(1/(k+1)) is log(k+2) - log(k+1) without cancellation)."""
-        return torch.log1p(1.0 / (ids.to(torch.float64) + 2.0)) / self.log_range
+        return torch.log1p(1.0 / (ids.to(torch.float64) + 1.0)) / self.log_range
 
     def expected_count(self, ids: Tensor, num_tries: int, n_unique: int | None = None) -> Tensor:
         """How often each id is expected to appear among the ``num_tries`` draws, as float32.
@@ -196,19 +196,27 @@ class SoftmaxLayer(nn.Module):
         true_rows, sampled_rows = rows[:n_rows], rows[n_rows:]
         true_bias, sampled_bias = biases[:n_rows], biases[n_rows:]
 
-        # The loss is computed in float32 even under bf16 autocast (logsumexp over 8k classes).
-        true_logits = ((hidden * true_rows).sum(-1) + true_bias).float()
-        true_logits = true_logits - torch.log(target_expected_counts.float())
-        sampled_logits = (hidden @ sampled_rows.t() + sampled_bias).float()
-        sampled_logits = sampled_logits - torch.log(candidate_expected_counts.float())
-        # Accidental hits: a candidate equal to the row's true id would count that class
-        # twice; TF adds -FLOAT_MAX to its logit, we set the most negative finite float.
-        hits = targets[:, None] == candidates[None, :]
-        sampled_logits = sampled_logits.masked_fill(hits, torch.finfo(sampled_logits.dtype).min)
+        # Logits minus log(expected count), in float32 even under bf16 autocast (the
+        # logsumexp runs over thousands of classes). Only O(N + S) work besides the matmul
+        # and one logsumexp pass over the [N, S] matrix: it is the largest tensor of a step.
+        log_q_targets = torch.log(target_expected_counts.float())
+        log_q_candidates = torch.log(candidate_expected_counts.float())
+        true_logits = (hidden * true_rows).sum(-1).float() + (true_bias.float() - log_q_targets)
+        sampled_logits = (hidden @ sampled_rows.t()).float()
+        sampled_logits.add_(sampled_bias.float() - log_q_candidates)  # in place: mm saves no output
 
-        logits = torch.cat([true_logits[:, None], sampled_logits], dim=1)
-        # Cross-entropy with the true class at column 0.
-        return torch.logsumexp(logits, dim=1) - true_logits
+        # Accidental hits: a candidate equal to the row's true id would count that class twice.
+        # As TF, add -FLOAT_MAX to its logit (the sum stays finite). Candidates are unique, so a
+        # row has at most one hit: find it by binary search instead of an [N, S] comparison,
+        # and add 0 in the rows without one (fixed shapes: no host sync on a GPU).
+        sorted_candidates, order = candidates.sort()
+        position = torch.searchsorted(sorted_candidates, targets).clamp_(max=candidates.numel() - 1)
+        is_hit = sorted_candidates[position] == targets
+        penalty = is_hit.to(sampled_logits.dtype)[:, None] * torch.finfo(sampled_logits.dtype).min
+        sampled_logits.scatter_add_(1, order[position][:, None], penalty)
+
+        # Softmax cross-entropy with the true class first: log(e^true + sum e^sampled) - true.
+        return torch.logaddexp(true_logits, torch.logsumexp(sampled_logits, dim=1)) - true_logits
 
     def forward(self, hidden: Tensor, targets: Tensor, mask: Tensor | None, n_samples: int,
                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -217,8 +225,12 @@ class SoftmaxLayer(nn.Module):
         ``hidden [..., dim]``, ``targets [...]``, ``mask [...]`` (true where a target counts;
         None: all). Same return convention as ``full_loss``: divide to get the mean.
         The generator decides where sampling runs; a CPU generator with GPU ``hidden``
-        samples on the CPU and copies the ids over.
+        samples on the CPU and copies the ids over. With ``n_samples >= V`` (a tiny test
+        vocabulary) the exact full-softmax loss is returned instead: it is what sampling
+        every class approximates, and TF would refuse to draw more unique ids than V.
         """
+        if n_samples >= self.vocab_size:
+            return self.full_loss(hidden, targets, mask)
         hidden, targets, weights = _flatten(hidden, targets, mask)
         candidates, num_tries = self.sample_candidates(n_samples, generator, device=hidden.device)
         candidates = candidates.to(hidden.device, non_blocking=True)
