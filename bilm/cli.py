@@ -20,7 +20,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> Callable:
     p.add_argument("--options", required=True, help="options.json of the biLM")
     p.add_argument("--weights", required=True, help="weights.hdf5 of the biLM")
     p.add_argument("--input", required=True, help="text file, one whitespace-tokenized sentence per line")
-    p.add_argument("--output", "--out", dest="output", required=True, help="HDF5 file to write")
+    p.add_argument("--out", "--output", dest="output", required=True, help="HDF5 file to write")
     p.add_argument("--layers", choices=["all", "top", "average"], default="all",
                    help="all: (n_layers, n_tokens, dim) per sentence; top: the top layer; average: mean of layers")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")

@@ -46,10 +46,12 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     if o.name == "adagrad":
         # bilm-tf: Adagrad, lr 0.2, initial accumulator 1.0. It updates only the rows a sparse
         # softmax gradient touched. The softmax gets its own group: torch falls back to its slow
-        # per-tensor path for every parameter of a group that holds a sparse gradient.
+        # per-tensor path for every parameter of a group that holds a sparse gradient. Dense
+        # softmax gradients (DeepSpeed) keep one group: ZeRO's flat partitions expect that.
         softmax = list(model.softmax.parameters())
         dense = [p for p in params if all(p is not s for s in softmax)]
-        return torch.optim.Adagrad([{"params": dense}, {"params": softmax}], lr=o.lr,
+        groups = [{"params": dense}, {"params": softmax}] if model.softmax.sparse else [{"params": params}]
+        return torch.optim.Adagrad(groups, lr=o.lr,
                                    initial_accumulator_value=o.initial_accumulator_value, weight_decay=o.weight_decay)
     if o.name == "adam":
         sparse = [p for n, p in model.named_parameters() if n.startswith("softmax.") and model.softmax.sparse]

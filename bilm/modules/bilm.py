@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from bilm.modules.lstm import LstmStack, State
+from bilm.modules.lstm import LstmStack, State, can_run_together, run_exact_stacks
 from bilm.modules.token_encoder import CharCNNEncoder, WordEmbeddingEncoder
 from bilm.options import BiLMOptions
 
@@ -86,6 +86,12 @@ class BidirectionalLM(nn.Module):
         Returns each stack's per-layer outputs and the new states. The one place both directions
         run, so an implementation may run them concurrently."""
         state = state or {"forward": None, "backward": None}
-        forward_out, forward_state = self.forward_lstm(forward_inputs, state["forward"], forward_mask)
-        backward_out, backward_state = self.backward_lstm(backward_inputs, state["backward"], backward_mask)
+        stacks, inputs = [self.forward_lstm, self.backward_lstm], [forward_inputs, backward_inputs]
+        if can_run_together(stacks, inputs):
+            # Both directions in lock step: one batched matmul per time step serves both.
+            (forward_out, forward_state), (backward_out, backward_state) = run_exact_stacks(
+                stacks, inputs, [state["forward"], state["backward"]], [forward_mask, backward_mask])
+        else:
+            forward_out, forward_state = self.forward_lstm(forward_inputs, state["forward"], forward_mask)
+            backward_out, backward_state = self.backward_lstm(backward_inputs, state["backward"], backward_mask)
         return forward_out, backward_out, {"forward": forward_state, "backward": backward_state}

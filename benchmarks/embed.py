@@ -1,0 +1,130 @@
+"""Embedder throughput (sentences/s): the exact LSTM path against the per-step baseline.
+
+    python benchmarks/embed.py                      # original-size ELMo, 256 sentences x 20 tokens, batch 64
+    python benchmarks/embed.py --small              # a smaller architecture, for a quick check
+    python benchmarks/embed.py --device cuda --sentences 1024
+
+The architecture is ELMo's original one (2 layers of 4096 cells projected to 512, char CNN
+filters [[1,32],[2,32],[3,64],[4,128],[5,256],[6,512],[7,1024]], char embedding dim 16,
+2 highway layers, relu, skip connections, cell/proj clip 3) with random weights, written
+by this script in the published layout (options.json + weights.hdf5, in a temp dir) and
+loaded through ``ElmoEmbedder(stateful=False)``, as a user would. Each implementation
+(``--impls``; default exact and reference, the straightforward baseline: one cell call per
+time step, no precomputed input projections) embeds the same sentences in the same process;
+rounds are interleaved and the best round counts, so load from other processes hits them alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+
+import torch
+
+from bilm import ElmoEmbedder
+from bilm.modules.bilm import BidirectionalLM
+from bilm.options import BiLMOptions, CharCNNOptions, LstmOptions
+from bilm.weights import save_weights
+
+ORIGINAL_FILTERS = [[1, 32], [2, 32], [3, 64], [4, 128], [5, 256], [6, 512], [7, 1024]]
+
+
+def architecture(small: bool) -> BiLMOptions:
+    if small:
+        return BiLMOptions(
+            lstm=LstmOptions(dim=1024, projection_dim=128, n_layers=2, cell_clip=3.0, proj_clip=3.0,
+                             use_skip_connections=True),
+            char_cnn=CharCNNOptions(embedding_dim=16, filters=[[1, 32], [2, 32], [3, 64], [4, 128], [5, 256]],
+                                    n_highway=1, activation="relu"))
+    return BiLMOptions(
+        lstm=LstmOptions(dim=4096, projection_dim=512, n_layers=2, cell_clip=3.0, proj_clip=3.0,
+                         use_skip_connections=True),
+        char_cnn=CharCNNOptions(embedding_dim=16, filters=ORIGINAL_FILTERS, n_highway=2, activation="relu"))
+
+
+def write_model(options: BiLMOptions, directory: str) -> tuple[str, str]:
+    """Random weights in the published layout, as a trained model would ship them."""
+    torch.manual_seed(0)
+    model = BidirectionalLM(options)
+    options_file, weight_file = os.path.join(directory, "options.json"), os.path.join(directory, "weights.hdf5")
+    with open(options_file, "w") as f:
+        json.dump(options.to_dict(), f)
+    save_weights(model, weight_file)
+    return options_file, weight_file
+
+
+def random_sentences(n: int, length: int, seed: int = 0) -> list[list[str]]:
+    rng = random.Random(seed)
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 10)))
+             for _ in range(5000)]
+    return [[rng.choice(vocab) for _ in range(length)] for _ in range(n)]
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def time_pass(embedder: ElmoEmbedder, sentences: list[list[str]], batch_size: int, device: torch.device) -> float:
+    start = time.perf_counter()
+    for _ in embedder.embed_sentences(sentences, batch_size):
+        pass
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sentences", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=20, help="tokens per sentence")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", nargs="+", default=None,
+                        help="cpu and/or cuda (default: cpu, and cuda when present)")
+    parser.add_argument("--small", action="store_true", help="a smaller architecture (1024 -> 128 cells, fewer filters)")
+    parser.add_argument("--impls", nargs="+", default=["exact", "reference"])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+
+    options = architecture(args.small)
+    sentences = random_sentences(args.sentences, args.tokens)
+    with tempfile.TemporaryDirectory() as directory:
+        options_file, weight_file = write_model(options, directory)
+        for device_name in devices:
+            device = torch.device(device_name)
+            embedders = {impl: ElmoEmbedder(options_file, weight_file, device=device_name, batch_size=args.batch_size,
+                                            stateful=False, lstm_impl=impl) for impl in args.impls}
+            for embedder in embedders.values():  # warm-up: one batch
+                time_pass(embedder, sentences[: args.batch_size], args.batch_size, device)
+            best = {impl: float("inf") for impl in embedders}
+            for _ in range(args.rounds):
+                for impl, embedder in embedders.items():
+                    best[impl] = min(best[impl], time_pass(embedder, sentences, args.batch_size, device))
+            where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                     else f"{cpu_name()}, {torch.get_num_threads()} threads")
+            print(f"{'small' if args.small else 'original'}-size ELMo on {device_name} ({where}), torch {torch.__version__}; "
+                  f"{args.sentences} sentences x {args.tokens} tokens, batch {args.batch_size}, best of {args.rounds}; "
+                  f"load average {os.getloadavg()[0]:.2f}")
+            for impl, seconds in best.items():
+                rate = args.sentences / seconds
+                line = f"  {impl:10s} {rate:8.1f} sentences/s  ({seconds:6.2f} s)"
+                if "reference" in best and impl != "reference":
+                    line += f"  {best['reference'] / seconds:.2f}x reference"
+                print(line)
+
+
+if __name__ == "__main__":
+    main()
