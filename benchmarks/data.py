@@ -1,0 +1,130 @@
+"""Reader throughput: forward tokens per second of ``bilm.data.LMDataset``.
+
+One process, char ids on, both directions built, train mode (shuffled, endless)::
+
+    python benchmarks/data.py --prefix 'DIR/train/shard-*' --vocab DIR/vocab.txt \\
+        --batch 128 --unroll 20 --batches 300
+    python benchmarks/data.py --generate 5000000            # synthetic shards in a temp dir
+
+The last line is ``reader: N tokens/s`` (steady state: the first batch, which encodes
+the first shards, is timed separately).
+
+``--write-corpus PATH --tokens N`` only writes a raw Zipfian corpus (``.gz`` if PATH ends
+so), the input for measuring ``bilm prepare``::
+
+    python benchmarks/data.py --write-corpus /tmp/corpus.txt --tokens 10000000
+    /usr/bin/time -v python -m data_tools prepare /tmp/corpus.txt -o /tmp/prepared --workers 2
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+
+import numpy as np
+
+
+def zipf_sentences(n_tokens: int, seed: int = 0, vocab_size: int = 200_000,
+                   mean_length: int = 25):
+    """Yield sentences (lists of str) of a synthetic corpus with Zipfian word frequencies."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    word_lengths = rng.integers(2, 12, size=vocab_size)
+    words = ["".join(rng.choice(letters, size=n)) + str(i) for i, n in enumerate(word_lengths)]
+    probabilities = 1.0 / np.arange(1, vocab_size + 1) ** 1.05
+    probabilities /= probabilities.sum()
+    produced = 0
+    while produced < n_tokens:
+        lengths = 1 + rng.poisson(mean_length - 1, size=10_000)
+        ids = rng.choice(vocab_size, size=int(lengths.sum()), p=probabilities)
+        tokens = [words[i] for i in ids.tolist()]
+        start = 0
+        for length in lengths.tolist():
+            if produced >= n_tokens:
+                return
+            length = min(length, n_tokens - produced)
+            yield tokens[start:start + length]
+            start += length
+            produced += length
+
+
+def write_corpus(path: str, n_tokens: int, seed: int = 0) -> None:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for sentence in zipf_sentences(n_tokens, seed):
+            f.write(" ".join(sentence) + "\n")
+
+
+def write_shards(directory: str, n_tokens: int, n_shards: int = 4, seed: int = 0) -> tuple[str, str]:
+    """Synthetic shards and a vocab.txt (no ``bilm prepare`` needed); returns (glob, vocab path)."""
+    os.makedirs(directory, exist_ok=True)
+    files = [open(os.path.join(directory, f"shard-{i:05d}.txt"), "w", encoding="utf-8") for i in range(n_shards)]
+    counts: Counter = Counter()
+    for i, sentence in enumerate(zipf_sentences(n_tokens, seed)):
+        counts.update(sentence)
+        files[i % n_shards].write(" ".join(sentence) + "\n")
+    for f in files:
+        f.close()
+    vocab_path = os.path.join(directory, "vocab.txt")
+    with open(vocab_path, "w", encoding="utf-8") as f:
+        f.write("<S>\n</S>\n<UNK>\n")
+        for token, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:100_000]:
+            f.write(token + "\n")
+    return os.path.join(directory, "shard-*"), vocab_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prefix", help="shard glob, e.g. 'DIR/train/shard-*'")
+    parser.add_argument("--vocab", help="vocab.txt")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--unroll", type=int, default=20)
+    parser.add_argument("--batches", type=int, default=300)
+    parser.add_argument("--max-characters-per-token", type=int, default=50)
+    parser.add_argument("--generate", type=int, metavar="N_TOKENS",
+                        help="write N_TOKENS of synthetic shards to a temp dir and read those")
+    parser.add_argument("--write-corpus", metavar="PATH", help="only write a raw corpus for `bilm prepare`")
+    parser.add_argument("--tokens", type=int, default=10_000_000, help="size of --write-corpus")
+    args = parser.parse_args(argv)
+
+    if args.write_corpus:
+        start = time.perf_counter()
+        write_corpus(args.write_corpus, args.tokens)
+        print(f"wrote {args.tokens} tokens to {args.write_corpus} in {time.perf_counter() - start:.1f}s")
+        return
+    temporary = None
+    if args.generate:
+        temporary = tempfile.TemporaryDirectory(prefix="bilm-bench-")
+        args.prefix, args.vocab = write_shards(temporary.name, args.generate)
+    if not args.prefix or not args.vocab:
+        parser.error("give --prefix and --vocab, or --generate N_TOKENS")
+
+    from bilm.data import LMDataset  # after generation: torch import is not part of the timing
+
+    dataset = LMDataset(args.prefix, args.vocab, args.batch, args.unroll,
+                        max_characters_per_token=args.max_characters_per_token, mode="train")
+    batches = iter(dataset)
+    start = time.perf_counter()
+    first = next(batches)
+    first_s = time.perf_counter() - start
+    assert first["forward"]["char_ids"].shape[-1] == args.max_characters_per_token
+    tokens = 0
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in range(args.batches):
+        batch = next(batches)
+        tokens += int(batch["forward"]["mask"].sum())
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    print(f"first batch (encodes the first shards): {first_s:.2f}s; then {args.batches} batches of "
+          f"{args.batch}x{args.unroll} in {seconds:.2f}s ({cpu_seconds:.2f}s CPU: "
+          f"{tokens / cpu_seconds:.0f} tokens per CPU second), epoch {dataset.epoch}", file=sys.stderr)
+    print(f"reader: {tokens / seconds:.0f} tokens/s")
+    if temporary is not None:
+        temporary.cleanup()
+
+
+if __name__ == "__main__":
+    main()

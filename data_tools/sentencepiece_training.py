@@ -1,0 +1,52 @@
+"""Training a SentencePiece model on a bounded random sample of the corpus."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from data_tools.inputs import read_blocks
+from data_tools.normalize import clean_text
+
+
+def sample_lines(paths: list[str], max_lines: int, seed: int, nfkc: bool,
+                 progress: Callable[[int], None] = lambda n: None) -> tuple[list[str], int]:
+    """A uniform random sample (reservoir) of at most ``max_lines`` non-empty cleaned lines,
+    and the number of lines seen. Memory is bounded by the sample, not the corpus."""
+    rng = np.random.default_rng([seed, 7])
+    reservoir: list[str] = []
+    seen = 0
+    for path in paths:
+        for block, read in read_blocks(path):
+            progress(read)
+            text, _ = clean_text(block.decode("utf-8", errors="replace"), nfkc)
+            lines = [line for line in text.split("\n") if not line.isspace() and line]
+            take = min(max_lines - len(reservoir), len(lines))
+            reservoir.extend(lines[:take])
+            seen += take
+            rest = lines[take:]
+            if rest:
+                # Algorithm R, vectorized: the n-th line replaces slot j ~ U[0, n) if j < max_lines.
+                slots = rng.integers(0, seen + np.arange(1, len(rest) + 1))
+                for i in np.flatnonzero(slots < max_lines).tolist():
+                    reservoir[slots[i]] = rest[i]
+                seen += len(rest)
+    return reservoir, seen
+
+
+def train_sentencepiece(lines: list[str], model_prefix: str, vocab_size: int, model_type: str,
+                        character_coverage: float, threads: int) -> str:
+    """Train on ``lines``; returns the path of the ``.model`` file."""
+    import sentencepiece
+
+    if not lines:
+        raise ValueError("cannot train a SentencePiece model: the corpus has no non-empty line")
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_prefix=model_prefix, vocab_size=vocab_size,
+            model_type=model_type, character_coverage=character_coverage,
+            hard_vocab_limit=False,  # a small corpus gets a smaller vocabulary instead of an error
+            num_threads=max(1, threads), minloglevel=2)
+    except RuntimeError as e:
+        raise ValueError(f"SentencePiece training failed: {e}") from None
+    return model_prefix + ".model"

@@ -1,0 +1,391 @@
+import json
+import os
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from bilm.chars import token_to_char_ids
+from bilm.data import LMDataset, char_id_table, encode_shard, load_manifest
+from bilm.vocab import Vocabulary
+
+BOS, EOS = 0, 1
+C = 8  # max_characters_per_token in most tests: small arrays, same code paths
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """The hand-worked corpus: <S>=0 </S>=1 <UNK>=2 a=3 b=4 c=5 d=6 e=7; 'zz' is OOV."""
+    vocab = write(tmp_path / "vocab.txt", "<S>\n</S>\n<UNK>\na\nb\nc\nd\ne\n")
+    shard = write(tmp_path / "shard-0.txt", "a b c\nd\n\ne a\nzz\n")  # the blank line is no sentence
+    return shard, vocab
+
+
+def arrays(batch, direction):
+    d = batch[direction]
+    return d["token_ids"].tolist(), d["next_token_ids"].tolist(), d["mask"].tolist()
+
+
+def test_packing_matches_hand_worked_example(tiny):
+    shard, vocab = tiny
+    batches = list(LMDataset(shard, vocab, batch_size=2, unroll_steps=3, mode="eval", max_characters_per_token=C))
+    assert len(batches) == 2
+    T, F = True, False
+    # Forward streams: row 0 = [<S> a b c </S>] [<S> zz </S>], row 1 = [<S> d </S>] [<S> e a </S>];
+    # a sentence's last token is only a target; "c" and "e a" continue in batch 1.
+    assert arrays(batches[0], "forward") == ([[0, 3, 4], [0, 6, 0]], [[3, 4, 5], [6, 1, 7]], [[T, T, T], [T, T, T]])
+    assert arrays(batches[1], "forward") == ([[5, 0, 2], [7, 3, 0]], [[1, 2, 1], [3, 1, 0]], [[T, T, T], [T, T, F]])
+    # Backward: each sentence reversed with the boundaries swapped, [</S> c b a <S>] ...
+    assert arrays(batches[0], "backward") == ([[1, 5, 4], [1, 6, 1]], [[5, 4, 3], [6, 0, 3]], [[T, T, T], [T, T, T]])
+    assert arrays(batches[1], "backward") == ([[3, 1, 2], [3, 7, 0]], [[0, 2, 0], [7, 0, 0]], [[T, T, T], [T, T, F]])
+    for batch in batches:
+        assert batch["reset_state"].tolist() == [False, False]
+        for direction in ("forward", "backward"):
+            d = batch[direction]
+            assert d["token_ids"].dtype == torch.int64 and d["next_token_ids"].dtype == torch.int64
+            assert d["char_ids"].dtype == torch.int32 and d["char_ids"].shape == (2, 3, C)
+            assert d["mask"].dtype == torch.bool
+    # Char ids come from the text, also for the OOV token; masked positions are all zero.
+    chars = batches[1]["forward"]["char_ids"]
+    assert chars[0, 2].tolist() == token_to_char_ids("zz", C).tolist()
+    assert chars[0, 1].tolist() == token_to_char_ids("<S>", C).tolist()
+    assert chars[1, 0].tolist() == token_to_char_ids("e", C).tolist()
+    assert (chars[1, 2] == 0).all()
+    assert batches[0]["backward"]["char_ids"][0, 0].tolist() == token_to_char_ids("</S>", C).tolist()
+
+
+def test_char_id_table_matches_token_to_char_ids():
+    tokens = ["a", "<S>", "</S>", "<UNK>", "é中", "x" * 60, "ab" + "é" * 30, "\ufffd", "Ω≈ç√"]
+    for width in (5, 8, 50):
+        expected = np.stack([token_to_char_ids(t, width) for t in tokens])
+        assert np.array_equal(char_id_table(tokens, width), expected)
+
+
+def reference_batches(sentences, batch_size, unroll, n_batches):
+    """bilm-tf's _get_batch, transcribed (endless sentence stream, ids only)."""
+    def stream():
+        while True:
+            yield from sentences
+    source = stream()
+    current = [None] * batch_size
+    for _ in range(n_batches):
+        inputs = np.zeros((batch_size, unroll), np.int64)
+        targets = np.zeros((batch_size, unroll), np.int64)
+        for i in range(batch_size):
+            pos = 0
+            while pos < unroll:
+                if current[i] is None or len(current[i]) <= 1:
+                    current[i] = list(next(source))
+                how_many = min(len(current[i]) - 1, unroll - pos)
+                inputs[i, pos:pos + how_many] = current[i][:how_many]
+                targets[i, pos:pos + how_many] = current[i][1:how_many + 1]
+                pos += how_many
+                current[i] = current[i][how_many:]
+        yield inputs, targets
+
+
+def make_corpus(tmp_path, n_shards, lines_per_shard, seed=0, vocab_words=40):
+    """Shards of random sentences (some blank lines); returns (shard paths, vocab path, sentences)."""
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(vocab_words)]
+    vocab = write(tmp_path / "vocab.txt", "\n".join(["<S>", "</S>", "<UNK>", *words[:-5]]) + "\n")  # 5 OOV words
+    paths, sentences = [], []
+    for s in range(n_shards):
+        lines = []
+        for _ in range(lines_per_shard[s] if isinstance(lines_per_shard, list) else lines_per_shard):
+            sentence = [rng.choice(words) for _ in range(rng.randint(1, 12))]
+            sentences.append(sentence)
+            lines.append(" ".join(sentence))
+            if rng.random() < 0.1:
+                lines.append("   ")
+        paths.append(write(tmp_path / f"shard-{s:03d}.txt", "\n".join(lines) + "\n"))
+    return paths, vocab, sentences
+
+
+@pytest.mark.parametrize("batch_size, unroll", [(1, 1), (2, 3), (3, 7), (5, 20)])
+def test_train_packing_equals_bilm_tf_across_epochs(tmp_path, batch_size, unroll):
+    paths, vocab_path, sentences = make_corpus(tmp_path, 2, [9, 4])
+    vocab = Vocabulary.from_file(vocab_path)
+    encoded = [[BOS, *vocab.encode(s).tolist(), EOS] for s in sentences]
+    n_batches = 3 * sum(len(s) + 1 for s in sentences) // (batch_size * unroll) + 2  # about three epochs
+    dataset = LMDataset(paths, vocab, batch_size, unroll, mode="train", shuffle=False, max_characters_per_token=C)
+    ours = iter(dataset)
+    known_chars = {tuple(token_to_char_ids(t, C)) for t in vocab.tokens}
+    oov_chars = {tuple(token_to_char_ids(w, C)) for s in sentences for w in s if w not in vocab}
+    for forward_ref, backward_ref in zip(reference_batches(encoded, batch_size, unroll, n_batches),
+                                         reference_batches([s[::-1] for s in encoded], batch_size, unroll, n_batches)):
+        batch = next(ours)
+        assert batch["forward"]["mask"].all() and batch["backward"]["mask"].all()
+        for d in ("forward", "backward"):  # char ids of every position are those of its token
+            for token_id, chars in zip(batch[d]["token_ids"].flatten().tolist(),
+                                       batch[d]["char_ids"].reshape(-1, C).tolist()):
+                if token_id == vocab.unk_id:
+                    assert tuple(chars) in oov_chars
+                else:
+                    assert chars == token_to_char_ids(vocab.tokens[token_id], C).tolist()
+        assert known_chars.isdisjoint(oov_chars)
+        assert np.array_equal(batch["forward"]["token_ids"].numpy(), forward_ref[0])
+        assert np.array_equal(batch["forward"]["next_token_ids"].numpy(), forward_ref[1])
+        assert np.array_equal(batch["backward"]["token_ids"].numpy(), backward_ref[0])
+        assert np.array_equal(batch["backward"]["next_token_ids"].numpy(), backward_ref[1])
+    assert dataset.epoch >= 2
+
+
+def sentences_read(batches, batch_size):
+    """Sentences (tuples of word ids) reconstructed from each row's stream, both directions."""
+    found = {"forward": [], "backward": []}
+    for direction, start, end in (("forward", BOS, EOS), ("backward", EOS, BOS)):
+        for row in range(batch_size):
+            inputs = np.concatenate([np.zeros(0, np.int64)] + [
+                b[direction]["token_ids"][row][b[direction]["mask"][row]].numpy() for b in batches])
+            targets = np.concatenate([np.zeros(0, np.int64)] + [
+                b[direction]["next_token_ids"][row][b[direction]["mask"][row]].numpy() for b in batches])
+            # the targets are the next inputs, except that a sentence's last target is its end token
+            following = inputs[1:].copy()
+            following[following == start] = end
+            assert np.array_equal(targets[:-1], following)
+            assert len(targets) == 0 or targets[-1] == end
+            cuts = np.flatnonzero(inputs == start).tolist() + [len(inputs)]
+            for a, b in zip(cuts, cuts[1:]):
+                words = tuple(inputs[a + 1:b].tolist())
+                found[direction].append(words if direction == "forward" else words[::-1])
+    return found
+
+
+@pytest.mark.filterwarnings("ignore:shard")
+def test_every_sentence_read_exactly_once_across_ranks_and_workers(tmp_path):
+    paths, vocab_path, sentences = make_corpus(tmp_path, 3, [11, 6, 8])
+    vocab = Vocabulary.from_file(vocab_path)
+    expected = Counter(tuple(vocab.encode(s).tolist()) for s in sentences)
+    for world_size in range(1, 5):
+        for num_workers in range(0, 4):
+            found = {"forward": Counter(), "backward": Counter()}
+            for rank in range(world_size):
+                dataset = LMDataset(paths, vocab, 3, 4, mode="eval", rank=rank, world_size=world_size,
+                                    max_characters_per_token=C)
+                for worker in range(max(num_workers, 1)):
+                    batches = list(dataset.iterate(worker_id=worker, num_workers=max(num_workers, 1)))
+                    for direction, got in sentences_read(batches, 3).items():
+                        found[direction].update(got)
+            assert found["forward"] == expected, (world_size, num_workers)
+            assert found["backward"] == expected, (world_size, num_workers)
+
+
+def test_dataloader_workers_split_the_data(tmp_path):
+    paths, vocab_path, sentences = make_corpus(tmp_path, 5, 7)
+    vocab = Vocabulary.from_file(vocab_path)
+    dataset = LMDataset(paths, vocab, 2, 5, mode="eval", max_characters_per_token=C)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+    batches = list(loader)
+    assert sum(int(b["forward"]["mask"].sum()) for b in batches) == sum(len(s) + 1 for s in sentences)
+    # Each worker packs its own rows from its own shards: the loader's batches are those of
+    # the two readers, interleaved.
+    readers = [list(dataset.iterate(0, 2)), list(dataset.iterate(1, 2))]
+    assert readers[0] and readers[1]
+
+    def key(batch):
+        return tuple(batch[d][k].numpy().tobytes() for d in ("forward", "backward") for k in batch[d])
+
+    assert Counter(map(key, batches)) == Counter(map(key, readers[0] + readers[1]))
+
+
+def test_eval_predicts_every_token_once_with_final_partial_batch(tmp_path):
+    paths, vocab_path, sentences = make_corpus(tmp_path, 2, 13, seed=3)
+    dataset = LMDataset(paths, vocab_path, 4, 6, mode="eval", max_characters_per_token=C)
+    batches = list(dataset)
+    n_predictions = sum(len(s) + 1 for s in sentences)
+    for direction in ("forward", "backward"):
+        assert sum(int(b[direction]["mask"].sum()) for b in batches) == n_predictions
+        last = batches[-1][direction]
+        assert not last["mask"].all()  # this corpus does not fill the last batch
+        masked = ~last["mask"]
+        assert (last["token_ids"][masked] == 0).all() and (last["next_token_ids"][masked] == 0).all()
+        assert (last["char_ids"][masked] == 0).all()
+    again = list(dataset)  # a new pass starts over
+    assert len(again) == len(batches) and all(batch_equal(x, y) for x, y in zip(again, batches))
+
+
+def test_oov_tokens_get_unk_ids_and_char_ids_from_text(tmp_path):
+    vocab = write(tmp_path / "vocab.txt", "<S>\n</S>\n<UNK>\nknown\n")
+    shard = write(tmp_path / "s.txt", "known unknownword\n")
+    batch = next(iter(LMDataset(shard, vocab, 1, 3, mode="eval", max_characters_per_token=20)))
+    assert batch["forward"]["token_ids"].tolist() == [[0, 3, 2]]
+    assert batch["forward"]["next_token_ids"].tolist() == [[3, 2, 1]]
+    assert batch["forward"]["char_ids"][0, 2].tolist() == token_to_char_ids("unknownword", 20).tolist()
+
+
+def test_train_mode_shuffles_by_seed_and_epoch(tmp_path):
+    paths, vocab_path, _ = make_corpus(tmp_path, 4, 10)
+
+    def first(seed, n=30):
+        it = iter(LMDataset(paths, vocab_path, 2, 5, seed=seed, max_characters_per_token=C))
+        return [next(it) for _ in range(n)]
+
+    a, b, c = first(0), first(0), first(1)
+    same = all(torch.equal(x["forward"]["token_ids"], y["forward"]["token_ids"]) for x, y in zip(a, b))
+    assert same
+    assert not all(torch.equal(x["forward"]["token_ids"], y["forward"]["token_ids"]) for x, y in zip(a, c))
+    # forward and backward read in independent orders: the backward stream is not the mirror image
+    fwd = [row[row != 0].tolist() for row in a[0]["forward"]["token_ids"]]
+    bwd = [row[row != 1].tolist() for row in a[0]["backward"]["token_ids"]]
+    assert fwd != bwd
+
+
+def batch_equal(x, y):
+    if x.keys() != y.keys():
+        return False
+    for key in x:
+        if isinstance(x[key], dict):
+            if not batch_equal(x[key], y[key]):
+                return False
+        elif not torch.equal(x[key], y[key]):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("mode, per_sentence", [("train", False), ("eval", False), ("train", True), ("eval", True)])
+def test_resume_mid_epoch_reproduces_the_remaining_batches(tmp_path, mode, per_sentence):
+    paths, vocab_path, _ = make_corpus(tmp_path, 3, [7, 3, 5], seed=5)
+
+    def dataset():
+        return LMDataset(paths, vocab_path, 3, 4, mode=mode, per_sentence=per_sentence, seed=11,
+                         max_characters_per_token=C, max_cached_tokens=0)  # cache off: reloads too
+
+    it = iter(dataset())
+    n_total = 60
+    reference = []
+    for _ in range(n_total):
+        batch = next(it, None)
+        if batch is None:
+            break
+        reference.append(batch)
+    for stop in sorted({0, 1, 2, 5, len(reference) // 2, len(reference) - 1, 37} & set(range(len(reference)))):
+        first = dataset()
+        it = iter(first)
+        for _ in range(stop):
+            next(it)
+        state = json.loads(json.dumps(first.state_dict()))  # plain data, checkpointable
+        assert len(json.dumps(state)) < 3000  # positions, not data
+        resumed = dataset()
+        resumed.load_state_dict(state)
+        rest = iter(resumed)
+        for expected in reference[stop:]:
+            assert batch_equal(next(rest), expected), (stop, mode, per_sentence)
+        if mode == "eval":
+            assert next(rest, None) is None
+    if mode == "train":
+        assert first.state_dict()["epoch"] >= 1 and first.epoch >= 1  # the run crossed epochs
+    fresh = dataset()
+    state = fresh.state_dict()  # before any iteration: the beginning
+    resumed = dataset()
+    resumed.load_state_dict(state)
+    assert all(batch_equal(x, y) for x, y in zip(resumed, reference[:10]))
+
+
+def test_state_of_another_configuration_is_refused(tmp_path):
+    paths, vocab_path, _ = make_corpus(tmp_path, 2, 5)
+    dataset = LMDataset(paths, vocab_path, 2, 4, max_characters_per_token=C)
+    it = iter(dataset)
+    next(it)
+    state = dataset.state_dict()
+    other = LMDataset(paths, vocab_path, 3, 4, max_characters_per_token=C)
+    with pytest.raises(ValueError, match="config.batch_size"):
+        other.load_state_dict(state)
+
+
+def test_per_sentence_rows_hold_one_sentence_and_do_not_depend_on_shape(tmp_path):
+    paths, vocab_path, sentences = make_corpus(tmp_path, 2, [6, 5], seed=2)
+    vocab = Vocabulary.from_file(vocab_path)
+    expected = [vocab.encode(s).tolist() + [EOS] for s in sentences]  # forward targets of each sentence
+
+    def targets_per_sentence(batch_size, unroll):
+        dataset = LMDataset(paths, vocab, batch_size, unroll, mode="eval", per_sentence=True,
+                            max_characters_per_token=C)
+        out, group = [], None
+        for batch in dataset:
+            if batch["reset_state"].all():
+                out.extend([group] if group else [])
+                group = {"forward": [[] for _ in range(batch_size)], "backward": [[] for _ in range(batch_size)]}
+            else:
+                assert not batch["reset_state"].any()
+            for direction, start in (("forward", BOS), ("backward", EOS)):
+                d = batch[direction]
+                for row in range(batch_size):
+                    group[direction][row] += d["next_token_ids"][row][d["mask"][row]].tolist()
+                    if batch["reset_state"][row] and d["mask"][row, 0]:
+                        assert d["token_ids"][row, 0] == start  # a group starts at its sentences' starts
+        out.extend([group] if group else [])
+        return out
+
+    for batch_size, unroll in [(1, 50), (3, 4), (4, 1), (7, 5)]:
+        groups = targets_per_sentence(batch_size, unroll)
+        forward = [row for g in groups for row in g["forward"] if row]
+        backward = [row for g in groups for row in g["backward"] if row]
+        assert forward == expected
+        # the same sentence, reversed, in the same row of the backward batch
+        assert backward == [vocab.encode(s[::-1]).tolist() + [BOS] for s in sentences]
+
+
+def test_manifest_source_and_split(tmp_path):
+    os.makedirs(tmp_path / "train")
+    os.makedirs(tmp_path / "heldout")
+    write(tmp_path / "train" / "shard-00000.txt", "a b\nb c\n")
+    write(tmp_path / "heldout" / "shard-00000.txt", "c a b\n")
+    write(tmp_path / "vocab.txt", "<S>\n</S>\n<UNK>\na\nb\nc\n")
+    manifest = {"train": {"shards": ["train/shard-00000.txt"]}, "heldout": {"shards": ["heldout/shard-00000.txt"]},
+                "vocab": "vocab.txt", "n_train_tokens": 4}
+    write(tmp_path / "manifest.json", json.dumps(manifest))
+    loaded = load_manifest(str(tmp_path / "manifest.json"))
+    assert loaded["train"]["shards"] == [str(tmp_path / "train" / "shard-00000.txt")]
+    assert loaded["vocab"] == str(tmp_path / "vocab.txt")
+    evaluation = LMDataset(str(tmp_path / "manifest.json"), None, 1, 10, mode="eval", max_characters_per_token=C)
+    assert int(next(iter(evaluation))["forward"]["mask"].sum()) == 4  # the heldout sentence
+    train_split = LMDataset(str(tmp_path / "manifest.json"), None, 1, 10, mode="eval", split="train",
+                            max_characters_per_token=C)
+    assert int(next(iter(train_split))["forward"]["mask"].sum()) == 6
+    write(tmp_path / "broken.json", json.dumps({"train": {"shards": "x"}, "heldout": {"shards": []}}))
+    with pytest.raises(ValueError, match="train.shards"):
+        load_manifest(str(tmp_path / "broken.json"))
+
+
+def test_glob_matching_nothing_names_the_pattern(tmp_path, tiny):
+    _, vocab = tiny
+    pattern = str(tmp_path / "nothing-*.txt")
+    with pytest.raises(FileNotFoundError, match="nothing-"):
+        LMDataset(pattern, vocab, 2, 3)
+
+
+def test_empty_shards_are_skipped_with_a_warning(tmp_path, tiny):
+    shard, vocab = tiny
+    empty = write(tmp_path / "shard-1.txt", "")
+    blank = write(tmp_path / "shard-2.txt", "\n  \n")
+    with pytest.warns(UserWarning, match="shard-1.txt is empty"):
+        dataset = LMDataset([shard, empty, blank], vocab, 2, 3, mode="eval", max_characters_per_token=C)
+    with pytest.warns(UserWarning, match="shard-2.txt has no sentences"):
+        batches = list(dataset)
+    assert sum(int(b["forward"]["mask"].sum()) for b in batches) == 11
+    with pytest.warns(UserWarning):
+        with pytest.raises(RuntimeError, match="no sentences"):
+            next(iter(LMDataset([blank], vocab, 2, 3, mode="train")))
+
+
+def test_without_char_inputs_there_are_no_char_ids(tiny):
+    shard, vocab = tiny
+    batch = next(iter(LMDataset(shard, vocab, 2, 3, char_inputs=False)))
+    assert "char_ids" not in batch["forward"] and "char_ids" not in batch["backward"]
+
+
+def test_encode_shard_strided_lines(tiny):
+    shard, vocab = tiny
+    vocab = Vocabulary.from_file(vocab)
+    whole = encode_shard(shard, vocab, C)
+    assert whole.n_sentences == 4 and whole.starts == [0, 5, 8, 12, 15]
+    odd = encode_shard(shard, vocab, C, line_offset=1, line_stride=2)  # file lines 1 and 3: "d", "e a"
+    assert odd.token_ids.tolist() == [0, 6, 1, 0, 7, 3, 1]
