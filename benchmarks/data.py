@@ -77,6 +77,71 @@ def write_shards(directory: str, n_tokens: int, n_shards: int = 4, seed: int = 0
     return os.path.join(directory, "shard-*"), vocab_path
 
 
+def bilm_tf_style_batches(shard_paths: list[str], vocab_path: str, batch: int, unroll: int, max_chars: int):
+    """The original reader's algorithm, for a baseline in the same process: every sentence
+    becomes its own arrays (word ids and char ids stacked from a per-word cache) when read,
+    and rows are filled by slicing those arrays, in Python, one row at a time. Both
+    directions, as bilm-tf's BidirectionalLMDataset."""
+    from bilm.chars import token_to_char_ids
+    from bilm.vocab import Vocabulary
+
+    vocab = Vocabulary.from_file(vocab_path)
+    word_ids = vocab.token_to_id
+    unk = word_ids["<UNK>"]
+    char_cache: dict[str, np.ndarray] = {}
+
+    def chars(word: str) -> np.ndarray:
+        ids = char_cache.get(word)
+        if ids is None:
+            ids = char_cache[word] = np.asarray(token_to_char_ids(word, max_chars), dtype=np.int32)
+        return ids
+
+    def sentences(reverse: bool):
+        rng = np.random.default_rng(int(reverse))
+        while True:
+            for path in shard_paths:
+                with open(path, encoding="utf-8") as f:
+                    lines = [line.split() for line in f if line.strip()]
+                for i in rng.permutation(len(lines)):
+                    words = ["<S>", *lines[i], "</S>"]
+                    if reverse:
+                        words.reverse()
+                    yield (np.array([word_ids.get(w, unk) for w in words], dtype=np.int32),
+                           np.vstack([chars(w) for w in words]))
+
+    def packed(reverse: bool):
+        stream = sentences(reverse)
+        rows: list = [None] * batch
+        while True:
+            inputs = np.zeros((batch, unroll), np.int32)
+            targets = np.zeros((batch, unroll), np.int32)
+            char_inputs = np.zeros((batch, unroll, max_chars), np.int32)
+            for i in range(batch):
+                pos = 0
+                while pos < unroll:
+                    if rows[i] is None or len(rows[i][0]) <= 1:
+                        rows[i] = next(stream)
+                    n = min(len(rows[i][0]) - 1, unroll - pos)
+                    inputs[i, pos:pos + n] = rows[i][0][:n]
+                    char_inputs[i, pos:pos + n] = rows[i][1][:n]
+                    targets[i, pos:pos + n] = rows[i][0][1:n + 1]
+                    pos += n
+                    rows[i] = [x[n:] for x in rows[i]]
+            yield {"token_ids": inputs, "char_ids": char_inputs, "next_token_ids": targets}
+
+    forward, backward = packed(False), packed(True)
+    while True:
+        yield {"forward": next(forward), "backward": next(backward)}
+
+
+def time_batches(batches, n: int, count) -> tuple[float, int]:
+    next(batches)  # the first batch pays for opening and encoding; not part of the steady state
+    tokens, start = 0, time.perf_counter()
+    for _ in range(n):
+        tokens += count(next(batches))
+    return time.perf_counter() - start, tokens
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prefix", help="shard glob, e.g. 'DIR/train/shard-*'")
@@ -85,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unroll", type=int, default=20)
     parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--max-characters-per-token", type=int, default=50)
+    parser.add_argument("--baseline-batches", type=int, default=100,
+                        help="batches of the bilm-tf style baseline (0: skip it)")
     parser.add_argument("--generate", type=int, metavar="N_TOKENS",
                         help="write N_TOKENS of synthetic shards to a temp dir and read those")
     parser.add_argument("--write-corpus", metavar="PATH", help="only write a raw corpus for `bilm prepare`")
@@ -121,6 +188,27 @@ def main(argv: list[str] | None = None) -> None:
     print(f"first batch (encodes the first shards): {first_s:.2f}s; then {args.batches} batches of "
           f"{args.batch}x{args.unroll} in {seconds:.2f}s ({cpu_seconds:.2f}s CPU: "
           f"{tokens / cpu_seconds:.0f} tokens per CPU second), epoch {dataset.epoch}", file=sys.stderr)
+
+    # Encoding a shard (text -> ids, char ids) happens once per shard, ahead of time in a
+    # thread; its cost per token, added to the steady state, gives an epoch-amortized figure.
+    from bilm.data import encode_shard, resolve_shards
+    from bilm.vocab import Vocabulary
+    shard_paths = resolve_shards(args.prefix)
+    start = time.perf_counter()
+    encoded = encode_shard(shard_paths[0], Vocabulary.from_file(args.vocab), args.max_characters_per_token)
+    encode_s_per_token = (time.perf_counter() - start) / len(encoded.token_ids)
+    amortized = 1.0 / (seconds / tokens + encode_s_per_token)
+    print(f"shard encoding: {1 / encode_s_per_token:.0f} tokens/s; epoch-amortized reader "
+          f"(encoding + packing): {amortized:.0f} tokens/s", file=sys.stderr)
+
+    if args.baseline_batches:
+        baseline_s, baseline_tokens = time_batches(
+            bilm_tf_style_batches(shard_paths, args.vocab, args.batch, args.unroll, args.max_characters_per_token),
+            args.baseline_batches, lambda b: int(b["forward"]["token_ids"].size))
+        baseline = baseline_tokens / baseline_s
+        print(f"bilm-tf style reader (same process, {args.baseline_batches} batches): {baseline:.0f} tokens/s; "
+              f"ratio {tokens / seconds / baseline:.1f}x steady, {amortized / baseline:.1f}x amortized",
+              file=sys.stderr)
     print(f"reader: {tokens / seconds:.0f} tokens/s")
     if temporary is not None:
         temporary.cleanup()
