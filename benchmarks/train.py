@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=100_000)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
+    from bilm.malloc import keep_freed_memory
+    keep_freed_memory()  # as the bilm command does for train, evaluate and embed
 
     env = init_distributed(args.device)
     impls = args.impls.split(",")

@@ -186,6 +186,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command in ("train", "evaluate", "embed"):
+        from bilm.malloc import keep_freed_memory
+        keep_freed_memory()  # large tensors every step: reuse their memory (see bilm/malloc.py)
     try:
         return handlers[args.command](args) or 0
     except (FileNotFoundError, FileExistsError, ValueError) as e:

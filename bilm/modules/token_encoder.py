@@ -72,16 +72,29 @@ class CharCNNEncoder(nn.Module):
 
     def forward(self, char_ids: torch.Tensor) -> torch.Tensor:
         batch_shape = char_ids.shape[:-1]
-        chars = self.char_embedding(char_ids.reshape(-1, char_ids.shape[-1]).long())  # (N, C, E)
-        chars = chars.transpose(1, 2)  # (N, E, C) for Conv1d
+        flat = char_ids.reshape(-1, char_ids.shape[-1])
+        if flat.shape[0] > 256:
+            # A batch repeats its frequent words many times: run the CNN once per distinct
+            # token (about 4x fewer rows in a 128 x 20 batch of text), then copy the rows out.
+            distinct, inverse = torch.unique(flat, dim=0, return_inverse=True)
+            x = self.encode_distinct(distinct)[inverse]
+        else:
+            x = self.encode_distinct(flat)
+        return x.reshape(*batch_shape, self.output_dim)
+
+    def encode_distinct(self, char_ids: torch.Tensor) -> torch.Tensor:
+        """Char ids (N, C) -> token vectors (N, output_dim)."""
+        chars = self.char_embedding(char_ids.long()).transpose(1, 2)  # (N, E, C) for Conv1d
         activation = torch.relu if self.options.activation == "relu" else torch.tanh
-        pooled = [activation(conv(chars).amax(dim=-1)) for conv in self.convolutions]
+        # max() rather than amax(): its backward routes the gradient through the saved argmax
+        # instead of comparing every position with the maximum (a third of a CPU step).
+        pooled = [activation(conv(chars).max(dim=-1).values) for conv in self.convolutions]
         x = torch.cat(pooled, dim=-1)
         if self.highway is not None:
             x = self.highway(x)
         if self.projection is not None:
             x = self.projection(x)
-        return x.reshape(*batch_shape, self.output_dim)
+        return x
 
 
 class WordEmbeddingEncoder(nn.Module):
