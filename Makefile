@@ -1,31 +1,41 @@
-# Two entry points: `make demo` (set up, run the pipeline on the bundled corpus) and `make test`.
+# Two entry points: `make demo` (set up, run the whole pipeline on the bundled corpus) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BILM := $(VENV)/bin/bilm
 # CPU build by default; on a GPU machine install your CUDA build of torch into .venv first.
 TORCH_SPEC ?= torch==2.13.0
-STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup setup-dev clean
 
-setup: $(STAMP)
+# The demo needs the package only; the tests also need pytest, hypothesis and deepspeed.
+setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
 
-$(STAMP): pyproject.toml
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,deepspeed]"
-	touch $(STAMP)
+	$(PY) -m pip install -q -e .
+	touch $@
 
-test: $(STAMP)
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev,deepspeed]"
+	touch $@
+
+test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q tests
 
-demo: $(STAMP)
-	mkdir -p $(DEMO_OUT)
-	printf 'The cat sat on the mat .\nI went to the bank to deposit money .\nWe sat on the river bank .\n' > $(DEMO_OUT)/sentences.txt
-	$(BILM) embed --options tests/fixtures/bilm-tf/model/options.json --weights tests/fixtures/bilm-tf/model/lm_weights.hdf5 --input $(DEMO_OUT)/sentences.txt --output $(DEMO_OUT)/embeddings.hdf5
-	$(PY) -c "import h5py; f = h5py.File('$(DEMO_OUT)/embeddings.hdf5'); [print('sentence', k, f[k].shape) for k in sorted(f) if k != 'sentence_to_index']"
+# The README's "make demo" block lists these commands (tests/test_readme.py keeps them equal).
+# A stage that is done is reused: prepare is skipped when its manifest exists, train resumes
+# from its newest checkpoint (nothing left to do once finished).
+demo: $(VENV)/.installed
+	test -f $(DEMO_OUT)/data/manifest.json || $(BILM) prepare data/sample/train.txt --out $(DEMO_OUT)/data --heldout-fraction 0
+	$(BILM) train --config configs/tiny.yaml --data $(DEMO_OUT)/data/manifest.json --out $(DEMO_OUT)/run --resume
+	$(BILM) evaluate --checkpoint $(DEMO_OUT)/run --data data/sample/heldout.txt
+	$(BILM) export --checkpoint $(DEMO_OUT)/run --out $(DEMO_OUT)/export --force
+	$(BILM) embed --options $(DEMO_OUT)/export/options.json --weights $(DEMO_OUT)/export/weights.hdf5 --input data/sample/demo_sentences.txt --out $(DEMO_OUT)/sentences.hdf5
+	$(PY) examples/nearest_neighbours.py --input data/sample/demo_sentences.txt --embeddings $(DEMO_OUT)/sentences.hdf5 --word bank
 
 clean:
 	rm -rf $(DEMO_OUT)

@@ -158,7 +158,9 @@ class ElmoEmbedder:
                         emb = emb.mean(axis=0)
                     out.create_dataset(str(i), data=emb)
                     sentence_to_index[line] = str(i)
-                out.create_dataset("sentence_to_index", data=json.dumps(sentence_to_index))
+                # AllenNLP's layout: a (1,) string dataset holding the JSON.
+                index = out.create_dataset("sentence_to_index", (1,), dtype=h5py.string_dtype())
+                index[0] = json.dumps(sentence_to_index)
             os.replace(tmp, output_file)
         finally:
             if os.path.exists(tmp):

@@ -72,11 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "tokens are the pieces of a SentencePiece model")
     sp = parser.add_argument_group("sentencepiece")
     sp.add_argument("--sp-model", metavar="PATH", help="use this trained .model instead of training one")
-    sp.add_argument("--sp-vocab-size", type=int, default=32000, metavar="N")
-    sp.add_argument("--sp-model-type", choices=("unigram", "bpe", "char", "word"), default="unigram")
+    sp.add_argument("--sp-vocab-size", type=int, default=32000, metavar="N",
+                    help="pieces in the trained model (default 32000); at least the distinct characters kept")
+    sp.add_argument("--sp-model-type", choices=("unigram", "bpe", "char", "word"), default="unigram",
+                    help="SentencePiece algorithm (default unigram)")
     sp.add_argument("--sp-sample-lines", type=int, default=1_000_000, metavar="N",
                     help="train on a random sample of N lines (default 1,000,000)")
-    sp.add_argument("--sp-character-coverage", type=float, default=0.9995, metavar="F")
+    sp.add_argument("--sp-character-coverage", type=float, default=0.9995, metavar="F",
+                    help="share of characters the model covers; rarer ones become <unk> pieces (default 0.9995; "
+                         "use 1.0 for small alphabets)")
     split = parser.add_argument_group("split and shards")
     split.add_argument("--heldout-fraction", type=float, default=0.01, metavar="F",
                        help="share of lines held out, chosen by a hash of the line (default 0.01)")
