@@ -34,17 +34,20 @@ def arrays(batch, direction):
 
 
 def test_packing_matches_hand_worked_example(tiny):
+    """bilm-tf's rule (training): a row that runs out takes the next sentence of the stream."""
     shard, vocab = tiny
-    batches = list(LMDataset(shard, vocab, batch_size=2, unroll_steps=3, mode="eval", max_characters_per_token=C))
-    assert len(batches) == 2
-    T, F = True, False
-    # Forward streams: row 0 = [<S> a b c </S>] [<S> zz </S>], row 1 = [<S> d </S>] [<S> e a </S>];
-    # a sentence's last token is only a target; "c" and "e a" continue in batch 1.
+    stream = iter(LMDataset(shard, vocab, batch_size=2, unroll_steps=3, mode="train", shuffle=False,
+                            max_characters_per_token=C))
+    batches = [next(stream) for _ in range(2)]
+    T = True
+    # Forward streams: row 0 = [<S> a b c </S>] [<S> zz </S>], row 1 = [<S> d </S>] [<S> e a </S>]
+    # [<S> a ...] (the next epoch); a sentence's last token is only a target; "c" and "e a"
+    # continue in batch 1.
     assert arrays(batches[0], "forward") == ([[0, 3, 4], [0, 6, 0]], [[3, 4, 5], [6, 1, 7]], [[T, T, T], [T, T, T]])
-    assert arrays(batches[1], "forward") == ([[5, 0, 2], [7, 3, 0]], [[1, 2, 1], [3, 1, 0]], [[T, T, T], [T, T, F]])
+    assert arrays(batches[1], "forward") == ([[5, 0, 2], [7, 3, 0]], [[1, 2, 1], [3, 1, 3]], [[T, T, T], [T, T, T]])
     # Backward: each sentence reversed with the boundaries swapped, [</S> c b a <S>] ...
     assert arrays(batches[0], "backward") == ([[1, 5, 4], [1, 6, 1]], [[5, 4, 3], [6, 0, 3]], [[T, T, T], [T, T, T]])
-    assert arrays(batches[1], "backward") == ([[3, 1, 2], [3, 7, 0]], [[0, 2, 0], [7, 0, 0]], [[T, T, T], [T, T, F]])
+    assert arrays(batches[1], "backward") == ([[3, 1, 2], [3, 7, 1]], [[0, 2, 0], [7, 0, 5]], [[T, T, T], [T, T, T]])
     for batch in batches:
         assert batch["reset_state"].tolist() == [False, False]
         for direction in ("forward", "backward"):
@@ -52,13 +55,31 @@ def test_packing_matches_hand_worked_example(tiny):
             assert d["token_ids"].dtype == torch.int64 and d["next_token_ids"].dtype == torch.int64
             assert d["char_ids"].dtype == torch.int32 and d["char_ids"].shape == (2, 3, C)
             assert d["mask"].dtype == torch.bool
-    # Char ids come from the text, also for the OOV token; masked positions are all zero.
+    # Char ids come from the text, also for the OOV token.
     chars = batches[1]["forward"]["char_ids"]
     assert chars[0, 2].tolist() == token_to_char_ids("zz", C).tolist()
     assert chars[0, 1].tolist() == token_to_char_ids("<S>", C).tolist()
     assert chars[1, 0].tolist() == token_to_char_ids("e", C).tolist()
-    assert (chars[1, 2] == 0).all()
     assert batches[0]["backward"]["char_ids"][0, 0].tolist() == token_to_char_ids("</S>", C).tolist()
+
+
+def test_eval_packing_deals_sentences_round_robin(tiny):
+    """Evaluation: row i reads sentences i, i + B, ... (so what precedes a sentence does not
+    depend on unroll_steps), and the final partial batches are kept, masked."""
+    shard, vocab = tiny
+    batches = list(LMDataset(shard, vocab, batch_size=2, unroll_steps=3, mode="eval", max_characters_per_token=C))
+    assert len(batches) == 3
+    T, F = True, False
+    # Forward: row 0 = [<S> a b c </S>] [<S> e a </S>], row 1 = [<S> d </S>] [<S> zz </S>].
+    assert arrays(batches[0], "forward") == ([[0, 3, 4], [0, 6, 0]], [[3, 4, 5], [6, 1, 2]], [[T, T, T], [T, T, T]])
+    assert arrays(batches[1], "forward") == ([[5, 0, 7], [2, 0, 0]], [[1, 7, 3], [1, 0, 0]], [[T, T, T], [T, F, F]])
+    assert arrays(batches[2], "forward") == ([[3, 0, 0], [0, 0, 0]], [[1, 0, 0], [0, 0, 0]], [[T, F, F], [F, F, F]])
+    assert arrays(batches[0], "backward") == ([[1, 5, 4], [1, 6, 1]], [[5, 4, 3], [6, 0, 2]], [[T, T, T], [T, T, T]])
+    assert arrays(batches[1], "backward") == ([[3, 1, 3], [2, 0, 0]], [[0, 3, 7], [0, 0, 0]], [[T, T, T], [T, F, F]])
+    assert arrays(batches[2], "backward") == ([[7, 0, 0], [0, 0, 0]], [[0, 0, 0], [0, 0, 0]], [[T, F, F], [F, F, F]])
+    chars = batches[1]["forward"]["char_ids"]
+    assert chars[1, 0].tolist() == token_to_char_ids("zz", C).tolist()
+    assert (chars[1, 1:] == 0).all()  # masked positions have no characters
 
 
 def test_char_id_table_matches_token_to_char_ids():
