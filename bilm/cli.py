@@ -150,7 +150,7 @@ def _add_export(sub: argparse._SubParsersAction) -> Callable:
         result = export(args.checkpoint, args.out, args.force, args.include_softmax, args.strict)
         for problem in result["problems"]:
             print(f"warning: {problem}", file=sys.stderr)
-        print(f"exported {result['checkpoint']} -> {args.out}/ ({', '.join(result['files'])})")
+        print(f"exported {result['checkpoint']} -> {args.out.rstrip('/')}/ ({', '.join(result['files'])})")
         return 0
     return run
 
