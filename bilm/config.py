@@ -51,7 +51,6 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when present
     precision: Literal["fp32", "bf16"] = "fp32"
     strategy: Literal["ddp", "deepspeed"] = "ddp"
-    num_workers: int = 0                   # data-loader worker processes per rank
     deepspeed_config: str | None = None    # path of a DeepSpeed JSON/YAML config
     lstm_impl: str = "exact"               # one of bilm.modules.lstm.LSTM_IMPLS
 
@@ -259,7 +258,7 @@ def _check_values(cfg: Config, source: _Source) -> None:
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise ConfigError(f"{source.where(key)}: key '{key}' must be > 0, got {value}")
-    non_negative = {"train.num_workers": t.num_workers, "train.seed": t.seed, "optim.adam_eps": o.adam_eps,
+    non_negative = {"train.seed": t.seed, "optim.adam_eps": o.adam_eps,
                     "optim.weight_decay": o.weight_decay, "optim.initial_accumulator_value": o.initial_accumulator_value}
     for key, value in non_negative.items():
         if value < 0:
