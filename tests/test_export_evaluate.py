@@ -138,3 +138,21 @@ def test_checkpoint_of_another_config_lists_keys(trained_run, tmp_path):
     save_checkpoint({k: v for k, v in payload.items() if k != "format"}, other)
     with pytest.raises(CheckpointError, match=r"shape mismatches: .*forward_lstm.layers.0.input_weight"):
         model_from_checkpoint(other)
+
+
+@pytest.mark.distributed
+def test_evaluate_under_torchrun_counts_every_token_once(trained_run):
+    """Two ranks split the heldout sentences and all-reduce the sums: per sentence, the result
+    is the one-process result."""
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "bilm.cli",
+           "evaluate", "--checkpoint", trained_run, "--data", TRAIN_DATA, "--per-sentence", "--device", "cpu",
+           "--batch-size", "3", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    two_ranks = json.loads(out.stdout[out.stdout.index("{"):])
+    one = _ppl(trained_run, batch_size=3, per_sentence=True)
+    for d in ("forward", "backward"):
+        assert two_ranks[d]["tokens"] == one[d]["tokens"] == sum(len(l.split()) + 1 for l in open(TRAIN_DATA))
+        assert two_ranks[d]["perplexity"] == pytest.approx(one[d]["perplexity"], rel=1e-5)
