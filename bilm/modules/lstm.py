@@ -177,8 +177,8 @@ def _step_functions(device: torch.device) -> tuple[Callable, Callable]:
     if not use or _compile_failed or not hasattr(torch, "compile"):
         return _step_forward, _step_backward
     if not _compiled:
-        _compiled["forward"] = torch.compile(_step_forward, dynamic=None)
-        _compiled["backward"] = torch.compile(_step_backward, dynamic=None)
+        _compiled["forward"] = torch.compile(_step_forward, dynamic=False)
+        _compiled["backward"] = torch.compile(_step_backward, dynamic=False)
     return _compiled["forward"], _compiled["backward"]
 
 
