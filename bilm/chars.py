@@ -43,6 +43,30 @@ def token_to_char_ids(token: str, max_characters_per_token: int = DEFAULT_MAX_CH
     return ids + 1
 
 
+def char_id_table(tokens: Sequence[str], max_characters_per_token: int = DEFAULT_MAX_CHARACTERS) -> np.ndarray:
+    """Shifted char ids of many tokens at once, (len(tokens), max_characters_per_token) int32.
+
+    Row ``i`` equals ``token_to_char_ids(tokens[i])``; built with numpy from the concatenated
+    UTF-8 bytes instead of one small array per token.
+    """
+    if max_characters_per_token < 3:
+        raise ValueError(f"max_characters_per_token must be >= 3, got {max_characters_per_token}")
+    n, width = len(tokens), max_characters_per_token
+    encoded = [t.encode("utf-8", "ignore")[: width - 2] for t in tokens]
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=n)
+    table = np.full((n, width), PAD_CHAR + 1, dtype=np.int32)
+    table[:, 0] = BOW_CHAR + 1
+    flat = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    rows = np.repeat(np.arange(n), lengths)
+    cols = 1 + np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    table[rows, cols] = flat.astype(np.int32) + 1
+    table[np.arange(n), lengths + 1] = EOW_CHAR + 1
+    for i, token in enumerate(tokens):
+        if token == BOS_TOKEN or token == EOS_TOKEN:
+            table[i] = token_to_char_ids(token, width)
+    return table
+
+
 class CharIdMapper:
     """Turns token lists into padded char-id arrays, caching each token's row.
 
@@ -54,11 +78,11 @@ class CharIdMapper:
     def __init__(self, max_characters_per_token: int = DEFAULT_MAX_CHARACTERS,
                  tokens: Iterable[str] = ()):
         self.max_characters_per_token = max_characters_per_token
-        self._row_of: dict[str, int] = {}
-        self._table = np.zeros((1024, max_characters_per_token), dtype=np.int32)
-        self._n_rows = 1  # row 0: mask
-        for token in (BOS_TOKEN, EOS_TOKEN, *tokens):
-            self.row(token)
+        preload = list(dict.fromkeys((BOS_TOKEN, EOS_TOKEN, *tokens)))  # distinct, in order
+        self._row_of: dict[str, int] = {token: row for row, token in enumerate(preload, start=1)}
+        self._n_rows = 1 + len(preload)  # row 0: mask
+        self._table = np.zeros((max(1024, 2 * self._n_rows), max_characters_per_token), dtype=np.int32)
+        self._table[1:self._n_rows] = char_id_table(preload, max_characters_per_token)
 
     @classmethod
     def from_vocab_file(cls, path: str, max_characters_per_token: int = DEFAULT_MAX_CHARACTERS) -> "CharIdMapper":

@@ -28,8 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from bilm.chars import (BOS_TOKEN, BOW_CHAR, DEFAULT_MAX_CHARACTERS, EOS_TOKEN, EOW_CHAR,
-                        PAD_CHAR, token_to_char_ids)
+from bilm.chars import BOS_TOKEN, DEFAULT_MAX_CHARACTERS, EOS_TOKEN, char_id_table, token_to_char_ids
 from bilm.vocab import Vocabulary
 
 MANIFEST_FORMAT = "bilm-data"
@@ -95,28 +94,6 @@ def resolve_shards(source: str | os.PathLike | Sequence[str | os.PathLike]) -> l
 
 
 # --------------------------------------------------------------------------- encoding
-
-def char_id_table(tokens: Sequence[str], max_characters_per_token: int = DEFAULT_MAX_CHARACTERS) -> np.ndarray:
-    """Shifted char ids of many tokens at once, (len(tokens), max_characters_per_token) int32.
-
-    Row ``i`` equals ``bilm.chars.token_to_char_ids(tokens[i])``; built with numpy from the
-    concatenated UTF-8 bytes instead of one small array per token.
-    """
-    n, width = len(tokens), max_characters_per_token
-    encoded = [t.encode("utf-8", "ignore")[: width - 2] for t in tokens]
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=n)
-    table = np.full((n, width), PAD_CHAR + 1, dtype=np.int32)
-    table[:, 0] = BOW_CHAR + 1
-    flat = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-    rows = np.repeat(np.arange(n), lengths)
-    cols = 1 + np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    table[rows, cols] = flat.astype(np.int32) + 1
-    table[np.arange(n), lengths + 1] = EOW_CHAR + 1
-    for i, token in enumerate(tokens):
-        if token == BOS_TOKEN or token == EOS_TOKEN:
-            table[i] = token_to_char_ids(token, width)
-    return table
-
 
 @dataclass
 class EncodedShard:
@@ -710,39 +687,33 @@ class _Batches:
         token_ids = np.zeros(B * T, dtype=np.int64)
         next_ids = np.zeros(B * T, dtype=np.int64)
         mask = np.zeros(B * T, dtype=bool)
-        char_rows = np.zeros(B * T, dtype=np.int64)  # row 0 of every char table is the mask row
-        char_ids = None
+        # Rows of the shards' char tables (row 0 of each is the all-zero mask row), gathered once
+        # at the end: one table in the usual case, the shards' tables stacked when a batch spans two.
+        char_rows = np.zeros(B * T, dtype=np.int64)
+        char_tables: list[np.ndarray] = [np.zeros((1, C), dtype=np.int32)]  # replaced by the shards' tables
         if segments:
             flat = np.fromiter(chain.from_iterable(segments), dtype=np.int64, count=5 * len(segments))
             rows, cols, srcs, lengths, keys = flat.reshape(-1, 5).T
-            total = int(lengths.sum())
-            offsets = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            offsets = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
             out = np.repeat(rows * T + cols, lengths) + offsets
             src = np.repeat(srcs, lengths) + sign * offsets
             mask[out] = True
-            if (keys == keys[0]).all():  # the usual case: one shard in this batch
-                shard = self._cache.get(int(keys[0]))
-                token_ids[out] = shard.token_ids[src]
-                next_ids[out] = shard.token_ids[src + sign]
+            shard_keys = np.unique(keys)
+            key_of = np.repeat(keys, lengths) if len(shard_keys) > 1 else None
+            char_tables, first_row = [], 0
+            for key in shard_keys.tolist():
+                shard = self._cache.get(key)
+                o, s = (out, src) if key_of is None else (out[key_of == key], src[key_of == key])
+                token_ids[o] = shard.token_ids[s]
+                next_ids[o] = shard.token_ids[s + sign]
                 if self._ds.char_inputs:
-                    char_rows[out] = shard.char_rows[src]
-                    char_ids = shard.char_table[char_rows]
-            else:
-                key_of = np.repeat(keys, lengths)
-                if self._ds.char_inputs:
-                    char_ids = np.zeros((B * T, C), dtype=np.int32)
-                for key in set(keys.tolist()):
-                    shard, selected = self._cache.get(key), key_of == key
-                    o, s = out[selected], src[selected]
-                    token_ids[o] = shard.token_ids[s]
-                    next_ids[o] = shard.token_ids[s + sign]
-                    if char_ids is not None:
-                        char_ids[o] = shard.char_table[shard.char_rows[s]]
+                    char_rows[o] = shard.char_rows[s] + first_row
+                    char_tables.append(shard.char_table)
+                    first_row += len(shard.char_table)
         direction = {"token_ids": torch.from_numpy(token_ids.reshape(B, T))}
         if self._ds.char_inputs:
-            if char_ids is None:
-                char_ids = np.zeros((B * T, C), dtype=np.int32)
-            direction["char_ids"] = torch.from_numpy(char_ids.reshape(B, T, C))
+            table = char_tables[0] if len(char_tables) == 1 else np.concatenate(char_tables)
+            direction["char_ids"] = torch.from_numpy(table[char_rows].reshape(B, T, C))
         direction["next_token_ids"] = torch.from_numpy(next_ids.reshape(B, T))
         direction["mask"] = torch.from_numpy(mask.reshape(B, T))
         return direction

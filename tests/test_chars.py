@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bilm.chars import CharIdMapper, token_to_char_ids
+from bilm.chars import CharIdMapper, char_id_table, token_to_char_ids
 
 
 def test_token_ids_follow_the_published_convention():
@@ -42,3 +42,18 @@ def test_cache_grows_and_preloads(tmp_path):
 def test_type_errors_name_the_position():
     with pytest.raises(TypeError, match="sentence 0, token 1 is a NoneType"):
         CharIdMapper().batch([["a", None]])
+
+
+def test_char_id_table_matches_token_to_char_ids():
+    tokens = ["a", "<S>", "</S>", "<UNK>", "é中", "x" * 60, "ab" + "é" * 30, "\ufffd", "Ω≈ç√"]
+    for width in (5, 8, 50):
+        expected = np.stack([token_to_char_ids(t, width) for t in tokens])
+        assert np.array_equal(char_id_table(tokens, width), expected)
+
+
+def test_preloaded_mapper_rows_equal_computed_rows():
+    tokens = ["the", "é中", "the", "<S>", "x" * 70, "</S>", "a"]  # repeats and specials in the preload
+    preloaded = CharIdMapper(50, tokens)
+    assert len(preloaded) == 6  # <S>, </S>, the, é中, x*70, a: each once
+    sentences = [["the", "a", "é中"], ["x" * 70, "new"]]
+    assert np.array_equal(preloaded.batch(sentences), CharIdMapper(50).batch(sentences))

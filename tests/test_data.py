@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bilm.chars import token_to_char_ids
-from bilm.data import LMDataset, char_id_table, encode_shard, load_manifest
+from bilm.data import LMDataset, encode_shard, load_manifest
 from bilm.vocab import Vocabulary
 
 BOS, EOS = 0, 1
@@ -80,13 +80,6 @@ def test_eval_packing_deals_sentences_round_robin(tiny):
     chars = batches[1]["forward"]["char_ids"]
     assert chars[1, 0].tolist() == token_to_char_ids("zz", C).tolist()
     assert (chars[1, 1:] == 0).all()  # masked positions have no characters
-
-
-def test_char_id_table_matches_token_to_char_ids():
-    tokens = ["a", "<S>", "</S>", "<UNK>", "é中", "x" * 60, "ab" + "é" * 30, "\ufffd", "Ω≈ç√"]
-    for width in (5, 8, 50):
-        expected = np.stack([token_to_char_ids(t, width) for t in tokens])
-        assert np.array_equal(char_id_table(tokens, width), expected)
 
 
 def reference_batches(sentences, batch_size, unroll, n_batches):
