@@ -13,7 +13,7 @@ the first shards, is timed separately).
 so), the input for measuring ``bilm prepare``::
 
     python benchmarks/data.py --write-corpus /tmp/corpus.txt --tokens 10000000
-    /usr/bin/time -v python -m data_tools prepare /tmp/corpus.txt -o /tmp/prepared --workers 2
+    /usr/bin/time -v python -m data_tools prepare /tmp/corpus.txt --out /tmp/prepared --workers 2
 """
 from __future__ import annotations
 

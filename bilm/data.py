@@ -13,7 +13,6 @@ so no per-token Python work is done per batch.
 """
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from bilm.chars import BOS_TOKEN, DEFAULT_MAX_CHARACTERS, EOS_TOKEN, char_id_table, token_to_char_ids
 from bilm.vocab import Vocabulary
+from data_tools.inputs import resolve_inputs
 
 MANIFEST_FORMAT = "bilm-data"
 STATE_VERSION = 1
@@ -74,23 +74,12 @@ def load_manifest(path: str | os.PathLike) -> dict:
 
 
 def resolve_shards(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Shard paths from a glob, a directory, a file, or a list of those (sorted per pattern)."""
+    """Shard paths from a glob, a directory (its files, recursively), a file, or a list of those;
+    sorted per pattern, each file once."""
     patterns = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not patterns:
         raise ValueError("no shard files given (empty list)")
-    paths: list[str] = []
-    for pattern in map(os.fspath, patterns):
-        if os.path.isdir(pattern):
-            found = sorted(os.path.join(pattern, name) for name in os.listdir(pattern)
-                           if not name.startswith(".") and os.path.isfile(os.path.join(pattern, name)))
-        elif os.path.isfile(pattern):
-            found = [pattern]
-        else:
-            found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-        if not found:
-            raise FileNotFoundError(f"no shard files match {pattern!r}")
-        paths.extend(found)
-    return paths
+    return resolve_inputs(patterns, what="shard")
 
 
 # --------------------------------------------------------------------------- encoding

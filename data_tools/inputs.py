@@ -19,32 +19,29 @@ _DECOMPRESSORS = {".gz": lambda raw: gzip.GzipFile(fileobj=raw), ".bz2": bz2.BZ2
 _EXPANSION = {".gz": 3.5, ".bz2": 5.0, ".xz": 6.0}
 
 
-def resolve_inputs(specs: list[str]) -> list[str]:
-    """Input files from files, directories (recursively, hidden files skipped) and globs."""
+def resolve_inputs(specs: list[str], what: str = "input") -> list[str]:
+    """Files from files, directories (recursively, hidden files skipped) and globs, each named
+    once; ``what`` names them in errors ("input", "shard")."""
     paths: list[str] = []
-    for spec in specs:
+    for spec in map(os.fspath, specs):
         if os.path.isdir(spec):
             found = []
             for root, dirs, files in os.walk(spec):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 found.extend(os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
             if not found:
-                raise FileNotFoundError(f"input directory {spec!r} contains no files")
+                raise FileNotFoundError(f"{what} directory {spec!r} contains no files")
         elif os.path.isfile(spec):
             found = [spec]
         else:
             found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
             if not found:
-                raise FileNotFoundError(f"no input files match {spec!r}")
+                raise FileNotFoundError(f"no {what} files match {spec!r}")
         paths.extend(found)
-    seen: set[str] = set()
-    unique = []
-    for path in paths:  # the same file named twice (e.g. by a glob and by name) is read once
-        real = os.path.realpath(path)
-        if real not in seen:
-            seen.add(real)
-            unique.append(path)
-    return unique
+    unique: dict[str, str] = {}  # the same file named twice (by a glob and by name) is read once
+    for path in paths:
+        unique.setdefault(os.path.realpath(path), path)
+    return list(unique.values())
 
 
 def estimated_text_bytes(path: str) -> int:

@@ -16,7 +16,7 @@ from itertools import chain
 import numpy as np
 
 from data_tools.inputs import decode_counting
-from data_tools.normalize import Tokenizer, clean_text, make_tokenizer
+from data_tools.normalize import Tokenizer, clean_text, make_tokenizer, split_long
 from data_tools.vocab_builder import TokenCounts
 
 
@@ -105,17 +105,14 @@ def process_block(task: BlockTask) -> BlockResult:
         lines.pop()  # the block ends with a line end
     stats.lines = len(lines)
 
-    limit = options.max_tokens_per_line
     out_tokens: list[list[str]] = []
     for tokens in tokenizer.tokenize(lines):
         if not tokens:
             stats.empty += 1
-        elif limit <= 0 or len(tokens) <= limit:
-            out_tokens.append(tokens)
-        else:
-            pieces = [tokens[i:i + limit] for i in range(0, len(tokens), limit)]
-            stats.extra_from_long += len(pieces) - 1
-            out_tokens.extend(pieces)
+            continue
+        pieces = split_long(tokens, options.max_tokens_per_line)
+        stats.extra_from_long += len(pieces) - 1
+        out_tokens.extend(pieces)
     out = [" ".join(tokens) for tokens in out_tokens]
 
     # Random buckets (no dedup) come from the block's own seeded generator: reproducible.

@@ -1,9 +1,9 @@
 """Raw text -> training shards, heldout shards, vocabulary and manifest for ``bilm train``.
 
-    bilm prepare corpus/ more/*.txt.gz -o prepared/ --heldout-fraction 0.01
-    bilm prepare zh.txt.xz -o zh/ --tokenizer sentencepiece --sp-vocab-size 32000 --nfkc
+    bilm prepare corpus/ more/*.txt.gz --out prepared/ --heldout-fraction 0.01
+    bilm prepare zh.txt.xz --out zh/ --tokenizer sentencepiece --sp-vocab-size 32000 --nfkc
 
-Output (``-o DIR``)::
+Output (``--out DIR``)::
 
     train/shard-00000.txt ...    one sentence per line, tokens separated by one space
     heldout/shard-00000.txt ...
@@ -222,7 +222,7 @@ def prepare(args: argparse.Namespace) -> dict:
         "format_version": MANIFEST_VERSION,
         "bilm_version": bilm.__version__,
         "command": _command_line(getattr(args, "argv", None)),
-        "arguments": {k: v for k, v in vars(args).items() if not callable(v)},
+        "arguments": {k: v for k, v in vars(args).items() if not callable(v) and k != "argv"},
         "train": _split_section(train_shards),
         "heldout": _split_section(heldout_shards),
         "n_train_tokens": n_train_tokens,

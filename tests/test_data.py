@@ -403,3 +403,9 @@ def test_encode_shard_strided_lines(tiny):
     assert whole.n_sentences == 4 and whole.starts == [0, 5, 8, 12, 15]
     odd = encode_shard(shard, vocab, C, line_offset=1, line_stride=2)  # file lines 1 and 3: "d", "e a"
     assert odd.token_ids.tolist() == [0, 6, 1, 0, 7, 3, 1]
+
+
+def test_a_shard_named_twice_is_read_once(tiny):
+    shard, vocab = tiny
+    dataset = LMDataset([shard, os.path.join(os.path.dirname(shard), "shard-*")], vocab, 2, 3)
+    assert dataset.shards == [shard]
