@@ -134,12 +134,16 @@ def bilm_tf_style_batches(shard_paths: list[str], vocab_path: str, batch: int, u
         yield {"forward": next(forward), "backward": next(backward)}
 
 
-def time_batches(batches, n: int, count) -> tuple[float, int]:
-    next(batches)  # the first batch pays for opening and encoding; not part of the steady state
-    tokens, start = 0, time.perf_counter()
+def time_batches(batches, n: int, count) -> tuple[float, float, float, int]:
+    """(first batch seconds, seconds and CPU seconds of the next n, tokens in them). The first
+    batch pays for opening and encoding; it is not part of the steady state."""
+    start = time.perf_counter()
+    next(batches)
+    first_s = time.perf_counter() - start
+    tokens, start, cpu_start = 0, time.perf_counter(), time.process_time()
     for _ in range(n):
         tokens += count(next(batches))
-    return time.perf_counter() - start, tokens
+    return first_s, time.perf_counter() - start, time.process_time() - cpu_start, tokens
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,17 +178,8 @@ def main(argv: list[str] | None = None) -> None:
 
     dataset = LMDataset(args.prefix, args.vocab, args.batch, args.unroll,
                         max_characters_per_token=args.max_characters_per_token, mode="train")
-    batches = iter(dataset)
-    start = time.perf_counter()
-    first = next(batches)
-    first_s = time.perf_counter() - start
-    assert first["forward"]["char_ids"].shape[-1] == args.max_characters_per_token
-    tokens = 0
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for _ in range(args.batches):
-        batch = next(batches)
-        tokens += int(batch["forward"]["mask"].sum())
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    first_s, seconds, cpu_seconds, tokens = time_batches(
+        iter(dataset), args.batches, lambda b: int(b["forward"]["mask"].sum()))
     print(f"first batch (encodes the first shards): {first_s:.2f}s; then {args.batches} batches of "
           f"{args.batch}x{args.unroll} in {seconds:.2f}s ({cpu_seconds:.2f}s CPU: "
           f"{tokens / cpu_seconds:.0f} tokens per CPU second), epoch {dataset.epoch}", file=sys.stderr)
@@ -202,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
           f"(encoding + packing): {amortized:.0f} tokens/s", file=sys.stderr)
 
     if args.baseline_batches:
-        baseline_s, baseline_tokens = time_batches(
+        _, baseline_s, _, baseline_tokens = time_batches(
             bilm_tf_style_batches(shard_paths, args.vocab, args.batch, args.unroll, args.max_characters_per_token),
             args.baseline_batches, lambda b: int(b["forward"]["token_ids"].size))
         baseline = baseline_tokens / baseline_s
