@@ -9,7 +9,6 @@ import tempfile
 from typing import Optional
 
 import h5py
-import numpy as np
 import torch
 
 from bilm.checkpoint import CheckpointError, load_checkpoint, load_latest_valid, load_model_state

@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from bilm.checkpoint import (checkpoint_path, load_latest_valid, load_model_state, prune_checkpoints,
                              save_checkpoint)
-from bilm.config import Config, config_from_dict, config_to_dict, save_config
+from bilm.config import Config, config_to_dict, save_config
 from bilm.data import LMDataset, load_manifest
-from bilm.distributed import DistEnv, all_reduce_max, all_reduce_sum, gather_objects, init_distributed, shutdown
-from bilm.model import DIRECTIONS, LanguageModel, detach_state
+from bilm.distributed import DistEnv, all_reduce_max, gather_objects, init_distributed, shutdown
+from bilm.model import DIRECTIONS, LanguageModel
 from bilm.modules.softmax import all_reduce_gradients_, clip_grad_norm_
 from bilm.options import BiLMOptions
 from bilm.vocab import Vocabulary

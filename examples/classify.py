@@ -85,9 +85,10 @@ def read_split(path, limit):
             if not line.strip():
                 continue
             label, text = line.rstrip("\n").split("\t", 1)
-            if tokenize(text):  # a sentence with no tokens has nothing to pool
+            tokens = tokenize(text)
+            if tokens:  # a sentence with no tokens has nothing to pool
                 labels.append(label)
-                sentences.append(tokenize(text))
+                sentences.append(tokens)
     if limit is not None:
         labels, sentences = labels[:limit], sentences[:limit]
     return labels, sentences

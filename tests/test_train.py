@@ -1,9 +1,6 @@
 """Training end to end on the bilm-tf fixture corpus (CPU, tiny models)."""
 import json
-import math
 import os
-import shutil
-import signal
 import subprocess
 import sys
 
@@ -13,7 +10,7 @@ import torch
 from bilm.checkpoint import list_checkpoints, load_checkpoint
 from bilm.evaluate import evaluate
 from bilm.train import train
-from train_helpers import ROOT, TRAIN_DATA, TRAIN_VOCAB, tiny_config
+from train_helpers import TRAIN_DATA, TRAIN_VOCAB, tiny_config
 
 
 @pytest.mark.parametrize("word_inputs", [False, True], ids=["char", "word"])

@@ -281,6 +281,16 @@ class _Recurrence(torch.autograd.Function):
                 None, None, None)
 
 
+def _plus_forget_bias(bias: torch.Tensor, block: int) -> torch.Tensor:
+    """``bias`` (..., 4C) with FORGET_BIAS added to gate block ``block``. TF adds it in every
+    step; adding it once to the bias is the same sum (up to float rounding, ~1e-7) and saves
+    a pointwise op per step."""
+    n_cells = bias.shape[-1] // 4
+    forget = torch.zeros(bias.shape[-1], dtype=bias.dtype, device=bias.device)
+    forget[block * n_cells:(block + 1) * n_cells] = FORGET_BIAS
+    return bias + forget
+
+
 def _stack_params(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     # One direction: a view, no copy. Two: a copy per call (cheap next to the T steps it serves).
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
@@ -293,14 +303,10 @@ def _exact_layers(layers: Sequence["LstmWithProjection"], x: torch.Tensor, h0: t
     first = layers[0]
     n_dirs, n_steps, batch_size, input_dim = x.shape
     n_cells = first.cell_dim
-    bias = _stack_params([layer.bias for layer in layers])
-    # TF adds the forget bias in the step; adding it to the bias once is the same sum (up to
-    # float rounding, ~1e-7) and saves a pointwise op per step.
-    forget = torch.zeros_like(bias[0])
-    forget[2 * n_cells:3 * n_cells] = FORGET_BIAS
+    bias = _plus_forget_bias(_stack_params([layer.bias for layer in layers]), block=2)  # (i, j, f, o)
     w_ih = _stack_params([layer.input_weight for layer in layers])
     # All time steps' input projections in one (batched) matrix multiply.
-    xz = torch.baddbmm((bias + forget).unsqueeze(1), x.reshape(n_dirs, n_steps * batch_size, input_dim),
+    xz = torch.baddbmm(bias.unsqueeze(1), x.reshape(n_dirs, n_steps * batch_size, input_dim),
                        w_ih.transpose(1, 2))
     xz = xz.view(n_dirs, n_steps, batch_size, 4 * n_cells)
     w_hh = _stack_params([layer.state_weight for layer in layers])
@@ -396,11 +402,9 @@ class LstmWithProjection(nn.Module):
             i, j, f, o = w.chunk(4, dim=0)
             return torch.cat([i, f, j, o], dim=0)
 
-        bias = reorder(self.bias)
-        forget = torch.zeros_like(bias)
-        forget[self.cell_dim:2 * self.cell_dim] = FORGET_BIAS
+        bias = _plus_forget_bias(reorder(self.bias), block=1)  # (i, f, g, o)
         params = {"weight_ih_l0": reorder(self.input_weight), "weight_hh_l0": reorder(self.state_weight),
-                  "bias_ih_l0": bias + forget, "bias_hh_l0": torch.zeros_like(bias)}
+                  "bias_ih_l0": bias, "bias_hh_l0": torch.zeros_like(bias)}
         if self.projection_weight is not None:
             params["weight_hr_l0"] = self.projection_weight
         return params
