@@ -155,6 +155,30 @@ def _add_export(sub: argparse._SubParsersAction) -> Callable:
     return run
 
 
+def _add_import_bilmtf(sub: argparse._SubParsersAction) -> Callable:
+    p = sub.add_parser("import-bilm-tf", help="bilm-tf training run (TensorFlow checkpoint) -> bilm checkpoint",
+                       description="Read the newest checkpoint of a bilm-tf train() run (no TensorFlow needed) and "
+                                   "write a bilm run directory: checkpoints/step-N.pt (weights, softmax, Adagrad "
+                                   "accumulators) and config.yaml (bilm-tf's training options). Then `bilm "
+                                   "evaluate`, `bilm export --include-softmax`, or `bilm train --config "
+                                   "OUT/config.yaml --out OUT --resume` to continue the run.")
+    p.add_argument("--tf-save-dir", required=True,
+                   help="bilm-tf save_dir: holds 'checkpoint', options.json and model.ckpt-N.*")
+    p.add_argument("--vocab", required=True, help="the vocab file the bilm-tf run was trained with")
+    p.add_argument("--out", required=True, help="bilm run directory to write")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the written config, e.g. --set train.device=cpu (repeatable)")
+    p.add_argument("--force", action="store_true", help="write even if --out already holds checkpoints")
+
+    def run(args: argparse.Namespace) -> int:
+        from bilm.bilmtf import import_bilmtf
+        result = import_bilmtf(args.tf_save_dir, args.vocab, args.out, args.overrides, args.force)
+        print(f"imported {result['source']} (step {result['step']}) -> {result['checkpoint']}; "
+              f"config {result['config']}")
+        return 0
+    return run
+
+
 def _add_prepare(sub: argparse._SubParsersAction) -> Optional[Callable]:
     try:
         from data_tools import prepare
@@ -173,7 +197,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     handlers: dict[str, Callable] = {}
     for name, add in (("prepare", _add_prepare), ("train", _add_train), ("evaluate", _add_evaluate),
                       ("export", _add_export), ("embed", _add_embed),
-                      ("dump-token-embeddings", _add_dump_token_embeddings)):
+                      ("dump-token-embeddings", _add_dump_token_embeddings),
+                      ("import-bilm-tf", _add_import_bilmtf)):
         handler = add(sub)
         if handler is not None:
             handlers[name] = handler

@@ -61,6 +61,9 @@ class OptimConfig:
     lr: float = 0.2
     initial_accumulator_value: float = 1.0  # Adagrad only
     max_grad_norm: float = 10.0             # global gradient-norm clip (bilm-tf all_clip_norm_val)
+    # What is differentiated: "unroll_steps" = unroll_steps x the mean token loss, as bilm-tf
+    # (its clip and Adagrad see that gradient); "none" = the mean token loss.
+    loss_scale: Literal["unroll_steps", "none"] = "unroll_steps"
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
@@ -98,9 +101,18 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     return _build(raw, source)
 
 
-def config_from_dict(d: dict, where: str = "config") -> Config:
-    """Inverse of ``config_to_dict`` (also accepts a partial dict: missing fields take defaults)."""
-    return _build(d, _Source(where, {}))
+def config_from_dict(d: dict, where: str = "config", overrides: Sequence[str] = ()) -> Config:
+    """Inverse of ``config_to_dict`` (also accepts a partial dict: missing fields take defaults),
+    then ``key=value`` overrides as ``load_config`` applies them."""
+    import copy
+
+    raw = copy.deepcopy(d)
+    source = _Source(where, {})
+    for override in overrides:
+        key, value = _parse_override(override, where)
+        source.overridden[key] = override
+        _set_dotted(raw, key, value, source)
+    return _build(raw, source)
 
 
 def config_to_dict(cfg: Config) -> dict:

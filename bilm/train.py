@@ -165,6 +165,9 @@ class Trainer:
         self.generator = torch.Generator()
         self.generator.manual_seed(t.seed * 1000 + (0 if t.same_negative_samples_across_ranks else env.rank) + 1)
         self.state = None  # carried LSTM states (truncated BPTT)
+        # bilm-tf differentiates unroll_steps x the mean loss (training.py: compute_gradients(loss *
+        # unroll_steps)): its clip and Adagrad see that gradient. "none": the mean loss itself.
+        self.loss_scale = float(t.unroll_steps) if cfg.optim.loss_scale == "unroll_steps" else 1.0
         self.timing = False
         if self.deepspeed:
             self._init_deepspeed()
@@ -234,14 +237,14 @@ class Trainer:
         after_forward = self._sync()
         timings["forward"] = after_forward - start
         if self.deepspeed:
-            self.engine.backward(loss)
+            self.engine.backward(loss * self.loss_scale)
             after_backward = self._sync()
             self.engine.step()
             grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
             done = self._sync()
             timings.update(backward=after_backward - after_forward, optimizer=done - after_backward)
         else:
-            loss.backward()
+            (loss * self.loss_scale).backward()
             after_backward = self._sync()
             if self.env.distributed:
                 all_reduce_gradients_(list(self.model.softmax.parameters()))
@@ -439,11 +442,17 @@ def _save(trainer: Trainer, dataset: LMDataset, cfg: Config, step: int, ckpt_dir
 
 def _restore(trainer: Trainer, dataset: LMDataset, payload: dict, path: str, env: DistEnv) -> int:
     load_model_state(trainer.model, payload["model"], path)
-    if trainer.deepspeed:
+    if trainer.deepspeed and payload.get("deepspeed_tag"):
         trainer.engine.load_checkpoint(os.path.join(os.path.dirname(path), "deepspeed"), tag=payload["deepspeed_tag"])
+    elif trainer.deepspeed:
+        if env.is_main:
+            warnings.warn(f"{path} holds no DeepSpeed state: the model resumes, the optimizer starts afresh")
     else:
         trainer.optimizer.load_state_dict(payload["optimizer"])
-    if payload["world_size"] == env.world_size:
+    if payload.get("rank_states") is None:
+        if env.is_main:  # e.g. imported from bilm-tf, whose restart also starts them afresh
+            print(f"{path} holds no data positions or LSTM states: they start afresh")
+    elif payload["world_size"] == env.world_size:
         trainer.load_rank_state(payload["rank_states"][env.rank], dataset)
     elif env.is_main:
         warnings.warn(f"{path} was written by {payload['world_size']} ranks, this run has {env.world_size}: "

@@ -119,17 +119,23 @@ def _open(path: str, mode: str = "r") -> h5py.File:
 def load_weights(model: BidirectionalLM, weight_file: str) -> None:
     """Copy every dataset of ``weight_file`` into ``model``; errors name the dataset and the file."""
     with _open(weight_file) as f:
-        for ds in _datasets(model):
-            if ds.name not in f:
-                raise WeightFileError(f"{weight_file}: missing dataset '{ds.name}' (the options ask for it)")
-            try:
-                array = f[ds.name][...]
-            except (OSError, KeyError) as e:
-                raise WeightFileError(f"{weight_file}: cannot read dataset '{ds.name}' ({e}); truncated file?") from None
-            if tuple(array.shape) != ds.shape:
-                raise WeightFileError(f"{weight_file}: dataset '{ds.name}' has shape {tuple(array.shape)}, "
-                                      f"the options imply {ds.shape}")
-            ds.from_file(array)
+        load_weight_arrays(model, f, weight_file)
+
+
+def load_weight_arrays(model: BidirectionalLM, arrays, source: str) -> None:
+    """Copy arrays in the published layout, by dataset name (an open HDF5 file or a dict of numpy
+    arrays), into ``model``; errors name the dataset and ``source``."""
+    for ds in _datasets(model):
+        if ds.name not in arrays:
+            raise WeightFileError(f"{source}: missing dataset '{ds.name}' (the options ask for it)")
+        try:
+            array = np.asarray(arrays[ds.name][...])
+        except (OSError, KeyError) as e:
+            raise WeightFileError(f"{source}: cannot read dataset '{ds.name}' ({e}); truncated file?") from None
+        if tuple(array.shape) != ds.shape:
+            raise WeightFileError(f"{source}: dataset '{ds.name}' has shape {tuple(array.shape)}, "
+                                  f"the options imply {ds.shape}")
+        ds.from_file(array)
 
 
 def save_weights(model: BidirectionalLM, weight_file: str) -> None:

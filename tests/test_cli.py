@@ -19,7 +19,7 @@ def subcommands():
 
 def test_every_subcommand_is_documented():
     names = set(subcommands())
-    assert names == {"prepare", "train", "evaluate", "export", "embed", "dump-token-embeddings"}
+    assert names == {"prepare", "train", "evaluate", "export", "embed", "dump-token-embeddings", "import-bilm-tf"}
     for name, sub in subcommands().items():
         assert sub.description, f"bilm {name} has no description"
         for action in sub._actions:
@@ -38,7 +38,7 @@ def test_shared_flags_have_the_same_names():
 
 @pytest.mark.parametrize("argv", [["--help"], *[[name, "--help"] for name in
                                                  ["prepare", "train", "evaluate", "export", "embed",
-                                                  "dump-token-embeddings"]]])
+                                                  "dump-token-embeddings", "import-bilm-tf"]]])
 def test_help_prints_and_exits_cleanly(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

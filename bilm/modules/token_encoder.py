@@ -62,9 +62,9 @@ class CharCNNEncoder(nn.Module):
             self.char_embedding.weight[0].zero_()
         for conv in self.convolutions:
             if self.options.activation == "relu":
+                nn.init.uniform_(conv.weight, -0.05, 0.05)  # bilm-tf (Kim et al. 2015) for relu
+            else:  # bilm-tf's "glorot" for tanh: normal with std sqrt(1 / (width * char_dim))
                 nn.init.normal_(conv.weight, 0.0, math.sqrt(1.0 / (conv.kernel_size[0] * conv.in_channels)))
-            else:
-                nn.init.uniform_(conv.weight, -0.05, 0.05)
             nn.init.zeros_(conv.bias)
         if self.projection is not None:
             nn.init.normal_(self.projection.weight, 0.0, math.sqrt(1.0 / self.projection.in_features))
@@ -108,8 +108,12 @@ class WordEmbeddingEncoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        # bilm-tf's "embedding" variable has no initializer of its own: TF's default, glorot
+        # uniform over its [V, dim] shape (our row 0, the mask, is not part of it).
+        vocab_size, dim = self.embedding.weight.shape[0] - 1, self.embedding.weight.shape[1]
+        bound = math.sqrt(6.0 / (vocab_size + dim))
         with torch.no_grad():
-            nn.init.uniform_(self.embedding.weight, -1.0, 1.0)  # bilm-tf's word embedding init
+            nn.init.uniform_(self.embedding.weight, -bound, bound)
             self.embedding.weight[0].zero_()
 
     def forward(self, shifted_token_ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,260 @@
+"""bilm's training against numbers bilm-tf's own TensorFlow code computed (tests/fixtures/bilmtf_training).
+
+The golden fixture holds a tiny char-CNN biLM after one step of bilm-tf's unmodified ``train()``
+(weights and Adagrad accumulators), three batches, and the state TensorFlow reached after
+training on them (dropout 0, full softmax, clip active). Replaying those three steps in bilm
+must land on the same weights and accumulators: this pins the loss scale (x unroll_steps), what
+the global-norm clip sees, Adagrad's update and accumulators, the gradients of every layer and
+the LSTM states carried from batch to batch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from bilm.bilmtf import (config_from_bilmtf_options, latest_tf_checkpoint, load_bilmtf_state, published_name,
+                         read_tf_checkpoint, split_tensors)
+from bilm.config import config_from_dict
+from bilm.distributed import DistEnv
+from bilm.modules.softmax import LogUniformSampler, SoftmaxLayer
+from bilm.train import Trainer
+from bilm.weights import save_weights
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "bilmtf_training")
+
+
+def _read_h5(path: str) -> dict[str, np.ndarray]:
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[...]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def _read_npz(name: str) -> dict[str, np.ndarray]:
+    with np.load(os.path.join(FIXTURE, name)) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _options() -> dict:
+    with open(os.path.join(FIXTURE, "options.json")) as f:
+        return json.load(f)
+
+
+def _batches() -> list[dict]:
+    """The fixture's batches in bilm.data's format (char ids shifted by one: 0 is our mask)."""
+    npz = np.load(os.path.join(FIXTURE, "batches.npz"))
+    n = npz["token_ids"].shape[0]
+    batches = []
+    for i in range(n):
+        batch = {"reset_state": torch.zeros(npz["token_ids"].shape[1], dtype=torch.bool)}
+        for direction, suffix in (("forward", ""), ("backward", "_reverse")):
+            ids = torch.from_numpy(npz["token_ids" + suffix][i].astype(np.int64))
+            batch[direction] = {"token_ids": ids,
+                                "next_token_ids": torch.from_numpy(npz["next_token_id" + suffix][i].astype(np.int64)),
+                                "char_ids": torch.from_numpy(npz["tokens_characters" + suffix][i].astype(np.int64) + 1),
+                                "mask": torch.ones(ids.shape, dtype=torch.bool)}
+        batches.append(batch)
+    return batches
+
+
+def _trainer(*overrides: str) -> Trainer:
+    options = _options()
+    cfg = config_from_dict(config_from_bilmtf_options(options), overrides=["train.device=cpu", *overrides])
+    return Trainer(cfg, options["n_tokens_vocab"], DistEnv())
+
+
+def _start(trainer: Trainer) -> None:
+    weights, accumulators, step = split_tensors(_read_npz("start.npz"))
+    load_bilmtf_state(trainer.model, trainer.optimizer, weights, accumulators, step, "start.npz")
+
+
+def _as_published(trainer: Trainer, tmp_path) -> tuple[dict, dict]:
+    """The trainer's weights and Adagrad accumulators in bilm-tf's names and layouts."""
+    import copy
+
+    twin = copy.deepcopy(trainer.model)
+    with torch.no_grad():
+        for param, acc in zip(trainer.model.parameters(), twin.parameters()):
+            acc.copy_(trainer.optimizer.state[param]["sum"])
+    out = []
+    for model in (trainer.model, twin):
+        path = str(tmp_path / "w.hdf5")
+        save_weights(model.bilm, path)
+        arrays = _read_h5(path)
+        arrays["softmax/W"] = model.softmax.weight.detach().numpy()
+        arrays["softmax/b"] = model.softmax.bias.detach().numpy()
+        out.append(arrays)
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("lstm_impl", ["exact", "reference"])
+def test_three_steps_land_where_bilm_tf_landed(tmp_path, lstm_impl):
+    trainer = _trainer(f"train.lstm_impl={lstm_impl}")
+    _start(trainer)
+    norms = [trainer.step(batch).grad_norm for batch in _batches()]
+    # The fixture must exercise the clip: bilm-tf's all_clip_norm_val is 1.0 there.
+    assert max(norms) > 1.0, norms
+    weights, accumulators = _as_published(trainer, tmp_path)
+    want_weights, want_accumulators, step = split_tensors(_read_npz("end.npz"))
+    assert step == 4
+    assert set(weights) == set(want_weights) and set(accumulators) == set(want_accumulators)
+    start_weights, _, _ = split_tensors(_read_npz("start.npz"))
+    for name in sorted(want_weights):
+        moved = np.abs(want_weights[name] - start_weights[name]).max()
+        np.testing.assert_allclose(weights[name], want_weights[name], rtol=0, atol=1e-6,
+                                   err_msg=f"{name} (moved {moved:.2e} in the 3 steps)")
+        np.testing.assert_allclose(accumulators[name], want_accumulators[name], rtol=1e-6, atol=0, err_msg=name)
+
+
+def test_mean_loss_convention_is_not_bilm_tf(tmp_path):
+    """loss_scale none differentiates the mean loss: the run no longer lands where bilm-tf did."""
+    trainer = _trainer("optim.loss_scale=none")
+    _start(trainer)
+    for batch in _batches():
+        trainer.step(batch)
+    weights, _ = _as_published(trainer, tmp_path)
+    want, _, _ = split_tensors(_read_npz("end.npz"))
+    assert max(np.abs(weights[n] - want[n]).max() for n in want) > 1e-3
+
+
+def test_gradient_is_unroll_steps_times_the_mean_loss_gradient():
+    grads = {}
+    for scale in ("unroll_steps", "none"):
+        trainer = _trainer(f"optim.loss_scale={scale}", "optim.max_grad_norm=1e9")
+        _start(trainer)
+        grads[scale] = trainer.step(_batches()[0]).grad_norm
+    unroll = _options()["unroll_steps"]
+    assert grads["unroll_steps"] == pytest.approx(unroll * grads["none"], rel=1e-5)
+
+
+def test_one_adagrad_step_with_bilm_tf_scale_by_hand():
+    """Two parameters, loss = mean over T=4 steps of (w1 x + w2)^2 / 2 at x = 1: bilm-tf differentiates
+    T x loss, clips the global norm to 5, then Adagrad (lr 0.2, accumulator 1.0)."""
+    from bilm.modules.softmax import clip_grad_norm_
+
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = torch.optim.Adagrad([w], lr=0.2, initial_accumulator_value=1.0)
+    T = 4
+    loss = ((w[0] * 1.0 + w[1]) ** 2 / 2).repeat(T).mean()  # = 4.5
+    (loss * T).backward()  # d/dw of T * 4.5 = T * (w1 + w2) * [1, 1] = [12, 12]
+    assert w.grad.tolist() == [12.0, 12.0]
+    norm = clip_grad_norm_([w], 5.0)
+    assert float(norm) == pytest.approx(12 * math.sqrt(2))
+    g = 12 * 5.0 / (12 * math.sqrt(2) + 1e-6)  # each component after the clip
+    opt.step()
+    acc = 1.0 + g * g
+    want = [1.0 - 0.2 * g / math.sqrt(acc), 2.0 - 0.2 * g / math.sqrt(acc)]
+    assert w.detach().tolist() == pytest.approx(want, abs=1e-6)
+    assert opt.state[w]["sum"].tolist() == pytest.approx([acc, acc], rel=1e-6)
+
+
+# ----- initializers, against the distributions bilm-tf's own graph initialized -----
+
+@pytest.mark.parametrize("case", ["relu", "tanh", "word"])
+def test_initialization_matches_bilm_tf(case, tmp_path):
+    """Every variable's quantiles (10% .. 90%) within 10% of TF's 1%-99% range; constants exactly."""
+    from bilm.model import LanguageModel
+
+    with open(os.path.join(FIXTURE, "init_quantiles.json")) as f:
+        fixture = json.load(f)
+    levels, tf_case = fixture["quantiles"], fixture["cases"][case]
+    options = tf_case["options"]
+    cfg = config_from_dict(config_from_bilmtf_options(options))
+    torch.manual_seed(0)
+    model = LanguageModel(cfg.model, options["n_tokens_vocab"], dropout=options["dropout"])
+    path = str(tmp_path / "w.hdf5")
+    save_weights(model.bilm, path)
+    ours = _read_h5(path)
+    ours["softmax/W"], ours["softmax/b"] = model.softmax.weight.detach().numpy(), model.softmax.bias.detach().numpy()
+    checked = set()
+    for tf_name, stats in tf_case["variables"].items():
+        name = split_tensors({tf_name: np.zeros(0)})[0].popitem()[0]
+        want, values = stats["quantiles"], ours[name]
+        assert list(values.shape) == stats["shape"], name
+        got = np.quantile(values, levels)
+        if want[0] == want[-1]:  # a constant initializer (biases)
+            assert got[0] == got[-1] == want[0], name
+        else:
+            tolerance = 0.1 * (want[levels.index(0.99)] - want[levels.index(0.01)])
+            for level in (0.1, 0.25, 0.5, 0.75, 0.9):
+                i = levels.index(level)
+                assert abs(got[i] - want[i]) <= tolerance, f"{name}: quantile {level}: {got[i]:.4f} vs TF {want[i]:.4f}"
+        checked.add(name)
+    assert checked == set(ours)
+
+
+# ----- the sampled softmax and its sampler, against TensorFlow's own numbers -----
+
+def test_sampled_softmax_loss_equals_tensorflow():
+    f = np.load(os.path.join(FIXTURE, "sampled_softmax.npz"))
+    layer = SoftmaxLayer(f["weight"].shape[0], f["weight"].shape[1], sparse=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(f["weight"]))
+        layer.bias.copy_(torch.from_numpy(f["bias"]))
+    loss = layer.sampled_loss(torch.from_numpy(f["hidden"]), torch.from_numpy(f["targets"]),
+                              torch.from_numpy(f["candidates"]), torch.from_numpy(f["sampled_expected"]),
+                              torch.from_numpy(f["true_expected"]))
+    assert int(np.isin(f["targets"], f["candidates"]).sum()) >= 1  # an accidental hit is covered
+    np.testing.assert_allclose(loss.detach().numpy(), f["loss"], rtol=1e-6, atol=1e-6)
+
+
+def test_expected_counts_equal_tensorflow_sampler():
+    """TF's log_uniform_candidate_sampler (unique) returned ids and expected counts; ours reproduce the
+    counts for the number of draws that sample took (which TF does not return: found by search)."""
+    f = np.load(os.path.join(FIXTURE, "sampled_softmax.npz"))
+    sampler = LogUniformSampler(int(f["sampler_vocab"]))
+    ids = torch.from_numpy(f["sampler_ids"])
+    n = ids.numel()
+    assert len(set(ids.tolist())) == n
+    matches = [t for t in range(n, 20 * n)
+               if np.allclose(sampler.expected_count(ids, t, n).numpy(), f["sampler_sampled_expected"], rtol=2e-6)]
+    assert len(matches) == 1, matches
+    true = sampler.expected_count(torch.from_numpy(f["sampler_true"]), matches[0], n)
+    np.testing.assert_allclose(true.numpy(), f["sampler_true_expected"], rtol=2e-6)
+
+
+# ----- reading bilm-tf's checkpoint without TensorFlow -----
+
+def test_tf_checkpoint_reader_equals_tensorflow_reader():
+    prefix = latest_tf_checkpoint(os.path.join(FIXTURE, "tf_checkpoint"))
+    ours = read_tf_checkpoint(prefix)
+    want = _read_npz("start.npz")  # written from tf.train.load_checkpoint
+    assert set(ours) == set(want)
+    for name in want:
+        assert ours[name].dtype == want[name].dtype and ours[name].shape == want[name].shape, name
+        np.testing.assert_array_equal(ours[name], want[name], err_msg=name)
+
+
+def test_import_exports_what_dump_weights_wrote(tmp_path):
+    from bilm.bilmtf import import_bilmtf
+    from bilm.export import export
+
+    result = import_bilmtf(os.path.join(FIXTURE, "tf_checkpoint"), os.path.join(FIXTURE, "vocab.txt"),
+                           str(tmp_path / "run"))
+    assert result["step"] == 1
+    export(str(tmp_path / "run"), str(tmp_path / "export"), include_softmax=True)
+    ours = _read_h5(str(tmp_path / "export" / "weights.hdf5"))
+    want = _read_h5(os.path.join(FIXTURE, "dump_weights.hdf5"))
+    assert set(ours) == set(want)
+    for name in want:
+        np.testing.assert_array_equal(ours[name], want[name], err_msg=name)
+    start, _, _ = split_tensors(_read_npz("start.npz"))
+    softmax = _read_h5(str(tmp_path / "export" / "softmax.hdf5"))
+    np.testing.assert_array_equal(softmax["softmax/W"], start["softmax/W"])
+
+
+def test_published_names_follow_dump_weights():
+    assert published_name("lm/RNN_1/rnn/multi_rnn_cell/cell_0/lstm_cell/kernel") == \
+        "RNN_1/RNN/MultiRNNCell/Cell0/LSTMCell/W_0"
+    assert published_name("lm/RNN_0/rnn/multi_rnn_cell/cell_1/lstm_cell/projection/kernel") == \
+        "RNN_0/RNN/MultiRNNCell/Cell1/LSTMCell/W_P_0"
+    assert published_name("lm/RNN_0/rnn/multi_rnn_cell/cell_1/lstm_cell/bias") == \
+        "RNN_0/RNN/MultiRNNCell/Cell1/LSTMCell/B"
+    assert published_name("lm/CNN_high_0/W_carry") == "CNN_high_0/W_carry"
+    assert published_name("lm/char_embed") == "char_embed"
