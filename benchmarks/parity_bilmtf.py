@@ -77,7 +77,7 @@ def prepare(a) -> tuple[str, str, str]:
         out = os.path.join(data, name)
         if not os.path.exists(os.path.join(out, "manifest.json")):
             sh(bilm_cmd("prepare", text, "--out", out, "--heldout-fraction", "0", "--no-progress"),
-               os.path.join(data, f"prepare-{name}.log") if os.path.isdir(data) else os.devnull)
+               os.path.join(data, f"prepare-{name}.log"))
     return (os.path.join(data, "train", "manifest.json"), os.path.join(data, "heldout", "train", "shard-*"),
             os.path.join(data, "train", "vocab.txt"))
 
@@ -95,12 +95,15 @@ def run_bilmtf(a, seed: int, manifest: str, heldout: str, vocab: str) -> dict:
     if os.path.exists(result_file):
         return json.load(open(result_file))
     train_glob = os.path.join(os.path.dirname(manifest), "train", "shard-*")
-    if os.path.exists(out):
-        subprocess.run(["rm", "-rf", out], check=True)
-    line = sh([a.tf_python, os.path.join(a.harness, "bilmtf_train.py"), "--peer-src", a.peer_src,
-               "--train-prefix", train_glob, "--heldout-prefix", heldout, "--vocab", vocab, "--out", out,
-               "--batches", str(a.batches), "--warmup", str(a.warmup), "--seed", str(seed), "--skip-fixture",
-               "--options-json", json.dumps(bilmtf_options(a))], out + ".log").strip().splitlines()[-1]
+    log = out + ".log"
+    if not (os.path.exists(log) and "bilm-tf train:" in open(log).read()):  # else: trained already
+        if os.path.exists(out):
+            subprocess.run(["rm", "-rf", out], check=True)
+        sh([a.tf_python, os.path.join(a.harness, "bilmtf_train.py"), "--peer-src", a.peer_src,
+            "--train-prefix", train_glob, "--heldout-prefix", heldout, "--vocab", vocab, "--out", out,
+            "--batches", str(a.batches), "--warmup", str(a.warmup), "--seed", str(seed), "--skip-fixture",
+            "--options-json", json.dumps(bilmtf_options(a))], log)
+    line = [ln for ln in open(log).read().splitlines() if ln.startswith("bilm-tf train:")][-1]
     rate = float(re.search(r"bilm-tf train: ([\d.]+) tokens/s", line).group(1))
     own = float(re.search(r"heldout perplexity ([\d.]+)", line).group(1))
     imported = os.path.join(a.work, f"bilmtf-seed{seed}-imported")

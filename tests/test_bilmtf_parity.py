@@ -112,6 +112,38 @@ def test_three_steps_land_where_bilm_tf_landed(tmp_path, lstm_impl):
         np.testing.assert_allclose(accumulators[name], want_accumulators[name], rtol=1e-6, atol=0, err_msg=name)
 
 
+def test_three_sampled_softmax_steps_land_where_bilm_tf_landed(tmp_path):
+    """The path bilm trains on: sampled softmax (8 of 33 classes, accidental hits, repeated targets), sparse
+    softmax gradients deduplicated, clipped with the dense ones, and applied by sparse Adagrad. TF drew
+    the fixture's fixed candidates (one set per direction); bilm's sampler is handed the same ones."""
+    fixed = np.load(os.path.join(FIXTURE, "sampled_candidates.npz"))
+    draws = [(torch.from_numpy(fixed[d]), int(fixed[f"{d}_tries"])) for d in ("forward", "backward")]
+    trainer = _trainer("train.n_negative_samples_batch=8", "train.sparse_softmax=true")
+    calls = []
+
+    def sample(n_unique, generator=None, device=None):
+        ids, tries = draws[len(calls) % 2]  # forward, then backward, as bilm-tf's graph
+        calls.append(n_unique)
+        assert n_unique == len(ids)
+        return ids.clone(), tries
+
+    trainer.model.softmax.sampler.sample = sample
+    assert trainer.model.softmax.sparse  # sparse gradients and the softmax's own Adagrad group
+    _start(trainer)
+    batches = _batches()
+    hits = sum(int(np.isin(b[d]["next_token_ids"].numpy(), draws[i][0].numpy()).sum())
+               for b in batches for i, d in enumerate(("forward", "backward")))
+    assert hits > 0  # accidental hits are exercised
+    norms = [trainer.step(batch).grad_norm for batch in batches]
+    assert len(calls) == 6 and max(norms) > 1.0, (calls, norms)
+    weights, accumulators = _as_published(trainer, tmp_path)
+    want_weights, want_accumulators, step = split_tensors(_read_npz("end_sampled.npz"))
+    assert step == 4
+    for name in sorted(want_weights):
+        np.testing.assert_allclose(weights[name], want_weights[name], rtol=0, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(accumulators[name], want_accumulators[name], rtol=1e-6, atol=0, err_msg=name)
+
+
 def test_mean_loss_convention_is_not_bilm_tf(tmp_path):
     """loss_scale none differentiates the mean loss: the run no longer lands where bilm-tf did."""
     trainer = _trainer("optim.loss_scale=none")
@@ -152,6 +184,20 @@ def test_one_adagrad_step_with_bilm_tf_scale_by_hand():
     want = [1.0 - 0.2 * g / math.sqrt(acc), 2.0 - 0.2 * g / math.sqrt(acc)]
     assert w.detach().tolist() == pytest.approx(want, abs=1e-6)
     assert opt.state[w]["sum"].tolist() == pytest.approx([acc, acc], rel=1e-6)
+
+
+def test_top_output_is_dropped_before_the_softmax():
+    """bilm-tf drops the top LSTM output before the softmax (training.py: tf.nn.dropout(lstm_output_flat)):
+    with everything dropped the softmax sees zeros, so with zero biases the loss is log V exactly."""
+    from bilm.model import LanguageModel
+
+    options = _options()
+    cfg = config_from_dict(config_from_bilmtf_options(options))
+    model = LanguageModel(cfg.model, options["n_tokens_vocab"], dropout=1.0).train()
+    loss, _, _ = model(_batches()[0], None, n_negative_samples=options["n_tokens_vocab"])
+    assert float(loss.detach()) == pytest.approx(math.log(options["n_tokens_vocab"]), abs=1e-6)
+    assert float(model.eval()(_batches()[0], None, n_negative_samples=options["n_tokens_vocab"])[0].detach()) != \
+        pytest.approx(math.log(options["n_tokens_vocab"]), abs=1e-3)
 
 
 # ----- initializers, against the distributions bilm-tf's own graph initialized -----
