@@ -64,6 +64,7 @@ class OptimConfig:
     # What is differentiated: "unroll_steps" = unroll_steps x the mean token loss, as bilm-tf
     # (its clip and Adagrad see that gradient); "none" = the mean token loss.
     loss_scale: Literal["unroll_steps", "none"] = "unroll_steps"
+    warmup_steps: int = 0                   # ramp the learning rate up linearly over this many steps (bilm-tf: 0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
@@ -270,7 +271,7 @@ def _check_values(cfg: Config, source: _Source) -> None:
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise ConfigError(f"{source.where(key)}: key '{key}' must be > 0, got {value}")
-    non_negative = {"train.seed": t.seed, "optim.adam_eps": o.adam_eps,
+    non_negative = {"train.seed": t.seed, "optim.adam_eps": o.adam_eps, "optim.warmup_steps": o.warmup_steps,
                     "optim.weight_decay": o.weight_decay, "optim.initial_accumulator_value": o.initial_accumulator_value}
     for key, value in non_negative.items():
         if value < 0:

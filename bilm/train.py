@@ -168,6 +168,7 @@ class Trainer:
         # bilm-tf differentiates unroll_steps x the mean loss (training.py: compute_gradients(loss *
         # unroll_steps)): its clip and Adagrad see that gradient. "none": the mean loss itself.
         self.loss_scale = float(t.unroll_steps) if cfg.optim.loss_scale == "unroll_steps" else 1.0
+        self.steps_done = 0  # optimizer steps so far (set on resume): drives the learning-rate warm-up
         self.timing = False
         if self.deepspeed:
             self._init_deepspeed()
@@ -232,6 +233,7 @@ class Trainer:
         timings = {}
         start = self._sync()
         batch = to_device(batch, self.env.device)
+        self._set_learning_rate()
         with self.autocast():
             loss, losses, self.state = self.forward_module(batch, self.state, t.n_negative_samples_batch, self.generator)
         after_forward = self._sync()
@@ -255,8 +257,16 @@ class Trainer:
             done = self._sync()
             timings.update(backward=after_backward - after_forward, communication=after_comm - after_backward,
                            optimizer=done - after_comm)
+        self.steps_done += 1
         perplexity = {d: math.exp(min(float(losses[d].mean.detach()), 50.0)) for d in DIRECTIONS}
         return StepResult(float(loss.detach()), perplexity, grad_norm, timings)
+
+    def _set_learning_rate(self) -> None:
+        """optim.lr, ramped up linearly over the first optim.warmup_steps steps (bilm-tf: none)."""
+        o = self.cfg.optim
+        scale = min(1.0, (self.steps_done + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = o.lr * scale
 
     # ----- checkpoint state -----
     def rank_state(self, dataset: Optional[LMDataset]) -> dict:
@@ -442,6 +452,7 @@ def _save(trainer: Trainer, dataset: LMDataset, cfg: Config, step: int, ckpt_dir
 
 def _restore(trainer: Trainer, dataset: LMDataset, payload: dict, path: str, env: DistEnv) -> int:
     load_model_state(trainer.model, payload["model"], path)
+    trainer.steps_done = int(payload["step"])
     if trainer.deepspeed and payload.get("deepspeed_tag"):
         trainer.engine.load_checkpoint(os.path.join(os.path.dirname(path), "deepspeed"), tag=payload["deepspeed_tag"])
     elif trainer.deepspeed:

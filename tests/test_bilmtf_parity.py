@@ -200,6 +200,24 @@ def test_top_output_is_dropped_before_the_softmax():
         pytest.approx(math.log(options["n_tokens_vocab"]), abs=1e-3)
 
 
+def test_packing_equals_bilm_tf_batches():
+    """bilm.data's training batches (file order) equal those bilm-tf's own _get_batch built for the fixture:
+    token ids, targets and char ids of both directions (its batches 2-4; char ids there are unshifted)."""
+    from bilm.data import LMDataset
+    from bilm.vocab import Vocabulary
+
+    options = _options()
+    dataset = LMDataset(os.path.join(FIXTURE, "text.txt"), Vocabulary.from_file(os.path.join(FIXTURE, "vocab.txt")),
+                        options["batch_size"], options["unroll_steps"], mode="train", shuffle=False)
+    ours = iter(dataset)
+    next(ours)  # bilm-tf's first batch trained checkpoint A; the fixture holds the next three
+    for want in _batches():
+        got = next(ours)
+        for d in ("forward", "backward"):
+            for key in ("token_ids", "next_token_ids", "char_ids", "mask"):
+                assert torch.equal(got[d][key].long(), want[d][key].long()), (d, key)
+
+
 # ----- initializers, against the distributions bilm-tf's own graph initialized -----
 
 @pytest.mark.parametrize("case", ["relu", "tanh", "word"])
@@ -304,3 +322,51 @@ def test_published_names_follow_dump_weights():
         "RNN_0/RNN/MultiRNNCell/Cell1/LSTMCell/B"
     assert published_name("lm/CNN_high_0/W_carry") == "CNN_high_0/W_carry"
     assert published_name("lm/char_embed") == "char_embed"
+
+
+def test_import_errors_name_the_file(tmp_path, capsys):
+    import shutil
+
+    from bilm.cli import main
+
+    assert main(["import-bilm-tf", "--tf-save-dir", str(tmp_path / "nowhere"), "--vocab",
+                 os.path.join(FIXTURE, "vocab.txt"), "--out", str(tmp_path / "run")]) == 1
+    assert "nowhere/options.json: cannot read" in capsys.readouterr().err
+    # A truncated data file, and a vocab of another size.
+    broken = tmp_path / "ckpt"
+    shutil.copytree(os.path.join(FIXTURE, "tf_checkpoint"), broken)
+    data = next(broken.glob("*.data-*"))
+    data.write_bytes(data.read_bytes()[:1000])
+    assert main(["import-bilm-tf", "--tf-save-dir", str(broken), "--vocab", os.path.join(FIXTURE, "vocab.txt"),
+                 "--out", str(tmp_path / "run")]) == 1
+    assert "truncated data file?" in capsys.readouterr().err
+    short_vocab = tmp_path / "vocab.txt"
+    short_vocab.write_text("<S>\n</S>\n<UNK>\nthe\n")
+    assert main(["import-bilm-tf", "--tf-save-dir", os.path.join(FIXTURE, "tf_checkpoint"), "--vocab",
+                 str(short_vocab), "--out", str(tmp_path / "run")]) == 1
+    assert "has 4 tokens" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing half-written
+
+
+def test_imported_run_resumes_with_its_optimizer_state(tmp_path):
+    """bilm train --resume on an imported run continues from TF's step and accumulators."""
+    from bilm.bilmtf import import_bilmtf
+    from bilm.checkpoint import list_checkpoints, load_checkpoint
+    from bilm.config import load_config
+    from bilm.train import train
+
+    run = tmp_path / "run"
+    import_bilmtf(os.path.join(FIXTURE, "tf_checkpoint"), os.path.join(FIXTURE, "vocab.txt"), str(run))
+    before = load_checkpoint(list_checkpoints(str(run / "checkpoints"))[-1])
+    cfg = load_config(str(run / "config.yaml"), ["train.max_steps=3", "train.device=cpu"])
+    train(cfg, os.path.join(FIXTURE, "text.txt"), str(run), resume=True, vocab_file=os.path.join(FIXTURE, "vocab.txt"),
+          progress=False)
+    after = load_checkpoint(list_checkpoints(str(run / "checkpoints"))[-1])
+    assert (before["step"], after["step"]) == (1, 3)
+    # Adagrad's accumulators only grow: from TF's values, not from a fresh 1.0.
+    state_before = before["optimizer"]["state"]
+    state_after = after["optimizer"]["state"]
+    for key in state_before:
+        assert torch.all(state_after[key]["sum"] >= state_before[key]["sum"] - 1e-6)
+        assert float(state_after[key]["step"]) == 3.0
+    assert any(float(state_before[k]["sum"].max()) > 1.0 for k in state_before)

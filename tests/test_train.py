@@ -85,3 +85,16 @@ def test_sigterm_writes_checkpoint_and_exits(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "STOPPED AT 3" in out.stdout
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "checkpoints"))] == ["step-00000003.pt"]
+
+
+def test_learning_rate_warmup_ramps_and_resumes(tmp_path):
+    overrides = ("optim.warmup_steps=4", "train.log_every_steps=1", "train.checkpoint_every_steps=2", "train.seed=2")
+    lrs = lambda run: [r["lr"] for r in map(json.loads, open(run / "metrics.jsonl"))]
+    full = tmp_path / "full"
+    train(tiny_config(*overrides, "train.max_steps=6"), TRAIN_DATA, str(full), vocab_file=TRAIN_VOCAB, progress=False)
+    assert lrs(full) == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2, 0.2])
+    part = tmp_path / "part"
+    train(tiny_config(*overrides, "train.max_steps=2"), TRAIN_DATA, str(part), vocab_file=TRAIN_VOCAB, progress=False)
+    train(tiny_config(*overrides, "train.max_steps=6"), TRAIN_DATA, str(part), resume=True, vocab_file=TRAIN_VOCAB,
+          progress=False)
+    assert lrs(part) == pytest.approx(lrs(full))
