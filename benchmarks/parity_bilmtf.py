@@ -83,7 +83,8 @@ def prepare(a) -> tuple[str, str, str]:
 
 
 def evaluate(run: str, heldout: str, log: str) -> dict:
-    out = sh(bilm_cmd("evaluate", "--checkpoint", run, "--data", heldout, "--device", "cpu", "--json"), log)
+    out = sh(bilm_cmd("evaluate", "--checkpoint", run, "--data", heldout, "--pretokenized", "--device", "cpu",
+                      "--json"), log)
     result = json.loads(out[out.index("{"):])
     return {"ppl": result["average_perplexity"], "forward": result["forward"]["perplexity"],
             "backward": result["backward"]["perplexity"], "tokens": result["forward"]["tokens"]}
@@ -115,7 +116,7 @@ def run_bilmtf(a, seed: int, manifest: str, heldout: str, vocab: str) -> dict:
 
 
 def run_bilm(a, seed: int, manifest: str, heldout: str) -> dict:
-    out = os.path.join(a.work, f"bilm-seed{seed}")
+    out = os.path.join(a.work, f"bilm{'-' + a.tag if a.tag else ''}-seed{seed}")
     result_file = out + ".json"
     if os.path.exists(result_file):
         return json.load(open(result_file))
@@ -129,9 +130,12 @@ def run_bilm(a, seed: int, manifest: str, heldout: str) -> dict:
     sh(cmd, out + ".log")
     wall = time.perf_counter() - start
     # tokens/s after the warm-up, as the bilm-tf harness counts: each logged window's tokens over its time.
+    import yaml
+
+    t = yaml.safe_load(open(os.path.join(out, "config.yaml")))["train"]
     windows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     timed = [w for w in windows if w["step"] > a.warmup]
-    tokens_per_window = a.batch_size * a.unroll * 10
+    tokens_per_window = t["batch_size"] * t["unroll_steps"] * t["log_every_steps"]
     seconds = sum(tokens_per_window / w["tokens_per_second"] for w in timed)
     result = {"tokens_per_s": tokens_per_window * len(timed) / seconds, "wall_s": wall,
               "bilm_eval": evaluate(out, heldout, out + "-eval.log")}
@@ -175,6 +179,7 @@ def main() -> None:
     p.add_argument("--only", choices=["bilm", "bilm-tf"], help="run one side only")
     p.add_argument("--bilm-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra --set for bilm's runs (e.g. optim.loss_scale=none to see the mean-loss convention)")
+    p.add_argument("--tag", default="", help="name bilm's runs bilm-TAG-seedN (for variants made with --bilm-set)")
     a = p.parse_args()
     os.makedirs(os.path.join(a.work, "data"), exist_ok=True)
 

@@ -108,7 +108,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Callable:
                                    "which sentences precede which; --per-sentence resets the states at every "
                                    "sentence and depends on neither batch size nor unroll.")
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run directory (its newest checkpoint)")
-    p.add_argument("--data", required=True, help="manifest.json (its heldout shards) or a shard glob")
+    p.add_argument("--data", required=True,
+                   help="manifest.json (its heldout shards), or raw text files / a glob: tokenized with the model's "
+                        "own pipeline (tokenizer and normalization, as bilm prepare made its training data)")
+    p.add_argument("--pretokenized", action="store_true",
+                   help="--data files are already tokenized: split them on whitespace, as given")
     p.add_argument("--batch-size", type=int, help="rows per batch (default: the training config's)")
     p.add_argument("--unroll", type=int, help="time steps per batch (default: the training config's); "
                                              "does not change the result")
@@ -120,7 +124,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Callable:
         import json
         import os
         from bilm.evaluate import evaluate
-        result = evaluate(args.checkpoint, args.data, args.batch_size, args.unroll, args.per_sentence, args.device)
+        result = evaluate(args.checkpoint, args.data, args.batch_size, args.unroll, args.per_sentence, args.device,
+                          pretokenized=args.pretokenized)
         if int(os.environ.get("RANK", 0)) != 0:
             return 0
         if args.json:

@@ -9,17 +9,21 @@ making the result independent of batch size and unroll length.
 from __future__ import annotations
 
 import math
+import os
+import sys
+import tempfile
 from typing import Optional
 
 import torch
 from tqdm import tqdm
 
-from bilm.data import LMDataset
+from bilm.data import LMDataset, resolve_shards
 from bilm.distributed import all_reduce_sum, init_distributed, shutdown
 from bilm.export import model_from_checkpoint
 from bilm.model import DIRECTIONS, LanguageModel, reset_state_rows
 from bilm.train import to_device
 from bilm.vocab import Vocabulary
+from data_tools.normalize import TextPipeline, split_long, warn_suspicious_lines
 
 
 @torch.no_grad()
@@ -53,22 +57,65 @@ def summarize(sums: dict) -> dict:
 
 
 def evaluate(checkpoint: str, data: str, batch_size: Optional[int] = None, unroll_steps: Optional[int] = None,
-             per_sentence: bool = False, device: str = "auto", progress: bool = True) -> dict:
+             per_sentence: bool = False, device: str = "auto", progress: bool = True,
+             pretokenized: bool = False) -> dict:
+    """Perplexity of a checkpoint on ``data``: a manifest.json (its heldout shards, tokenized by ``bilm
+    prepare``), or raw text files, which get the model's own text pipeline (as ``prepare`` applied it to
+    the training data) unless ``pretokenized`` (then: whitespace-split, as given)."""
     env = init_distributed(device)
     try:
-        model, cfg, vocab_tokens, found = model_from_checkpoint(checkpoint)
+        model, cfg, vocab_tokens, found, pipeline = model_from_checkpoint(checkpoint)
         model.to(env.device)
         char_cnn = cfg.model.char_cnn
-        dataset = LMDataset(data, Vocabulary(vocab_tokens, source=found), batch_size or cfg.train.batch_size,
-                            unroll_steps or cfg.train.unroll_steps, mode="eval", per_sentence=per_sentence,
-                            rank=env.rank, world_size=env.world_size, char_inputs=char_cnn is not None,
-                            max_characters_per_token=char_cnn.max_characters_per_token if char_cnn else 50)
-        sums = perplexity(model, dataset, env.device, progress and env.is_main)
+        with tempfile.TemporaryDirectory(prefix="bilm-evaluate-") as tmp:
+            source, note = data, None
+            if not data.endswith(".json") and not pretokenized:
+                source, note = tokenize_files(resolve_shards(data), pipeline, tmp,
+                                              char_cnn.max_characters_per_token if char_cnn else 50)
+            if note and env.is_main and progress:
+                print(note, file=sys.stderr)
+            dataset = LMDataset(source, Vocabulary(vocab_tokens, source=found), batch_size or cfg.train.batch_size,
+                                unroll_steps or cfg.train.unroll_steps, mode="eval", per_sentence=per_sentence,
+                                rank=env.rank, world_size=env.world_size, char_inputs=char_cnn is not None,
+                                max_characters_per_token=char_cnn.max_characters_per_token if char_cnn else 50)
+            sums = perplexity(model, dataset, env.device, progress and env.is_main)
         keys = sorted(sums)
         totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], env)))
         result = summarize(totals)
         result.update(checkpoint=found, data=data, batch_size=dataset.batch_size, unroll_steps=dataset.unroll_steps,
-                      per_sentence=per_sentence, world_size=env.world_size)
+                      per_sentence=per_sentence, world_size=env.world_size,
+                      tokenizer=None if pretokenized or data.endswith(".json") else
+                      (pipeline.describe() if pipeline else {"tokenizer": "whitespace", "recorded": False}))
         return result
     finally:
         shutdown()
+
+
+def tokenize_files(paths: list[str], pipeline: Optional[TextPipeline], directory: str,
+                   max_characters: int = 50) -> tuple[list[str], str]:
+    """Raw text files -> token files in ``directory`` (one sentence per line), made as ``bilm prepare``
+    made the training data: the model's pipeline, empty lines dropped, long lines cut. Returns the
+    new paths and a one-line note of what was done."""
+    recorded = pipeline is not None
+    pipeline = pipeline or TextPipeline()
+    out_paths, n_lines, n_sentences, n_tokens = [], 0, 0, 0
+    for k, path in enumerate(paths):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        tokenized = pipeline.tokenize_lines(lines)
+        warn_suspicious_lines(pipeline, ((i + 1, t) for i, t in enumerate(tokenized)), path, max_characters)
+        out_path = os.path.join(directory, f"{k:05d}-{os.path.basename(path)}")
+        with open(out_path, "w", encoding="utf-8") as f:
+            for tokens in tokenized:
+                for sentence in split_long(tokens, pipeline.max_tokens_per_line) if tokens else []:
+                    f.write(" ".join(sentence) + "\n")
+                    n_sentences += 1
+                    n_tokens += len(sentence)
+        n_lines += len(lines)
+        out_paths.append(out_path)
+    how = (f"the model's {pipeline.tokenizer} pipeline" + (" with NFKC" if pipeline.nfkc else "")) if recorded else \
+        "whitespace (the checkpoint records no tokenizer)"
+    return out_paths, (f"tokenized {n_lines:,} lines of {len(paths)} file(s) with {how}: {n_sentences:,} sentences, "
+                       f"{n_tokens:,} tokens (--pretokenized: read them as whitespace-tokenized instead)")

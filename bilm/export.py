@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import h5py
 import torch
@@ -16,6 +16,7 @@ from bilm.config import Config, config_from_dict
 from bilm.model import LanguageModel
 from bilm.options import BiLMOptions
 from bilm.weights import WeightFileError, load_weights, save_weights
+from data_tools.normalize import SP_MODEL_FILE, TOKENIZER_FILE, TextPipeline
 
 SOFTMAX_WEIGHT, SOFTMAX_BIAS = "softmax/W", "softmax/b"
 
@@ -31,8 +32,16 @@ def resolve_checkpoint(path: str) -> tuple[str, dict]:
     return path, load_checkpoint(path)
 
 
-def model_from_checkpoint(path: str) -> tuple[LanguageModel, Config, list[str], str]:
-    """The trained ``LanguageModel`` (eval mode, CPU), its config, its vocab, and the file it came from."""
+class Trained(NamedTuple):
+    model: LanguageModel          # eval mode, CPU
+    config: Config
+    vocab: list[str]
+    path: str                     # the checkpoint file it came from
+    text_pipeline: Optional[TextPipeline]  # how raw text became its training tokens; None: not recorded
+
+
+def model_from_checkpoint(path: str) -> Trained:
+    """The trained ``LanguageModel``, its config, vocab and text pipeline, from a checkpoint or run directory."""
     found, payload = resolve_checkpoint(path)
     cfg = config_from_dict(payload["config"])
     vocab = payload.get("vocab")
@@ -40,7 +49,8 @@ def model_from_checkpoint(path: str) -> tuple[LanguageModel, Config, list[str], 
         raise CheckpointError(f"{found}: checkpoint has no vocabulary")
     model = LanguageModel(cfg.model, len(vocab), dropout=0.0, lstm_impl=cfg.train.lstm_impl, sparse_softmax=False)
     load_model_state(model, payload["model"], found)
-    return model.eval(), cfg, vocab, found
+    pipeline = payload.get("text_pipeline")
+    return Trained(model.eval(), cfg, vocab, found, TextPipeline.from_state(pipeline) if pipeline else None)
 
 
 def consumer_problems(options: BiLMOptions) -> list[str]:
@@ -65,13 +75,17 @@ def consumer_problems(options: BiLMOptions) -> list[str]:
 def export(checkpoint: str, out_dir: str, force: bool = False, include_softmax: bool = False,
            strict: bool = False) -> dict:
     """Write the published files into ``out_dir``; returns what was written and any consumer problems."""
-    model, cfg, vocab, found = model_from_checkpoint(checkpoint)
+    model, cfg, vocab, found, pipeline = model_from_checkpoint(checkpoint)
     options = cfg.model
     problems = consumer_problems(options)
     if problems and strict:
         raise ValueError("--strict: these weights would not load everywhere:\n  " + "\n  ".join(problems))
     names = ["weights.hdf5", "options.json", "vocab.txt"] + (["softmax.hdf5"] if include_softmax else [])
-    existing = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
+    if pipeline is not None:
+        names += [TOKENIZER_FILE] + ([SP_MODEL_FILE] if pipeline.tokenizer == "sentencepiece" else [])
+    # A tokenizer left by an earlier export of another model would be applied to this one: replace it too.
+    stale = [n for n in (TOKENIZER_FILE, SP_MODEL_FILE) if n not in names and os.path.exists(os.path.join(out_dir, n))]
+    existing = [n for n in names if os.path.exists(os.path.join(out_dir, n))] + stale
     if existing and not force:
         raise FileExistsError(f"{out_dir} already holds {', '.join(existing)}; pass --force to overwrite")
     os.makedirs(out_dir, exist_ok=True)
@@ -83,15 +97,20 @@ def export(checkpoint: str, out_dir: str, force: bool = False, include_softmax: 
             json.dump(options.to_dict(), f, indent=2)
         with open(os.path.join(staging, "vocab.txt"), "w", encoding="utf-8") as f:
             f.write("".join(f"{t}\n" for t in vocab))
+        if pipeline is not None:  # the tokenizer travels with the model (AllenNLP ignores these files)
+            pipeline.save(staging)
         if include_softmax:
             with h5py.File(os.path.join(staging, "softmax.hdf5"), "w") as f:
                 f.create_dataset(SOFTMAX_WEIGHT, data=model.softmax.weight.detach().numpy())
                 f.create_dataset(SOFTMAX_BIAS, data=model.softmax.bias.detach().numpy())
         for name in names:
             os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+        for name in stale:
+            os.remove(os.path.join(out_dir, name))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"checkpoint": found, "out_dir": out_dir, "files": names, "problems": problems}
+    return {"checkpoint": found, "out_dir": out_dir, "files": names, "problems": problems,
+            "text_pipeline": pipeline}
 
 
 def _read_vocab(path: str) -> list[str]:

@@ -33,6 +33,7 @@ from bilm.model import DIRECTIONS, LanguageModel
 from bilm.modules.softmax import all_reduce_gradients_, clip_grad_norm_
 from bilm.options import BiLMOptions
 from bilm.vocab import Vocabulary
+from data_tools.normalize import TextPipeline
 
 # Adagrad's sparse update builds COO tensors from indices it made itself; the note is noise.
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
@@ -341,6 +342,8 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv)
     if vocab_path is None:
         raise ValueError("--vocab is required when --data is a shard glob (a manifest.json names its vocab)")
     vocab = Vocabulary.from_file(vocab_path)
+    # How raw text became these tokens: saved in every checkpoint, exported beside the weights.
+    text_pipeline = TextPipeline.from_manifest(manifest) if manifest else None
     if init and init.get("weights"):
         if not init.get("options"):
             raise ValueError("--init-weights needs --init-options (the options.json that came with the weights)")
@@ -418,7 +421,7 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv)
             signal_seen, time_due = all_reduce_max([float(stop["signal"]), float(due_by_time)], env)
             due = (step % t.checkpoint_every_steps == 0) or bool(time_due) or bool(signal_seen) or step == total_steps
             if due:
-                _save(trainer, dataset, cfg, step, ckpt_dir, env)
+                _save(trainer, dataset, cfg, step, ckpt_dir, env, text_pipeline)
                 last_checkpoint_time = time.time()
             if signal_seen:
                 if env.is_main:
@@ -433,7 +436,8 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv)
             "checkpoint": checkpoint_path(ckpt_dir, step)}
 
 
-def _save(trainer: Trainer, dataset: LMDataset, cfg: Config, step: int, ckpt_dir: str, env: DistEnv) -> None:
+def _save(trainer: Trainer, dataset: LMDataset, cfg: Config, step: int, ckpt_dir: str, env: DistEnv,
+          text_pipeline: Optional[TextPipeline] = None) -> None:
     rank_states = gather_objects(trainer.rank_state(dataset), env)
     if trainer.deepspeed:
         # DeepSpeed shards optimizer state: every rank writes its part under the same tag.
@@ -443,7 +447,8 @@ def _save(trainer: Trainer, dataset: LMDataset, cfg: Config, step: int, ckpt_dir
                    "optimizer": None if trainer.deepspeed else trainer.optimizer.state_dict(),
                    "deepspeed_tag": f"step-{step:08d}" if trainer.deepspeed else None,
                    "world_size": env.world_size, "rank_states": rank_states,
-                   "vocab": dataset.vocab.tokens}
+                   "vocab": dataset.vocab.tokens,
+                   "text_pipeline": text_pipeline.to_state() if text_pipeline is not None else None}
         save_checkpoint(payload, checkpoint_path(ckpt_dir, step))
         prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
     if env.distributed:

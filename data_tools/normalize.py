@@ -1,8 +1,18 @@
-"""Text cleaning and tokenization: raw decoded text -> lists of tokens per line."""
+"""Text cleaning and tokenization: raw decoded text -> lists of tokens per line.
+
+``TextPipeline`` is the one place that says how raw text becomes tokens: ``bilm prepare``
+builds the training data with it, the trainer saves it in every checkpoint, ``bilm export``
+writes it beside the weights (``tokenizer.json``, plus ``sentencepiece.model``), and
+``bilm embed`` / ``bilm evaluate`` / ``ElmoEmbedder.embed_text`` apply it to raw text.
+"""
 from __future__ import annotations
 
+import json
+import os
+import re
 import unicodedata
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Iterable, Optional, Protocol
 
 
 def _control_table() -> dict[int, str | None]:
@@ -48,11 +58,14 @@ class SentencePieceTokenizer:
     """Tokens are the pieces of a SentencePiece model (``▁`` marks a preceding space)."""
     name = "sentencepiece"
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: Optional[str] = None, model_proto: Optional[bytes] = None):
         import sentencepiece
 
         self.model_path = model_path
-        self._processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        if model_proto is not None:
+            self._processor = sentencepiece.SentencePieceProcessor(model_proto=model_proto)
+        else:
+            self._processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
 
     def tokenize(self, lines: list[str]) -> list[list[str]]:
         # Collapse whitespace first so that no piece can contain a space the reader would split on.
@@ -75,3 +88,149 @@ def split_long(tokens: list[str], max_tokens: int) -> list[list[str]]:
     if max_tokens <= 0 or len(tokens) <= max_tokens:
         return [tokens]
     return [tokens[i:i + max_tokens] for i in range(0, len(tokens), max_tokens)]
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+TOKENIZER_FILE = "tokenizer.json"
+SP_MODEL_FILE = "sentencepiece.model"
+TOKENIZER_FORMAT = "bilm-tokenizer"
+# Runs of CJK (Han, kana, Hangul) characters: a whitespace model reading one has probably been
+# handed unsegmented text.
+_CJK_RUN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]{4,}")
+
+
+@dataclass
+class TextPipeline:
+    """Raw text -> tokens, exactly as ``bilm prepare`` made the training data: NFKC (if it was
+    on), control characters removed, then whitespace split or SentencePiece pieces."""
+    tokenizer: str = "whitespace"
+    nfkc: bool = False
+    max_tokens_per_line: int = 0          # prepare cut longer lines into pieces (0: no limit)
+    sp_model_proto: Optional[bytes] = None  # the SentencePiece model itself, so the pipeline travels whole
+
+    def __post_init__(self) -> None:
+        if self.tokenizer not in ("whitespace", "sentencepiece"):
+            raise ValueError(f"unknown tokenizer {self.tokenizer!r} (expected 'whitespace' or 'sentencepiece')")
+        if self.tokenizer == "sentencepiece" and not self.sp_model_proto:
+            raise ValueError("a sentencepiece pipeline needs its model")
+        self._impl: Optional[Tokenizer] = None
+
+    @property
+    def _tokenizer(self) -> Tokenizer:
+        if self._impl is None:
+            self._impl = (WhitespaceTokenizer() if self.tokenizer == "whitespace"
+                          else SentencePieceTokenizer(model_proto=self.sp_model_proto))
+        return self._impl
+
+    def tokenize_lines(self, lines: list[str]) -> list[list[str]]:
+        """One token list per line (a line that cleans to nothing gives an empty list)."""
+        return self._tokenizer.tokenize([clean_text(line, self.nfkc)[0].replace("\n", " ") for line in lines])
+
+    def tokenize(self, line: str) -> list[str]:
+        return self.tokenize_lines([line])[0]
+
+    def sentences(self, lines: Iterable[str]) -> Iterable[list[str]]:
+        """The sentences ``prepare`` made of these lines: empty ones dropped, long ones cut."""
+        for tokens in self.tokenize_lines(list(lines)):
+            if tokens:
+                yield from split_long(tokens, self.max_tokens_per_line)
+
+    def describe(self) -> dict:
+        """The content of ``tokenizer.json``."""
+        out = {"format": TOKENIZER_FORMAT, "format_version": 1, "tokenizer": self.tokenizer, "nfkc": self.nfkc,
+               "control_characters": "removed", "max_tokens_per_line": self.max_tokens_per_line}
+        if self.tokenizer == "sentencepiece":
+            out["sentencepiece_model"] = SP_MODEL_FILE
+        return out
+
+    # ----- persistence -----
+    def to_state(self) -> dict:
+        """Plain values (the SentencePiece model as bytes) for a checkpoint."""
+        return {**self.describe(), "sp_model_proto": self.sp_model_proto}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "TextPipeline":
+        return cls(state["tokenizer"], bool(state.get("nfkc", False)), int(state.get("max_tokens_per_line", 0)),
+                   state.get("sp_model_proto"))
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "TextPipeline":
+        """The pipeline ``bilm prepare`` recorded (``bilm.data.load_manifest`` made its paths absolute)."""
+        tokenizer = manifest.get("tokenizer") or {"type": "whitespace"}
+        normalization = manifest.get("normalization") or {}
+        proto = None
+        if tokenizer.get("type") == "sentencepiece":
+            with open(tokenizer["model"], "rb") as f:
+                proto = f.read()
+        return cls(tokenizer.get("type", "whitespace"), bool(normalization.get("nfkc", False)),
+                   int(normalization.get("max_tokens_per_line", 0)), proto)
+
+    def save(self, directory: str) -> list[str]:
+        """Write ``tokenizer.json`` (and ``sentencepiece.model``) into ``directory``; returns the names."""
+        names = [TOKENIZER_FILE]
+        with open(os.path.join(directory, TOKENIZER_FILE), "w", encoding="utf-8") as f:
+            json.dump(self.describe(), f, indent=2)
+            f.write("\n")
+        if self.tokenizer == "sentencepiece":
+            with open(os.path.join(directory, SP_MODEL_FILE), "wb") as f:
+                f.write(self.sp_model_proto)
+            names.append(SP_MODEL_FILE)
+        return names
+
+    @classmethod
+    def load(cls, directory: str) -> Optional["TextPipeline"]:
+        """The pipeline saved in ``directory``, or None when it has no ``tokenizer.json``."""
+        path = os.path.join(directory, TOKENIZER_FILE)
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                spec = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(spec, dict) or spec.get("format") != TOKENIZER_FORMAT:
+            raise ValueError(f"{path}: not a bilm tokenizer description (key 'format' should be {TOKENIZER_FORMAT!r})")
+        proto = None
+        if spec.get("tokenizer") == "sentencepiece":
+            model = os.path.join(directory, spec.get("sentencepiece_model", SP_MODEL_FILE))
+            try:
+                with open(model, "rb") as f:
+                    proto = f.read()
+            except OSError as e:
+                raise FileNotFoundError(f"{path} names the SentencePiece model {model}, which cannot be read "
+                                        f"({e.strerror})") from None
+        try:
+            return cls(spec.get("tokenizer", "whitespace"), bool(spec.get("nfkc", False)),
+                       int(spec.get("max_tokens_per_line", 0)), proto)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    # ----- input checks -----
+    def suspicious(self, tokens: list[str], max_characters: int = 50) -> Optional[str]:
+        """Why a whitespace model probably got text it cannot read well, or None."""
+        if self.tokenizer != "whitespace":
+            return None
+        for token in tokens:
+            if _CJK_RUN.search(token):
+                return f"token {token[:20]!r} is a run of CJK characters without spaces"
+            if len(token.encode("utf-8")) > max_characters - 2:
+                return f"token {token[:20]!r}... is longer than the char CNN reads ({max_characters - 2} bytes)"
+        return None
+
+
+def warn_suspicious_lines(pipeline: TextPipeline, tokenized: Iterable[tuple[int, list[str]]], source: str,
+                          max_characters: int = 50) -> None:
+    """One warning for a file whose lines a whitespace model cannot read well (first line named)."""
+    import warnings
+
+    first, count = None, 0
+    for line_number, tokens in tokenized:
+        reason = pipeline.suspicious(tokens, max_characters)
+        if reason is not None:
+            count += 1
+            first = first or (line_number, reason)
+    if first is not None:
+        warnings.warn(f"{source}, line {first[0]}: {first[1]} ({count} such line{'s' if count > 1 else ''}); "
+                      "this model splits on whitespace: for unsegmented text (e.g. Chinese) train with "
+                      "`bilm prepare --tokenizer sentencepiece`", stacklevel=2)

@@ -71,7 +71,7 @@ def test_export_loads_in_embedder_and_matches_trainer(trained_run, tmp_path):
     sentences = [line.split() for line in open(TRAIN_DATA)][:3]
     embedder = ElmoEmbedder(os.path.join(out, "options.json"), os.path.join(out, "weights.hdf5"), stateful=False)
     got = embedder.embed_batch(sentences)
-    model, _, _, _ = model_from_checkpoint(trained_run)
+    model = model_from_checkpoint(trained_run).model
     from bilm.chars import CharIdMapper
     ids = torch.from_numpy(CharIdMapper().batch(sentences))
     with torch.no_grad():
