@@ -154,9 +154,35 @@ def cpu_name() -> str:
 
 
 def spread(values: list[float]) -> str:
+    """Median (robust to the odd diverged run) and every seed's value."""
     if len(values) == 1:
         return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} (seeds: {', '.join(f'{v:.1f}' for v in values)})"
+    return f"median {statistics.median(values):.1f} (seeds: {', '.join(f'{v:.1f}' for v in values)})"
+
+
+def unigram_perplexity(manifest: str, heldout: str) -> float:
+    """Add-one unigram perplexity of the heldout targets (words and </S>) under the training counts:
+    the line a model must beat; a run above it has diverged."""
+    import glob
+    import math
+
+    base = os.path.dirname(manifest)
+    counts = {}
+    with open(os.path.join(base, "vocab_counts.tsv"), encoding="utf-8") as f:
+        for line in f:
+            token, _, count = line.rstrip("\n").partition("\t")
+            counts[token] = int(count or 0)
+    n_sentences = json.load(open(manifest))["n_train_sentences"]
+    counts["</S>"] = n_sentences
+    total, size = sum(counts.values()), len(counts)
+    nll, n = 0.0, 0
+    for path in sorted(glob.glob(heldout)):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                for token in line.split() + ["</S>"]:
+                    nll -= math.log((counts.get(token, counts.get("<UNK>", 0)) + 1) / (total + size))
+                    n += 1
+    return math.exp(nll / n)
 
 
 def main() -> None:
@@ -205,12 +231,19 @@ def main() -> None:
     add("  backward", [r["bilm_eval"]["backward"] for r in tf], [r["bilm_eval"]["backward"] for r in bl])
     add("heldout perplexity, bilm-tf test() (its own model only)", [r["own_ppl"] for r in tf], [])
     add("training tokens/s (forward tokens)", [r["tokens_per_s"] for r in tf], [r["tokens_per_s"] for r in bl])
+    unigram = unigram_perplexity(manifest, heldout)
+    diverged = lambda runs: sum(r["bilm_eval"]["ppl"] > unigram for r in runs)
+    rows.append(("runs worse than add-one unigram (diverged)", f"{diverged(tf)} of {len(tf)}" if tf else "-",
+                 f"{diverged(bl)} of {len(bl)}" if bl else "-"))
     print(f"\n{a.batches} batches of {a.batch_size} x {a.unroll}, LSTM 2 x {a.lstm_dim}/{a.projection_dim}, "
           f"char CNN 2048 filters + 2 highway, {a.negatives} negatives, Adagrad 0.2, clip 10, dropout {a.dropout}; "
-          f"seeds {a.seeds}; {cpu_name()}")
+          f"seeds {a.seeds}; {cpu_name()}" + (f"; bilm with {' '.join(a.bilm_set)}" if a.bilm_set else ""))
+    print(f"add-one unigram heldout perplexity (for scale): {unigram:.1f}")
     if tf and bl:
-        ratio = statistics.mean(r["bilm_eval"]["ppl"] for r in bl) / statistics.mean(r["bilm_eval"]["ppl"] for r in tf)
-        print(f"bilm / bilm-tf heldout perplexity (bilm evaluate, mean over seeds): {ratio:.3f}")
+        median = lambda runs, key: statistics.median(r["bilm_eval"][key] for r in runs)
+        print(f"bilm / bilm-tf heldout perplexity, median over seeds (bilm evaluate): {median(bl, 'ppl') / median(tf, 'ppl'):.3f} "
+              f"(forward {median(bl, 'forward') / median(tf, 'forward'):.3f}, "
+              f"backward {median(bl, 'backward') / median(tf, 'backward'):.3f})")
     width = max(len(r[0]) for r in rows)
     print(f"| {'':{width}} | bilm-tf | bilm |\n|{'-' * (width + 2)}|---|---|")
     for label, tf_text, bilm_text in rows:
