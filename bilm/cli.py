@@ -14,13 +14,18 @@ from bilm import __version__
 
 def _add_embed(sub: argparse._SubParsersAction) -> Callable:
     p = sub.add_parser("embed", help="ELMo vectors for every line of a text file, into HDF5",
-                       description="Embed each line of --input (whitespace-tokenized) with a biLM and write "
-                                   "one dataset per line ('0', '1', ...) plus a JSON 'sentence_to_index' "
-                                   "dataset, as AllenNLP's `elmo` command.")
+                       description="Embed each line of --input with a biLM and write one dataset per line "
+                                   "('0', '1', ...; its tokens in the attribute 'tokens') plus a JSON "
+                                   "'sentence_to_index' dataset, as AllenNLP's `elmo` command. Lines are raw text, "
+                                   "tokenized with the model's tokenizer.json (written by bilm export; models "
+                                   "without one are split on whitespace), or with --pretokenized split on whitespace.")
     p.add_argument("--options", required=True, help="options.json of the biLM")
     p.add_argument("--weights", required=True, help="weights.hdf5 of the biLM")
-    p.add_argument("--input", required=True, help="text file, one whitespace-tokenized sentence per line")
+    p.add_argument("--input", required=True, help="text file, one sentence per line")
+    p.add_argument("--pretokenized", action="store_true",
+                   help="--input is already tokenized: split each line on whitespace instead of the model's tokenizer")
     p.add_argument("--out", "--output", dest="output", required=True, help="HDF5 file to write")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--layers", choices=["all", "top", "average"], default="all",
                    help="all: (n_layers, n_tokens, dim) per sentence; top: the top layer; average: mean of layers")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
@@ -35,7 +40,8 @@ def _add_embed(sub: argparse._SubParsersAction) -> Callable:
         embedder = ElmoEmbedder(args.options, args.weights, device=args.device, batch_size=args.batch_size,
                                 stateful=not args.stateless, token_embedding_file=args.token_embeddings,
                                 vocab_file=args.vocab)
-        n = embedder.embed_file(args.input, args.output, output_format=args.layers, batch_size=args.batch_size)
+        n = embedder.embed_file(args.input, args.output, output_format=args.layers, batch_size=args.batch_size,
+                                pretokenized=args.pretokenized, force=args.force)
         print(f"embedded {n} sentences -> {args.output}")
         return 0
     return run
