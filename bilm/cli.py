@@ -10,6 +10,9 @@ import sys
 from typing import Callable, Optional
 
 from bilm import __version__
+from bilm.errors import RunDirectoryLocked
+
+EXIT_STOPPED_BY_SIGNAL = 143  # bilm train stopped by SIGTERM after writing a checkpoint (continue with --resume)
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> Callable:
@@ -100,7 +103,13 @@ def _add_train(sub: argparse._SubParsersAction) -> Callable:
                 "softmax_vocab": args.init_softmax_vocab} if args.init_weights else None
         summary = train(cfg, args.data, args.out, resume=args.resume, vocab_file=args.vocab, init=init,
                         progress=not args.no_progress)
-        if summary.get("is_main", True):
+        if summary["stopped_by_signal"]:
+            # Not a finished run: 143 (= 128 + SIGTERM, as a terminated process) tells schedulers to requeue.
+            if summary["is_main"]:
+                print(f"stopped by SIGTERM at step {summary['step']} of {summary['total_steps']}; checkpoint "
+                      f"{summary['checkpoint']}; continue with --resume", file=sys.stderr)
+            return EXIT_STOPPED_BY_SIGNAL
+        if summary["is_main"]:
             print(f"trained {summary['step']} steps -> {summary['checkpoint']}")
         return 0
     return run
@@ -227,9 +236,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         keep_freed_memory()  # large tensors every step: reuse their memory (see bilm/malloc.py)
     try:
         return handlers[args.command](args) or 0
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, RunDirectoryLocked) as e:
         # User errors: one clear line, no traceback.
         print(f"bilm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a read-only --out, a permission: the file and the reason
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"bilm {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
 
 

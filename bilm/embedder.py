@@ -188,8 +188,11 @@ class ElmoEmbedder:
             raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
         if not force and os.path.exists(output_file):
             raise FileExistsError(f"{output_file} already exists; pass --force to overwrite it")
-        with open(input_file, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f]
+        try:
+            with open(input_file, encoding="utf-8") as f:
+                lines = [line.rstrip("\n") for line in f]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{input_file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
         tokenized = [line.split() for line in lines] if pretokenized else self.tokenize_lines(lines)
         if pretokenized or self.text_pipeline is None or self.text_pipeline.tokenizer == "whitespace":
             warn_suspicious_lines(self.text_pipeline or TextPipeline(), ((i + 1, t) for i, t in enumerate(tokenized)),
