@@ -34,7 +34,7 @@ demo: $(VENV)/.installed
 	$(BILM) train --config configs/tiny.yaml --data $(DEMO_OUT)/data/manifest.json --out $(DEMO_OUT)/run --resume --set model.lstm.dim=256 --set model.lstm.projection_dim=64
 	$(BILM) evaluate --checkpoint $(DEMO_OUT)/run --data data/sample/heldout.txt
 	$(BILM) export --checkpoint $(DEMO_OUT)/run --out $(DEMO_OUT)/export --force
-	$(BILM) embed --options $(DEMO_OUT)/export/options.json --weights $(DEMO_OUT)/export/weights.hdf5 --input data/sample/demo_sentences.txt --out $(DEMO_OUT)/sentences.hdf5
+	$(BILM) embed --options $(DEMO_OUT)/export/options.json --weights $(DEMO_OUT)/export/weights.hdf5 --input data/sample/demo_sentences.txt --out $(DEMO_OUT)/sentences.hdf5 --force
 	$(PY) examples/nearest_neighbours.py --input data/sample/demo_sentences.txt --embeddings $(DEMO_OUT)/sentences.hdf5 --word bank
 
 clean:

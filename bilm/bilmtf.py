@@ -245,7 +245,7 @@ def load_bilmtf_state(model, optimizer, weights: dict[str, np.ndarray], accumula
 
     from bilm.weights import WeightFileError, load_weight_arrays
 
-    load_weight_arrays(model.bilm, weights, source)
+    load_weight_arrays(model.bilm, weights, source, ignore=(SOFTMAX_WEIGHT, SOFTMAX_BIAS))
     for name in (SOFTMAX_WEIGHT, SOFTMAX_BIAS):
         if name not in weights:
             raise WeightFileError(f"{source}: no 'lm/{name}' variable")
@@ -290,6 +290,8 @@ def import_bilmtf(save_dir: str, vocab_file: str, out_dir: str, overrides: Seque
             options = json.load(f)
     except OSError as e:
         raise FileNotFoundError(f"{options_path}: cannot read ({e.strerror}); is {save_dir} a bilm-tf save_dir?") from None
+    except ValueError as e:  # not JSON, not UTF-8
+        raise ValueError(f"{options_path}: not a JSON options file ({e})") from None
     prefix = latest_tf_checkpoint(save_dir)
     weights, accumulators, step = split_tensors(read_tf_checkpoint(prefix))
     cfg = config_from_dict(config_from_bilmtf_options(options), where=options_path, overrides=overrides)

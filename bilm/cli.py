@@ -10,17 +10,25 @@ import sys
 from typing import Callable, Optional
 
 from bilm import __version__
+from bilm.errors import RunDirectoryLocked
+
+EXIT_STOPPED_BY_SIGNAL = 143  # bilm train stopped by SIGTERM after writing a checkpoint (continue with --resume)
 
 
 def _add_embed(sub: argparse._SubParsersAction) -> Callable:
     p = sub.add_parser("embed", help="ELMo vectors for every line of a text file, into HDF5",
-                       description="Embed each line of --input (whitespace-tokenized) with a biLM and write "
-                                   "one dataset per line ('0', '1', ...) plus a JSON 'sentence_to_index' "
-                                   "dataset, as AllenNLP's `elmo` command.")
+                       description="Embed each line of --input with a biLM and write one dataset per line "
+                                   "('0', '1', ...; its tokens in the attribute 'tokens') plus a JSON "
+                                   "'sentence_to_index' dataset, as AllenNLP's `elmo` command. Lines are raw text, "
+                                   "tokenized with the model's tokenizer.json (written by bilm export; models "
+                                   "without one are split on whitespace), or with --pretokenized split on whitespace.")
     p.add_argument("--options", required=True, help="options.json of the biLM")
     p.add_argument("--weights", required=True, help="weights.hdf5 of the biLM")
-    p.add_argument("--input", required=True, help="text file, one whitespace-tokenized sentence per line")
+    p.add_argument("--input", required=True, help="text file, one sentence per line")
+    p.add_argument("--pretokenized", action="store_true",
+                   help="--input is already tokenized: split each line on whitespace instead of the model's tokenizer")
     p.add_argument("--out", "--output", dest="output", required=True, help="HDF5 file to write")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--layers", choices=["all", "top", "average"], default="all",
                    help="all: (n_layers, n_tokens, dim) per sentence; top: the top layer; average: mean of layers")
     p.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
@@ -35,7 +43,8 @@ def _add_embed(sub: argparse._SubParsersAction) -> Callable:
         embedder = ElmoEmbedder(args.options, args.weights, device=args.device, batch_size=args.batch_size,
                                 stateful=not args.stateless, token_embedding_file=args.token_embeddings,
                                 vocab_file=args.vocab)
-        n = embedder.embed_file(args.input, args.output, output_format=args.layers, batch_size=args.batch_size)
+        n = embedder.embed_file(args.input, args.output, output_format=args.layers, batch_size=args.batch_size,
+                                pretokenized=args.pretokenized, force=args.force)
         print(f"embedded {n} sentences -> {args.output}")
         return 0
     return run
@@ -94,7 +103,13 @@ def _add_train(sub: argparse._SubParsersAction) -> Callable:
                 "softmax_vocab": args.init_softmax_vocab} if args.init_weights else None
         summary = train(cfg, args.data, args.out, resume=args.resume, vocab_file=args.vocab, init=init,
                         progress=not args.no_progress)
-        if summary.get("is_main", True):
+        if summary["stopped_by_signal"]:
+            # Not a finished run: 143 (= 128 + SIGTERM, as a terminated process) tells schedulers to requeue.
+            if summary["is_main"]:
+                print(f"stopped by SIGTERM at step {summary['step']} of {summary['total_steps']}; checkpoint "
+                      f"{summary['checkpoint']}; continue with --resume", file=sys.stderr)
+            return EXIT_STOPPED_BY_SIGNAL
+        if summary["is_main"]:
             print(f"trained {summary['step']} steps -> {summary['checkpoint']}")
         return 0
     return run
@@ -221,9 +236,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         keep_freed_memory()  # large tensors every step: reuse their memory (see bilm/malloc.py)
     try:
         return handlers[args.command](args) or 0
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, RunDirectoryLocked) as e:
         # User errors: one clear line, no traceback.
         print(f"bilm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a read-only --out, a permission: the file and the reason
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"bilm {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
 
 

@@ -89,10 +89,12 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
     raw = {} if raw is None else raw
     source = _Source(path, _key_lines(text))
     for override in overrides:
@@ -302,7 +304,7 @@ def _parse_override(override: str, path: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: --set {override}: value is not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: --set {override}: value is not valid YAML ({_yaml_problem(e)})") from None
     return key, value
 
 
@@ -340,6 +342,13 @@ def _key_lines(text: str) -> dict[str, int]:
     if root is not None:
         walk(root, "")
     return lines
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line: what PyYAML found wrong, and where (1-based line and column)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def _suggest(key: str, known: list[str]) -> str:

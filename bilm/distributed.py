@@ -43,14 +43,38 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> DistEn
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), init_method="env://",
-                                timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        store = _restart_safe_store(world_size, timeout)
+        if store is not None:
+            dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), store=store, rank=rank,
+                                    world_size=world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), init_method="env://", timeout=timeout)
     return DistEnv(rank, world_size, local_rank, dev)
 
 
-def shutdown() -> None:
+def _restart_safe_store(world_size: int, timeout: datetime.timedelta):
+    """The store of torchrun's agent, with keys private to this restart attempt, or None.
+
+    torchrun keeps one TCP store for all restart attempts of a job (its agent store) and the
+    workers' ``env://`` process group writes the same keys in every attempt: after a rank dies
+    and the group restarts, a rank can read the dead attempt's address of a peer and fail with
+    "Gloo connectFullMesh failed ... Connection refused". Prefixing the keys with the attempt
+    number (``TORCHELASTIC_RESTART_COUNT``) keeps attempts apart."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"bilm/attempt_{attempt}", store)
+
+
+def shutdown(barrier: bool = True) -> None:
+    """Leave the process group; ``barrier=False`` on an error path, where the other ranks may
+    never reach the barrier."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -1,4 +1,9 @@
-"""ElmoEmbedder: ELMo vectors for tokenized sentences from ``options.json`` + ``weights.hdf5``.
+"""ElmoEmbedder: ELMo vectors for sentences from ``options.json`` + ``weights.hdf5``.
+
+Token lists in (``embed_sentence``, ``embed_batch``: AllenNLP's API), or raw text
+(``embed_text``, ``embed_texts``, ``embed_file``): raw text is tokenized with the model's
+own pipeline, ``tokenizer.json`` (+ ``sentencepiece.model``) beside ``options.json`` as
+``bilm export`` writes them; published models have none and are split on whitespace.
 
 Stateful by default, like bilm-tf's inference graph: batch row k carries its LSTM states
 into row k of the next call, so vectors depend on what was embedded before (the original
@@ -9,8 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from itertools import islice
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import h5py
 import numpy as np
@@ -20,6 +26,7 @@ from tqdm import tqdm
 from bilm.chars import CharIdMapper
 from bilm.modules.bilm import BiState, BidirectionalLM
 from bilm.weights import WeightFileError, load_bilm
+from data_tools.normalize import TextPipeline, warn_suspicious_lines
 
 OUTPUT_FORMATS = ("all", "top", "average")
 
@@ -32,7 +39,15 @@ def _read_vocab_tokens(path: str) -> list[str]:
 class ElmoEmbedder:
     def __init__(self, options_file: str, weight_file: str, device: str = "cpu", batch_size: int = 64,
                  stateful: bool = True, token_embedding_file: Optional[str] = None,
-                 vocab_file: Optional[str] = None, lstm_impl: str = "exact"):
+                 vocab_file: Optional[str] = None, lstm_impl: str = "exact",
+                 text_pipeline: Union[TextPipeline, None, str] = "auto"):
+        """``text_pipeline``: how ``embed_text`` / ``embed_file`` tokenize raw text. "auto" reads
+        ``tokenizer.json`` beside ``options_file`` (written by ``bilm export``); None, or no such
+        file, splits on whitespace."""
+        self.text_pipeline: Optional[TextPipeline] = (
+            TextPipeline.load(os.path.dirname(os.path.abspath(options_file))) if text_pipeline == "auto"
+            else text_pipeline)
+        self._told_whitespace = False
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.stateful = stateful
@@ -129,6 +144,30 @@ class ElmoEmbedder:
     def embed_sentence(self, tokens: Sequence[str]) -> np.ndarray:
         return self.embed_batch([tokens])[0]
 
+    # ----- raw text -----
+    def tokenize_lines(self, lines: Sequence[str]) -> list[list[str]]:
+        """Raw lines -> tokens with the model's pipeline (whitespace split when it has none)."""
+        if self.text_pipeline is not None:
+            return self.text_pipeline.tokenize_lines(list(lines))
+        if not self._told_whitespace:
+            self._told_whitespace = True
+            print("note: this model has no tokenizer.json beside its options (a published model, or one "
+                  "exported before bilm recorded tokenizers): raw text is split on whitespace", file=sys.stderr)
+        return [line.split() for line in lines]
+
+    def embed_text(self, text: str) -> tuple[list[str], np.ndarray]:
+        """One raw sentence -> (its tokens, vectors (n_layers + 1, n_tokens, 2 * projection_dim))."""
+        return next(self.embed_texts([text]))
+
+    def embed_texts(self, texts: Iterable[str], batch_size: Optional[int] = None
+                    ) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Raw sentences -> (tokens, vectors) each, tokenized with the model's pipeline."""
+        batch_size = batch_size or self.batch_size
+        iterator = iter(texts)
+        while batch := list(islice(iterator, batch_size)):
+            tokens = self.tokenize_lines(batch)
+            yield from zip(tokens, self.embed_batch(tokens))
+
     def embed_sentences(self, sentences: Iterable[Sequence[str]], batch_size: Optional[int] = None
                         ) -> Iterator[np.ndarray]:
         batch_size = batch_size or self.batch_size
@@ -137,26 +176,40 @@ class ElmoEmbedder:
             yield from self.embed_batch(batch)
 
     def embed_file(self, input_file: str, output_file: str, output_format: str = "all",
-                   batch_size: Optional[int] = None, progress: bool = True) -> int:
-        """Embed every line of ``input_file`` (whitespace-tokenized) into ``output_file``: dataset
-        ``str(i)`` for line i and a JSON ``sentence_to_index`` dataset, as AllenNLP's ``elmo`` command.
-        Written to a temporary file first, so a failure never leaves a half-written output."""
+                   batch_size: Optional[int] = None, progress: bool = True, pretokenized: bool = False,
+                   force: bool = True) -> int:
+        """Embed every line of ``input_file`` into ``output_file``: dataset ``str(i)`` for line i (its
+        tokens in the attribute ``tokens``) and a JSON ``sentence_to_index`` dataset, as AllenNLP's
+        ``elmo`` command. Lines are raw text tokenized with the model's pipeline, or with
+        ``pretokenized`` already-tokenized text split on whitespace. Written to a temporary file
+        first, so a failure never leaves a half-written output; ``force=False`` refuses to replace
+        an existing ``output_file``."""
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
-        with open(input_file, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f]
+        if not force and os.path.exists(output_file):
+            raise FileExistsError(f"{output_file} already exists; pass --force to overwrite it")
+        try:
+            with open(input_file, encoding="utf-8") as f:
+                lines = [line.rstrip("\n") for line in f]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{input_file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        tokenized = [line.split() for line in lines] if pretokenized else self.tokenize_lines(lines)
+        if pretokenized or self.text_pipeline is None or self.text_pipeline.tokenizer == "whitespace":
+            warn_suspicious_lines(self.text_pipeline or TextPipeline(), ((i + 1, t) for i, t in enumerate(tokenized)),
+                                  input_file, self.model.options.char_cnn.max_characters_per_token)
         tmp = f"{output_file}.tmp{os.getpid()}"
         sentence_to_index: dict[str, str] = {}
         try:
             with h5py.File(tmp, "w") as out:
-                vectors = self.embed_sentences((line.split() for line in lines), batch_size)
-                for i, (line, emb) in enumerate(tqdm(zip(lines, vectors), total=len(lines), unit="sent",
-                                                     desc="embed", disable=not progress)):
+                vectors = self.embed_sentences(tokenized, batch_size)
+                for i, (line, tokens, emb) in enumerate(tqdm(zip(lines, tokenized, vectors), total=len(lines),
+                                                             unit="sent", desc="embed", disable=not progress)):
                     if output_format == "top":
                         emb = emb[-1]
                     elif output_format == "average":
                         emb = emb.mean(axis=0)
-                    out.create_dataset(str(i), data=emb)
+                    dataset = out.create_dataset(str(i), data=emb)
+                    dataset.attrs["tokens"] = json.dumps(tokens, ensure_ascii=False)
                     sentence_to_index[line] = str(i)
                 # AllenNLP's layout: a (1,) string dataset holding the JSON.
                 index = out.create_dataset("sentence_to_index", (1,), dtype=h5py.string_dtype())

@@ -62,6 +62,12 @@ class CharCNNOptions:
             max_characters_per_token=_get(d, "max_characters_per_token", int, where, DEFAULT_MAX_CHARACTERS),
             n_characters=_get(d, "n_characters", int, where, N_CHARACTERS),
         )
+        if not out.filters:
+            raise OptionsError(f"{where}: key 'filters' must list at least one [width, n_filters]")
+        if out.embedding_dim < 1:
+            raise OptionsError(f"{where}.embedding: key 'dim' must be >= 1, got {out.embedding_dim}")
+        if out.n_highway < 0:
+            raise OptionsError(f"{where}: key 'n_highway' must be >= 0, got {out.n_highway}")
         widest = max(w for w, _ in out.filters)
         if out.max_characters_per_token < max(3, widest):
             raise OptionsError(f"{where}: key 'max_characters_per_token' ({out.max_characters_per_token}) "
@@ -103,10 +109,11 @@ class LstmOptions:
             proj_clip=_get(d, "proj_clip", (int, float, type(None)), where, None),
             use_skip_connections=_get(d, "use_skip_connections", bool, where, False),
         )
+        for key in ("dim", "projection_dim", "n_layers"):
+            if getattr(out, key) < 1:
+                raise OptionsError(f"{where}: key '{key}' must be >= 1, got {getattr(out, key)}")
         if out.projection_dim > out.dim:
             raise OptionsError(f"{where}: 'projection_dim' ({out.projection_dim}) must be <= 'dim' ({out.dim})")
-        if out.n_layers < 1:
-            raise OptionsError(f"{where}: 'n_layers' must be >= 1, got {out.n_layers}")
         for key in ("cell_clip", "proj_clip"):
             value = getattr(out, key)
             if value is not None and value <= 0:
@@ -160,6 +167,8 @@ class BiLMOptions:
                 raw = json.load(f)
         except json.JSONDecodeError as e:
             raise OptionsError(f"{path}: not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:
+            raise OptionsError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
         return cls.from_dict(raw, where=str(path))
 
     def to_dict(self) -> dict:

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bilm.checkpoint import (checkpoint_path, load_latest_valid, load_model_state, prune_checkpoints,
-                             save_checkpoint)
+from bilm.checkpoint import (CheckpointWriteError, RunLock, checkpoint_path, deepspeed_dir, load_latest_valid,
+                             load_model_state, prune_checkpoints, remove_stale_temporaries, save_checkpoint)
 from bilm.config import Config, config_to_dict, save_config
 from bilm.data import LMDataset, load_manifest
 from bilm.distributed import DistEnv, all_reduce_max, gather_objects, init_distributed, shutdown
@@ -296,16 +296,22 @@ def _total_steps(cfg: Config, n_train_tokens: Optional[int], world_size: int) ->
 
 
 class _Logger:
-    """Rank 0: JSON-lines metrics file and TensorBoard scalars."""
+    """Rank 0: JSON-lines metrics file and TensorBoard scalars.
 
-    def __init__(self, out_dir: str, enabled: bool):
+    A run resumed from step S first drops what the interrupted run logged after S (it is
+    logged again), so each step appears once in both."""
+
+    def __init__(self, out_dir: str, enabled: bool, resumed_step: int = 0):
         self.enabled = enabled
         self.writer = None
         if enabled:
-            self.metrics = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+            path = os.path.join(out_dir, "metrics.jsonl")
+            _truncate_metrics(path, resumed_step)
+            self.metrics = open(path, "a", encoding="utf-8")
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+                self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"),
+                                            purge_step=resumed_step + 1 if resumed_step else None)
             except ImportError:  # tensorboard is a dependency, but never fail training over logs
                 warnings.warn("tensorboard not importable; scalars go to metrics.jsonl only")
 
@@ -325,14 +331,39 @@ class _Logger:
                 self.writer.close()
 
 
+def _truncate_metrics(path: str, last_step: int) -> None:
+    """Keep the lines of ``metrics.jsonl`` up to ``last_step`` (all of them when it is 0: a fresh run appends)."""
+    if not last_step or not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass  # a line cut short by a kill
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 def train(cfg: Config, data: str, out_dir: str, resume: bool = False, vocab_file: Optional[str] = None,
           init: Optional[dict[str, Optional[str]]] = None, progress: bool = True) -> dict:
     """Train and checkpoint into ``out_dir``; returns a summary (rank 0's view)."""
     env = init_distributed(cfg.train.device)
+    # Rank 0 holds the run directory for the whole run, before anything is written into it.
+    lock = RunLock(out_dir).acquire() if env.is_main else None
+    ok = False
     try:
-        return _train(cfg, data, out_dir, resume, vocab_file, init, progress, env)
+        summary = _train(cfg, data, out_dir, resume, vocab_file, init, progress, env)
+        ok = True
+        return summary
     finally:
-        shutdown()
+        shutdown(barrier=ok)
+        if lock is not None:
+            lock.release()
 
 
 def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv) -> dict:
@@ -356,6 +387,8 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv)
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     if env.is_main:
         os.makedirs(ckpt_dir, exist_ok=True)
+        for stale in remove_stale_temporaries(ckpt_dir):
+            print(f"removed {stale}, left by an interrupted checkpoint write")
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
 
     trainer = Trainer(cfg, len(vocab), env, init)
@@ -365,7 +398,12 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv)
                         max_characters_per_token=cfg.model.char_cnn.max_characters_per_token if char_inputs else 50)
     step = 0
     if resume:
-        path, payload = load_latest_valid(ckpt_dir)
+        # Rank 0 looks first and sets unreadable checkpoints aside; then the others find the same one.
+        path, payload = load_latest_valid(ckpt_dir, set_aside_corrupt=True) if env.is_main else (None, None)
+        if env.distributed:
+            torch.distributed.barrier()
+            if not env.is_main:
+                path, payload = load_latest_valid(ckpt_dir)
         if payload is not None:
             step = _restore(trainer, dataset, payload, path, env)
             if env.is_main:
@@ -379,7 +417,7 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv)
         stop["signal"] = 1
 
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
-    logger = _Logger(out_dir, env.is_main)
+    logger = _Logger(out_dir, env.is_main, resumed_step=step)
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and env.is_main), unit="step",
                dynamic_ncols=True, desc="train")
     tokens_per_step = t.batch_size * t.unroll_steps * env.world_size  # one direction, all ranks
@@ -387,7 +425,7 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv)
     window_start, window_steps = time.perf_counter(), 0
     batches: Iterator[dict] = iter(dataset)
     result: Optional[StepResult] = None
-    losses_logged = []
+    stopped_by_signal = False
     try:
         while step < total_steps:
             data_start = time.perf_counter()
@@ -396,7 +434,6 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv)
             result = trainer.step(batch)
             step += 1
             window_steps += 1
-            losses_logged.append(result.loss)
 
             if step % t.log_every_steps == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
@@ -424,8 +461,7 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv)
                 _save(trainer, dataset, cfg, step, ckpt_dir, env, text_pipeline)
                 last_checkpoint_time = time.time()
             if signal_seen:
-                if env.is_main:
-                    print(f"\nSIGTERM: checkpoint written at step {step}; exiting")
+                stopped_by_signal = True
                 break
     finally:
         bar.close()
@@ -433,23 +469,36 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv)
         signal.signal(signal.SIGTERM, previous_handler)
     return {"step": step, "total_steps": total_steps, "loss": result.loss if result else None,
             "perplexity": result.perplexity if result else None, "out_dir": out_dir,
-            "checkpoint": checkpoint_path(ckpt_dir, step)}
+            "checkpoint": checkpoint_path(ckpt_dir, step), "stopped_by_signal": stopped_by_signal,
+            "is_main": env.is_main}
 
 
 def _save(trainer: Trainer, dataset: LMDataset, cfg: Config, step: int, ckpt_dir: str, env: DistEnv,
           text_pipeline: Optional[TextPipeline] = None) -> None:
+    """Write step ``step``'s checkpoint (rank 0; DeepSpeed: every rank its shard) and prune old ones.
+    A failed write on any rank stops every rank with ``CheckpointWriteError``, the previous
+    checkpoints intact."""
     rank_states = gather_objects(trainer.rank_state(dataset), env)
-    if trainer.deepspeed:
-        # DeepSpeed shards optimizer state: every rank writes its part under the same tag.
-        trainer.engine.save_checkpoint(os.path.join(ckpt_dir, "deepspeed"), tag=f"step-{step:08d}")
+    error: Optional[str] = None
+    try:
+        if trainer.deepspeed:
+            # DeepSpeed shards optimizer state: every rank writes its part under the same tag.
+            trainer.engine.save_checkpoint(deepspeed_dir(ckpt_dir), tag=f"step-{step:08d}")
+        if env.is_main:
+            payload = {"step": step, "config": config_to_dict(cfg), "model": trainer.model.state_dict(),
+                       "optimizer": None if trainer.deepspeed else trainer.optimizer.state_dict(),
+                       "deepspeed_tag": f"step-{step:08d}" if trainer.deepspeed else None,
+                       "world_size": env.world_size, "rank_states": rank_states,
+                       "vocab": dataset.vocab.tokens,
+                       "text_pipeline": text_pipeline.to_state() if text_pipeline is not None else None}
+            save_checkpoint(payload, checkpoint_path(ckpt_dir, step))
+    except (CheckpointWriteError, OSError) as e:
+        error = str(e) if isinstance(e, CheckpointWriteError) else f"cannot write checkpoint of step {step} in " \
+            f"{ckpt_dir}: {e.strerror or e}"
+    failed = all_reduce_max([float(error is not None)], env)[0] if env.distributed else float(error is not None)
+    if failed:
+        raise CheckpointWriteError(error or f"another rank could not write the checkpoint of step {step}")
     if env.is_main:
-        payload = {"step": step, "config": config_to_dict(cfg), "model": trainer.model.state_dict(),
-                   "optimizer": None if trainer.deepspeed else trainer.optimizer.state_dict(),
-                   "deepspeed_tag": f"step-{step:08d}" if trainer.deepspeed else None,
-                   "world_size": env.world_size, "rank_states": rank_states,
-                   "vocab": dataset.vocab.tokens,
-                   "text_pipeline": text_pipeline.to_state() if text_pipeline is not None else None}
-        save_checkpoint(payload, checkpoint_path(ckpt_dir, step))
         prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
     if env.distributed:
         torch.distributed.barrier()
@@ -459,7 +508,7 @@ def _restore(trainer: Trainer, dataset: LMDataset, payload: dict, path: str, env
     load_model_state(trainer.model, payload["model"], path)
     trainer.steps_done = int(payload["step"])
     if trainer.deepspeed and payload.get("deepspeed_tag"):
-        trainer.engine.load_checkpoint(os.path.join(os.path.dirname(path), "deepspeed"), tag=payload["deepspeed_tag"])
+        trainer.engine.load_checkpoint(deepspeed_dir(os.path.dirname(path)), tag=payload["deepspeed_tag"])
     elif trainer.deepspeed:
         if env.is_main:
             warnings.warn(f"{path} holds no DeepSpeed state: the model resumes, the optimizer starts afresh")

@@ -21,6 +21,13 @@ class VocabularyError(ValueError):
     """A malformed vocabulary; the message names the file and line."""
 
 
+def _utf8_lines(f, path: str) -> list[str]:
+    try:
+        return f.readlines()
+    except UnicodeDecodeError as e:
+        raise VocabularyError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
 class Vocabulary:
     """Token <-> id mapping with ``<S>``=0, ``</S>``=1, ``<UNK>``=2."""
 
@@ -51,7 +58,8 @@ class Vocabulary:
         tokens: list[str] = []
         blank_line = 0  # a blank line is only allowed at the end of the file
         with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
+            lines = _utf8_lines(f, path)
+            for number, line in enumerate(lines, start=1):
                 token = line.rstrip("\r\n").split("\t", 1)[0]
                 if not token.strip():
                     blank_line = blank_line or number

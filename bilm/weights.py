@@ -122,10 +122,26 @@ def load_weights(model: BidirectionalLM, weight_file: str) -> None:
         load_weight_arrays(model, f, weight_file)
 
 
-def load_weight_arrays(model: BidirectionalLM, arrays, source: str) -> None:
+def _dataset_names(arrays) -> list[str]:
+    if isinstance(arrays, h5py.Group):
+        names: list[str] = []
+        arrays.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        return names
+    return list(arrays)
+
+
+def load_weight_arrays(model: BidirectionalLM, arrays, source: str, ignore: tuple[str, ...] = ()) -> None:
     """Copy arrays in the published layout, by dataset name (an open HDF5 file or a dict of numpy
-    arrays), into ``model``; errors name the dataset and ``source``."""
-    for ds in _datasets(model):
+    arrays), into ``model``. The arrays must be exactly what the options describe: a missing or an
+    unused dataset (e.g. options with fewer layers than the file holds) is an error naming it and
+    ``source``; names in ``ignore`` may be present."""
+    expected = _datasets(model)
+    unused = sorted(set(_dataset_names(arrays)) - {ds.name for ds in expected} - set(ignore))
+    if unused:
+        more = f" and {len(unused) - 4} more" if len(unused) > 4 else ""
+        raise WeightFileError(f"{source}: holds datasets the options do not describe: {', '.join(unused[:4])}{more} "
+                              f"(do the options match these weights? n_layers, n_highway, filters, dims)")
+    for ds in expected:
         if ds.name not in arrays:
             raise WeightFileError(f"{source}: missing dataset '{ds.name}' (the options ask for it)")
         try:

@@ -187,7 +187,7 @@ class TextPipeline:
         try:
             with open(path, encoding="utf-8") as f:
                 spec = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(spec, dict) or spec.get("format") != TOKENIZER_FORMAT:
             raise ValueError(f"{path}: not a bilm tokenizer description (key 'format' should be {TOKENIZER_FORMAT!r})")

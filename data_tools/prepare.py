@@ -118,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
     except (PrepareError, FileNotFoundError, ValueError) as e:
         print(f"bilm prepare: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only --out, a full disk: the file and the reason, no traceback
+        print(f"bilm prepare: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -172,7 +175,27 @@ def prepare(args: argparse.Namespace) -> dict:
     inputs = [p for p in inputs if p not in skipped]
     if not inputs:
         raise PrepareError(f"no input files outside the output directory {out!r}")
+    if all(os.path.getsize(p) == 0 for p in inputs):  # before anything is written
+        raise PrepareError(f"the input is empty: {', '.join(inputs[:3])}{' ...' if len(inputs) > 3 else ''}")
+    out_existed = os.path.isdir(out)
     removed = _prepare_output_dir(out, args.force, inputs + ([args.sp_model] if args.sp_model else []))
+    try:
+        return _prepare_into(args, out, inputs, removed, skipped, started)
+    except BaseException:
+        # Leave no half-made outputs behind: a rerun must not need --force.
+        for name in OUTPUT_NAMES:
+            target = os.path.join(out, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target, ignore_errors=True)
+            elif os.path.exists(target):
+                os.remove(target)
+        if not out_existed and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)
+        raise
+
+
+def _prepare_into(args: argparse.Namespace, out: str, inputs: list[str], removed: list[str], skipped: list[str],
+                  started: float) -> dict:
     tmp = os.path.join(out, TMP_NAME)
     os.makedirs(tmp)
     quiet = args.no_progress or None  # None: tqdm shows bars only on a terminal
