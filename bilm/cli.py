@@ -15,6 +15,23 @@ from bilm.errors import RunDirectoryLocked
 EXIT_STOPPED_BY_SIGNAL = 143  # bilm train stopped by SIGTERM after writing a checkpoint (continue with --resume)
 
 
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="a published model by name (small, medium, original, original-5.5b; downloaded "
+                                   "once to $BILM_CACHE, default ~/.cache/bilm) or a directory holding options.json "
+                                   "and weights.hdf5; default: original, unless --options/--weights are given")
+    p.add_argument("--options", help="options.json of the biLM (with --weights, instead of --model)")
+    p.add_argument("--weights", help="weights.hdf5 of the biLM (with --options, instead of --model)")
+
+
+def _model_files(args: argparse.Namespace) -> tuple[str, str]:
+    from bilm.published import model_files
+    if args.model and (args.options or args.weights):
+        raise ValueError("give --model, or --options and --weights, not both")
+    if bool(args.options) != bool(args.weights):
+        raise ValueError("--options and --weights go together (or give --model)")
+    return model_files(args.model, None) if not args.options else model_files(args.options, args.weights)
+
+
 def _add_embed(sub: argparse._SubParsersAction) -> Callable:
     p = sub.add_parser("embed", help="ELMo vectors for every line of a text file, into HDF5",
                        description="Embed each line of --input with a biLM and write one dataset per line "
@@ -22,8 +39,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> Callable:
                                    "'sentence_to_index' dataset, as AllenNLP's `elmo` command. Lines are raw text, "
                                    "tokenized with the model's tokenizer.json (written by bilm export; models "
                                    "without one are split on whitespace), or with --pretokenized split on whitespace.")
-    p.add_argument("--options", required=True, help="options.json of the biLM")
-    p.add_argument("--weights", required=True, help="weights.hdf5 of the biLM")
+    _add_model_arguments(p)
     p.add_argument("--input", required=True, help="text file, one sentence per line")
     p.add_argument("--pretokenized", action="store_true",
                    help="--input is already tokenized: split each line on whitespace instead of the model's tokenizer")
@@ -40,7 +56,8 @@ def _add_embed(sub: argparse._SubParsersAction) -> Callable:
 
     def run(args: argparse.Namespace) -> int:
         from bilm.embedder import ElmoEmbedder
-        embedder = ElmoEmbedder(args.options, args.weights, device=args.device, batch_size=args.batch_size,
+        options, weights = _model_files(args)
+        embedder = ElmoEmbedder(options, weights, device=args.device, batch_size=args.batch_size,
                                 stateful=not args.stateless, token_embedding_file=args.token_embeddings,
                                 vocab_file=args.vocab)
         n = embedder.embed_file(args.input, args.output, output_format=args.layers, batch_size=args.batch_size,
@@ -57,15 +74,15 @@ def _add_dump_token_embeddings(sub: argparse._SubParsersAction) -> Callable:
                                    "`bilm embed --token-embeddings` and ElmoEmbedder(token_embedding_file=...) "
                                    "then skip the char CNN for those tokens.")
     p.add_argument("--vocab", required=True, help="vocab file, one token per line")
-    p.add_argument("--options", required=True, help="options.json of the biLM")
-    p.add_argument("--weights", required=True, help="weights.hdf5 of the biLM")
+    _add_model_arguments(p)
     p.add_argument("--out", required=True, help="HDF5 file to write")
     p.add_argument("--batch-size", type=int, default=512, help="tokens per batch (default 512)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
 
     def run(args: argparse.Namespace) -> int:
         from bilm.embedder import dump_token_embeddings
-        n = dump_token_embeddings(args.vocab, args.options, args.weights, args.out, args.batch_size, args.device)
+        options, weights = _model_files(args)
+        n = dump_token_embeddings(args.vocab, options, weights, args.out, args.batch_size, args.device)
         print(f"wrote {n} token vectors -> {args.out}")
         return 0
     return run
@@ -84,6 +101,9 @@ def _add_train(sub: argparse._SubParsersAction) -> Callable:
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     p.add_argument("--device", help="auto (default: cuda when present), cpu or cuda; same as --set train.device=...")
     p.add_argument("--strategy", choices=["ddp", "deepspeed"], help="same as --set train.strategy=...")
+    p.add_argument("--init-model", help="continue pretraining a published model (small, medium, original, "
+                                        "original-5.5b; downloaded once) or a model directory (options.json + "
+                                        "weights.hdf5, e.g. from bilm export); same as --init-weights/--init-options")
     p.add_argument("--init-weights", help="start from published ELMo weights.hdf5 (continued pretraining)")
     p.add_argument("--init-options", help="the options.json that came with --init-weights (sets the architecture)")
     p.add_argument("--init-softmax", help="softmax.hdf5 from `bilm export --include-softmax` (else a fresh softmax)")
@@ -99,6 +119,11 @@ def _add_train(sub: argparse._SubParsersAction) -> Callable:
         if args.strategy:
             overrides.append(f"train.strategy={args.strategy}")
         cfg = load_config(args.config, overrides)
+        if args.init_model:
+            if args.init_weights or args.init_options:
+                raise ValueError("give --init-model, or --init-weights and --init-options, not both")
+            from bilm.published import resolve_model
+            args.init_options, args.init_weights = resolve_model(args.init_model)
         init = {"weights": args.init_weights, "options": args.init_options, "softmax": args.init_softmax,
                 "softmax_vocab": args.init_softmax_vocab} if args.init_weights else None
         summary = train(cfg, args.data, args.out, resume=args.resume, vocab_file=args.vocab, init=init,

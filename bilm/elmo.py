@@ -1,7 +1,12 @@
 """``Elmo``: ELMo representations as a module for downstream PyTorch models (AllenNLP's interface).
 
-The biLM is frozen by default (``requires_grad=False``); each output representation is its
-own trainable ``ScalarMix`` of the biLM layers, followed by dropout.
+Same arguments, defaults and outputs as AllenNLP's ``Elmo``, so swapping the import keeps the
+numbers: the biLM is frozen (``requires_grad=False``) and *stateful* (each batch row continues
+from the LSTM states the same row ended the previous batch with, as AllenNLP and bilm-tf do);
+each output representation is its own trainable ``ScalarMix`` of the biLM layers (computed
+with the sentence boundaries, as AllenNLP does, then the boundaries are dropped), followed by
+dropout 0.5. ``stateful=False`` starts every batch from zero states: the same sentence then
+always gets the same vectors.
 """
 from __future__ import annotations
 
@@ -11,8 +16,9 @@ import torch
 from torch import nn
 
 from bilm.chars import EOS_TOKEN, BOS_TOKEN, CharIdMapper
-from bilm.modules.bilm import BiState
+from bilm.modules.bilm import RowStates
 from bilm.modules.scalar_mix import ScalarMix
+from bilm.published import model_files
 from bilm.weights import load_bilm
 
 _BATCH_MAPPER = CharIdMapper()
@@ -24,46 +30,72 @@ def batch_to_ids(sentences: Sequence[Sequence[str]]) -> torch.Tensor:
 
 
 class Elmo(nn.Module):
-    def __init__(self, options_file: str, weight_file: str, num_output_representations: int,
-                 dropout: float = 0.5, do_layer_norm: bool = False, requires_grad: bool = False,
-                 stateful: bool = False, lstm_impl: str = "exact"):
+    def __init__(self, options_file: Optional[str] = None, weight_file: Optional[str] = None,
+                 num_output_representations: int = 1, requires_grad: bool = False, do_layer_norm: bool = False,
+                 dropout: float = 0.5, vocab_to_cache: Optional[list[str]] = None,
+                 keep_sentence_boundaries: bool = False, scalar_mix_parameters: Optional[list[float]] = None,
+                 *, stateful: bool = True, lstm_impl: str = "exact"):
+        """``options_file``/``weight_file`` as ``ElmoEmbedder`` takes them: paths or URLs, or a
+        published model's name (or a model directory) alone, or nothing for ``original``.
+        ``scalar_mix_parameters``: fixed, untrained mixing weights (AllenNLP's meaning)."""
         super().__init__()
+        if vocab_to_cache is not None:
+            raise ValueError("vocab_to_cache is not supported: the char CNN runs once per distinct token of a "
+                             "batch already; for a precomputed cache use ElmoEmbedder(token_embedding_file=...)")
+        options_file, weight_file = model_files(options_file, weight_file)
         self.bilm = load_bilm(options_file, weight_file, lstm_impl)
         if not self.bilm.char_inputs:
             raise ValueError(f"{options_file}: Elmo needs a char-CNN model")
         for p in self.bilm.parameters():
             p.requires_grad_(requires_grad)
         self.scalar_mixes = nn.ModuleList(
-            ScalarMix(self.bilm.n_layers, do_layer_norm) for _ in range(num_output_representations))
+            ScalarMix(self.bilm.n_layers, do_layer_norm, initial_weights=scalar_mix_parameters,
+                      trainable=scalar_mix_parameters is None)
+            for _ in range(num_output_representations))
         self.dropout = nn.Dropout(dropout)
+        self.keep_sentence_boundaries = keep_sentence_boundaries
         self.stateful = stateful
-        self._state: Optional[BiState] = None
+        self._states = RowStates()
         boundaries = CharIdMapper(self.bilm.options.char_cnn.max_characters_per_token, ())
         self.register_buffer("_bos", torch.from_numpy(boundaries.table[boundaries.row(BOS_TOKEN)]), False)
         self.register_buffer("_eos", torch.from_numpy(boundaries.table[boundaries.row(EOS_TOKEN)]), False)
 
     def reset_states(self) -> None:
-        self._state = None
+        self._states.reset()
 
     def get_output_dim(self) -> int:
         return self.bilm.options.output_dim
 
     def forward(self, char_ids: torch.Tensor) -> dict[str, object]:
-        """char_ids (B, T, 50) from ``batch_to_ids`` -> {"elmo_representations": [(B, T, D)] * n, "mask": (B, T)}."""
+        """char_ids (..., T, 50) from ``batch_to_ids`` -> {"elmo_representations": [(..., T, D)] * n,
+        "mask": (..., T)} (T + 2 with ``keep_sentence_boundaries``)."""
+        leading = char_ids.shape[:-2]
+        char_ids = char_ids.reshape(-1, *char_ids.shape[-2:])
         mask = char_ids[..., 0] > 0
         lengths = mask.sum(dim=1)
         batch_size, n_steps, n_chars = char_ids.shape
-        # Wrap each sentence in <S> .. </S>, then drop them from the outputs.
+        # Wrap each sentence in <S> .. </S>, as AllenNLP's biLM does.
         with_boundaries = char_ids.new_zeros(batch_size, n_steps + 2, n_chars)
         with_boundaries[:, 0] = self._bos.to(char_ids.dtype)
         with_boundaries[:, 1:-1] = char_ids
         with_boundaries[torch.arange(batch_size), lengths + 1] = self._eos.to(char_ids.dtype)
         full_mask = with_boundaries[..., 0] > 0
-        state = self._state if self.stateful and self._state is not None and \
-            self._state["forward"][0][0].shape[0] == batch_size else None
+        state = self._states.get(batch_size) if self.stateful else None
         layers, new_state = self.bilm(with_boundaries, full_mask, state)
         if self.stateful:
-            self._state = {d: [tuple(t.detach() for t in layer) for layer in s] for d, s in new_state.items()}
-        layers = [layer[:, 1:-1] * mask.unsqueeze(-1) for layer in layers]
-        return {"elmo_representations": [self.dropout(mix(layers, mask)) for mix in self.scalar_mixes],
-                "mask": mask}
+            self._states.update(new_state, batch_size)
+        representations = []
+        for mix in self.scalar_mixes:
+            mixed = mix(layers, full_mask)  # layer norm statistics over the boundaries too, as AllenNLP
+            if not self.keep_sentence_boundaries:
+                mixed = _without_boundaries(mixed, lengths)
+            representations.append(self.dropout(mixed).reshape(*leading, *mixed.shape[1:]))
+        out_mask = full_mask if self.keep_sentence_boundaries else mask
+        return {"elmo_representations": representations, "mask": out_mask.reshape(*leading, out_mask.shape[-1])}
+
+
+def _without_boundaries(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, T + 2, D) with <S> and </S> around each sentence -> (B, T, D), zero past each length."""
+    inner = x[:, 1:-1]
+    keep = torch.arange(inner.shape[1], device=x.device).unsqueeze(0) < lengths.unsqueeze(1)
+    return inner * keep.unsqueeze(-1).to(inner.dtype)

@@ -24,7 +24,8 @@ import torch
 from tqdm import tqdm
 
 from bilm.chars import CharIdMapper
-from bilm.modules.bilm import BiState, BidirectionalLM
+from bilm.modules.bilm import BidirectionalLM, RowStates
+from bilm.published import model_files
 from bilm.weights import WeightFileError, load_bilm
 from data_tools.normalize import TextPipeline, warn_suspicious_lines
 
@@ -37,13 +38,25 @@ def _read_vocab_tokens(path: str) -> list[str]:
 
 
 class ElmoEmbedder:
-    def __init__(self, options_file: str, weight_file: str, device: str = "cpu", batch_size: int = 64,
+    def __init__(self, options_file: Optional[str] = None, weight_file: Optional[str] = None,
+                 device: Union[str, int] = "cpu", batch_size: int = 64,
                  stateful: bool = True, token_embedding_file: Optional[str] = None,
                  vocab_file: Optional[str] = None, lstm_impl: str = "exact",
-                 text_pipeline: Union[TextPipeline, None, str] = "auto"):
-        """``text_pipeline``: how ``embed_text`` / ``embed_file`` tokenize raw text. "auto" reads
-        ``tokenizer.json`` beside ``options_file`` (written by ``bilm export``); None, or no such
+                 text_pipeline: Union[TextPipeline, None, str] = "auto", cuda_device: Optional[int] = None):
+        """AllenNLP's ``ElmoEmbedder``: ``ElmoEmbedder()`` is the published ``original`` model
+        (downloaded once to the cache), ``ElmoEmbedder("small")`` another published one or a
+        directory holding ``options.json`` + ``weights.hdf5``, ``ElmoEmbedder(options, weights)``
+        your files (paths or URLs). ``device``: "cpu", "cuda:0", ... or AllenNLP's ``cuda_device``
+        (-1 is the CPU). Stateful by default, as the original.
+
+        ``text_pipeline``: how ``embed_text`` / ``embed_file`` tokenize raw text. "auto" reads
+        ``tokenizer.json`` beside the options (written by ``bilm export``); None, or no such
         file, splits on whitespace."""
+        options_file, weight_file = model_files(options_file, weight_file)
+        if cuda_device is not None:
+            device = cuda_device
+        if isinstance(device, int):
+            device = "cpu" if device < 0 else f"cuda:{device}"
         self.text_pipeline: Optional[TextPipeline] = (
             TextPipeline.load(os.path.dirname(os.path.abspath(options_file))) if text_pipeline == "auto"
             else text_pipeline)
@@ -57,7 +70,7 @@ class ElmoEmbedder:
         max_chars = self.model.options.char_cnn.max_characters_per_token
         self.char_mapper = (CharIdMapper.from_vocab_file(vocab_file, max_chars) if vocab_file
                             else CharIdMapper(max_chars))
-        self._state: Optional[BiState] = None
+        self._states = RowStates()
         self._token_table: Optional[torch.Tensor] = None
         if token_embedding_file is not None:
             if vocab_file is None:
@@ -108,26 +121,7 @@ class ElmoEmbedder:
     # ----- states -----
     def reset_states(self) -> None:
         """Forget the carried LSTM states: the next batch starts from zeros."""
-        self._state = None
-
-    def _batch_state(self, batch_size: int) -> Optional[BiState]:
-        if not self.stateful or self._state is None:
-            return None
-        have = self._state["forward"][0][0].shape[0]
-        if have < batch_size:  # grow with zero rows, as bilm-tf's zero-initialized state variables
-            self._state = {d: [tuple(torch.cat([t, t.new_zeros(batch_size - have, t.shape[1])]) for t in layer)
-                               for layer in layers] for d, layers in self._state.items()}
-        return {d: [tuple(t[:batch_size] for t in layer) for layer in layers] for d, layers in self._state.items()}
-
-    def _store_state(self, new_state: BiState, batch_size: int) -> None:
-        if not self.stateful:
-            return
-        if self._state is None or self._state["forward"][0][0].shape[0] <= batch_size:
-            self._state = new_state
-            return
-        # Rows beyond this batch keep their states (bilm-tf: a smaller batch leaves them untouched).
-        self._state = {d: [tuple(torch.cat([new, old[batch_size:]]) for new, old in zip(new_layer, old_layer))
-                           for new_layer, old_layer in zip(new_state[d], self._state[d])] for d in new_state}
+        self._states.reset()
 
     # ----- embedding -----
     @torch.no_grad()
@@ -136,8 +130,10 @@ class ElmoEmbedder:
         if len(sentences) == 0:
             return []
         tokens, mask = self._token_vectors(sentences)
-        layers, new_state = self.model.contextualize(tokens, mask, self._batch_state(len(sentences)))
-        self._store_state(new_state, len(sentences))
+        state = self._states.get(len(sentences)) if self.stateful else None
+        layers, new_state = self.model.contextualize(tokens, mask, state)
+        if self.stateful:
+            self._states.update(new_state, len(sentences))
         stacked = torch.stack(layers, dim=1).float().cpu().numpy()  # (B, L, T + 2, D)
         return [stacked[i, :, 1 : len(s) + 1].copy() for i, s in enumerate(sentences)]
 

@@ -40,13 +40,13 @@ def test_matches_bilm_tf_stateful():
     embedder = ElmoEmbedder(OPTIONS, WEIGHTS)
     _check_fixture(embedder)
     # A smaller batch leaves the state of row 2 untouched.
-    before = [[t[2].clone() for t in layer] for layer in embedder._state["forward"]]
+    before = [[t[2].clone() for t in layer] for layer in embedder._states.state["forward"]]
     embedder.embed_batch([["a", "b"], ["c"]])
-    after = [[t[2] for t in layer] for layer in embedder._state["forward"]]
+    after = [[t[2] for t in layer] for layer in embedder._states.state["forward"]]
     for b_layer, a_layer in zip(before, after):
         for b, a in zip(b_layer, a_layer):
             assert torch.equal(a, b)
-    changed = [[t[0] for t in layer] for layer in embedder._state["forward"]]
+    changed = [[t[0] for t in layer] for layer in embedder._states.state["forward"]]
     assert not torch.equal(changed[0][0], before[0][0])
 
 

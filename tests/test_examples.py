@@ -48,3 +48,22 @@ def test_classify_falls_back_to_fixture_model(classify, monkeypatch, tmp_path, c
     assert classify.resolve_model(args) == (classify.FIXTURE_OPTIONS, classify.FIXTURE_WEIGHTS)
     assert "note: no demo model" in capsys.readouterr().out
     assert os.path.exists(classify.FIXTURE_OPTIONS) and os.path.exists(classify.FIXTURE_WEIGHTS)
+
+
+def test_classify_cnn_trains_and_prints_accuracy(tmp_path, capsys):
+    """The tutorial-style example: ElmoEmbedder vectors -> Conv1d classifier, on a model directory."""
+    import shutil
+
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(OPTIONS, model / "options.json")
+    shutil.copy(WEIGHTS, model / "weights.hdf5")
+    path = os.path.join(os.path.dirname(EXAMPLE), "classify_cnn.py")
+    spec = importlib.util.spec_from_file_location("classify_cnn_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    accuracy = module.main(["--model", str(model), "--epochs", "3", "--limit", "120"])
+    out = capsys.readouterr().out
+    match = re.search(r"test accuracy ([0-9.]+)", out)
+    assert match and float(match.group(1)) == pytest.approx(accuracy, abs=1e-3)
+    assert "vectors of 32" in out

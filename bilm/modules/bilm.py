@@ -13,6 +13,37 @@ from bilm.options import BiLMOptions
 BiState = dict[str, Optional[list[State]]]  # {"forward": per-layer states, "backward": ...}
 
 
+class RowStates:
+    """LSTM states carried from one batch to the next, row by row: the stateful inference of
+    bilm-tf (its state variables) and of AllenNLP's ``Elmo``. Row k of a batch starts where row k
+    of the previous batch ended; a larger batch gets zero states for its new rows, a smaller one
+    leaves the rows beyond it as they were (a row that is all padding keeps its state too: the
+    LSTM does not advance on masked steps)."""
+
+    def __init__(self) -> None:
+        self.state: Optional[BiState] = None
+
+    def reset(self) -> None:
+        self.state = None
+
+    def get(self, batch_size: int) -> Optional[BiState]:
+        if self.state is None:
+            return None
+        have = self.state["forward"][0][0].shape[0]
+        if have < batch_size:  # grow with zero rows, as bilm-tf's zero-initialized state variables
+            self.state = {d: [tuple(torch.cat([t, t.new_zeros(batch_size - have, t.shape[1])]) for t in layer)
+                              for layer in layers] for d, layers in self.state.items()}
+        return {d: [tuple(t[:batch_size] for t in layer) for layer in layers] for d, layers in self.state.items()}
+
+    def update(self, new_state: BiState, batch_size: int) -> None:
+        new_state = {d: [tuple(t.detach() for t in layer) for layer in layers] for d, layers in new_state.items()}
+        if self.state is None or self.state["forward"][0][0].shape[0] <= batch_size:
+            self.state = new_state
+            return
+        self.state = {d: [tuple(torch.cat([new, old[batch_size:]]) for new, old in zip(new_layer, old_layer))
+                          for new_layer, old_layer in zip(new_state[d], self.state[d])] for d in new_state}
+
+
 def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Reverse the first ``lengths[b]`` steps of each row of (B, T, ...), leaving padding in place
     (TF's reverse_sequence)."""
