@@ -7,7 +7,7 @@ BILM := $(VENV)/bin/bilm
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo_out
 
-.PHONY: demo test setup setup-dev clean
+.PHONY: demo test setup setup-dev clean gpu-check
 
 # The demo needs the package only; the tests also need pytest, hypothesis and deepspeed.
 setup: $(VENV)/.installed
@@ -36,6 +36,11 @@ demo: $(VENV)/.installed
 	$(BILM) export --checkpoint $(DEMO_OUT)/run --out $(DEMO_OUT)/export --force
 	$(BILM) embed --options $(DEMO_OUT)/export/options.json --weights $(DEMO_OUT)/export/weights.hdf5 --input data/sample/demo_sentences.txt --out $(DEMO_OUT)/sentences.hdf5 --force
 	$(PY) examples/nearest_neighbours.py --input data/sample/demo_sentences.txt --embeddings $(DEMO_OUT)/sentences.hdf5 --word bank
+
+# On a GPU machine: every GPU figure in one command (about 5 minutes), written to benchmarks/results/.
+# SMOKE=1: the same script with tiny shapes on the CPU, in seconds (make test runs it too).
+gpu-check: $(VENV)/.installed-dev
+	$(PY) benchmarks/gpu_check.py $(if $(SMOKE),--smoke,)
 
 clean:
 	rm -rf $(DEMO_OUT)

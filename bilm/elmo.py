@@ -34,11 +34,15 @@ class Elmo(nn.Module):
                  num_output_representations: int = 1, requires_grad: bool = False, do_layer_norm: bool = False,
                  dropout: float = 0.5, vocab_to_cache: Optional[list[str]] = None,
                  keep_sentence_boundaries: bool = False, scalar_mix_parameters: Optional[list[float]] = None,
-                 *, stateful: bool = True, lstm_impl: str = "exact"):
+                 *, stateful: bool = True, lstm_impl: str = "exact", precision: str = "fp32"):
         """``options_file``/``weight_file`` as ``ElmoEmbedder`` takes them: paths or URLs, or a
         published model's name (or a model directory) alone, or nothing for ``original``.
-        ``scalar_mix_parameters``: fixed, untrained mixing weights (AllenNLP's meaning)."""
+        ``scalar_mix_parameters``: fixed, untrained mixing weights (AllenNLP's meaning).
+        ``precision="bf16"`` runs the biLM under bf16 autocast (the representations are float32)."""
         super().__init__()
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        self.precision = precision
         if vocab_to_cache is not None:
             raise ValueError("vocab_to_cache is not supported: the char CNN runs once per distinct token of a "
                              "batch already; for a precomputed cache use ElmoEmbedder(token_embedding_file=...)")
@@ -81,7 +85,9 @@ class Elmo(nn.Module):
         with_boundaries[torch.arange(batch_size), lengths + 1] = self._eos.to(char_ids.dtype)
         full_mask = with_boundaries[..., 0] > 0
         state = self._states.get(batch_size) if self.stateful else None
-        layers, new_state = self.bilm(with_boundaries, full_mask, state)
+        with torch.autocast(char_ids.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            layers, new_state = self.bilm(with_boundaries, full_mask, state)
+        layers = [layer.float() for layer in layers]
         if self.stateful:
             self._states.update(new_state, batch_size)
         representations = []

@@ -12,6 +12,7 @@ sentence always gets the same vectors.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -42,7 +43,8 @@ class ElmoEmbedder:
                  device: Union[str, int] = "cpu", batch_size: int = 64,
                  stateful: bool = True, token_embedding_file: Optional[str] = None,
                  vocab_file: Optional[str] = None, lstm_impl: str = "exact",
-                 text_pipeline: Union[TextPipeline, None, str] = "auto", cuda_device: Optional[int] = None):
+                 text_pipeline: Union[TextPipeline, None, str] = "auto", cuda_device: Optional[int] = None,
+                 precision: str = "fp32"):
         """AllenNLP's ``ElmoEmbedder``: ``ElmoEmbedder()`` is the published ``original`` model
         (downloaded once to the cache), ``ElmoEmbedder("small")`` another published one or a
         directory holding ``options.json`` + ``weights.hdf5``, ``ElmoEmbedder(options, weights)``
@@ -51,7 +53,13 @@ class ElmoEmbedder:
 
         ``text_pipeline``: how ``embed_text`` / ``embed_file`` tokenize raw text. "auto" reads
         ``tokenizer.json`` beside the options (written by ``bilm export``); None, or no such
-        file, splits on whitespace."""
+        file, splits on whitespace.
+
+        ``precision``: "fp32", or "bf16" (autocast: matrix multiplies in bfloat16, the LSTM cell
+        state in fp32; vectors are returned as float32 either way)."""
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        self.precision = precision
         options_file, weight_file = model_files(options_file, weight_file)
         if cuda_device is not None:
             device = cuda_device
@@ -129,13 +137,19 @@ class ElmoEmbedder:
         """One float32 array (n_layers + 1, n_tokens, 2 * projection_dim) per sentence."""
         if len(sentences) == 0:
             return []
-        tokens, mask = self._token_vectors(sentences)
-        state = self._states.get(len(sentences)) if self.stateful else None
-        layers, new_state = self.model.contextualize(tokens, mask, state)
+        with self._autocast():
+            tokens, mask = self._token_vectors(sentences)
+            state = self._states.get(len(sentences)) if self.stateful else None
+            layers, new_state = self.model.contextualize(tokens, mask, state)
         if self.stateful:
             self._states.update(new_state, len(sentences))
         stacked = torch.stack(layers, dim=1).float().cpu().numpy()  # (B, L, T + 2, D)
         return [stacked[i, :, 1 : len(s) + 1].copy() for i, s in enumerate(sentences)]
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def embed_sentence(self, tokens: Sequence[str]) -> np.ndarray:
         return self.embed_batch([tokens])[0]

@@ -58,7 +58,7 @@ def summarize(sums: dict) -> dict:
 
 def evaluate(checkpoint: str, data: str, batch_size: Optional[int] = None, unroll_steps: Optional[int] = None,
              per_sentence: bool = False, device: str = "auto", progress: bool = True,
-             pretokenized: bool = False) -> dict:
+             pretokenized: bool = False, precision: str = "fp32") -> dict:
     """Perplexity of a checkpoint on ``data``: a manifest.json (its heldout shards, tokenized by ``bilm
     prepare``), or raw text files, which get the model's own text pipeline (as ``prepare`` applied it to
     the training data) unless ``pretokenized`` (then: whitespace-split, as given)."""
@@ -78,12 +78,13 @@ def evaluate(checkpoint: str, data: str, batch_size: Optional[int] = None, unrol
                                 unroll_steps or cfg.train.unroll_steps, mode="eval", per_sentence=per_sentence,
                                 rank=env.rank, world_size=env.world_size, char_inputs=char_cnn is not None,
                                 max_characters_per_token=char_cnn.max_characters_per_token if char_cnn else 50)
-            sums = perplexity(model, dataset, env.device, progress and env.is_main)
+            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                sums = perplexity(model, dataset, env.device, progress and env.is_main)
         keys = sorted(sums)
         totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], env)))
         result = summarize(totals)
         result.update(checkpoint=found, data=data, batch_size=dataset.batch_size, unroll_steps=dataset.unroll_steps,
-                      per_sentence=per_sentence, world_size=env.world_size,
+                      per_sentence=per_sentence, world_size=env.world_size, precision=precision,
                       tokenizer=None if pretokenized or data.endswith(".json") else
                       (pipeline.describe() if pipeline else {"tokenizer": "whitespace", "recorded": False}))
         return result

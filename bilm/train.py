@@ -219,8 +219,9 @@ class Trainer:
         self.forward_module = self.engine
 
     def autocast(self):
-        if self.cfg.train.precision == "bf16" and self.env.device.type == "cuda" and not self.deepspeed:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bf16 autocast on GPUs and CPUs alike (the LSTM cell state and the softmax stay fp32)."""
+        if self.cfg.train.precision == "bf16" and not self.deepspeed:
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _sync(self):

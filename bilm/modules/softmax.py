@@ -152,9 +152,11 @@ class SoftmaxLayer(nn.Module):
     # ----- full softmax (evaluation) -----
 
     def full_log_probs(self, hidden: Tensor) -> Tensor:
-        """Log-probabilities over the whole vocabulary: ``[..., dim] -> [..., V]``."""
-        logits = F.linear(hidden, self.weight, self.bias)
-        return torch.log_softmax(logits.float(), dim=-1)
+        """Log-probabilities over the whole vocabulary: ``[..., dim] -> [..., V]``, in fp32 even under
+        bf16 autocast (bf16 logits would cost perplexity precision over hundreds of thousands of words)."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = F.linear(hidden.float(), self.weight.float(), self.bias.float())
+        return torch.log_softmax(logits, dim=-1)
 
     def full_loss(self, hidden: Tensor, targets: Tensor, mask: Tensor | None = None,
                   max_logits: int = 1 << 26) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,328 @@
+"""`make gpu-check`: everything a short GPU session should measure, in one prepared command.
+
+    python benchmarks/gpu_check.py                  # on a GPU: ~5 minutes, writes benchmarks/results/gpu-<gpu>-<date>.{md,json}
+    python benchmarks/gpu_check.py --smoke          # anywhere (CPU): tiny shapes, seconds; `make test` runs it
+
+Parts, each in its own process with its own time limit (a part that fails or runs out of time
+is recorded and the others still run):
+- environment: GPU name, driver, torch and CUDA versions, CPU model;
+- cuda-tests: `pytest -m cuda -x -q` (exact == reference on CUDA for outputs and gradients in
+  fp32; bf16 within its stated tolerance);
+- train:<variant>: training tokens/s (forward tokens; synthetic batches) and peak GPU memory for
+  `elmo_original` (batch 128 x unroll 20, 8192 negatives, a 793,471-word vocabulary like the 1B
+  Word Benchmark's): `exact` fp32, `exact` bf16, `exact` bf16 with the compiled LSTM step,
+  `cudnn` bf16 (clips off: cuDNN cannot clip) and `reference` fp32; warm-up steps, then timed
+  steps, synchronised;
+- profile: the 10 kernels that take the most time in a bf16 `exact` training step (torch.profiler);
+- embed: embedder sentences/s (original size, batch 256, 20 tokens) in fp32 and bf16;
+- evaluate: `bilm evaluate` tokens/s with the full 793k softmax, and its peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+VOCAB_1B = 793_471
+TRAIN_VARIANTS = {  # name -> (lstm_impl, precision, compiled LSTM step, clips)
+    "exact-fp32": ("exact", "fp32", "off", True),
+    "exact-bf16": ("exact", "bf16", "off", True),
+    "exact-bf16-compiled": ("exact", "bf16", "on", True),
+    "cudnn-bf16": ("cudnn", "bf16", "off", False),
+    "reference-fp32": ("reference", "fp32", "off", True),
+}
+PARTS = {"environment": 60, "cuda-tests": 120, **{f"train:{v}": 120 for v in TRAIN_VARIANTS}, "profile": 90,
+         "embed": 90, "evaluate": 90}
+SMOKE_LIMIT = 120  # seconds per part on a CPU
+
+
+# ----------------------------------------------------------------------------- the parts (one per process)
+
+def _device():
+    import torch
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gb(device):
+    import torch
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def part_environment(smoke: bool) -> dict:
+    import torch
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+           "cpu": _cpu_model(), "gpu": None, "driver": None}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        out.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
+                   capability=f"{props.major}.{props.minor}")
+        try:
+            out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20).stdout.strip() or None
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return out
+
+
+def part_cuda_tests(smoke: bool) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-x", "-q", "-p", "no:cacheprovider",
+           os.path.join(ROOT, "tests")]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1]
+    # Exit 5 = nothing collected/selected: on a machine without CUDA the cuda tests skip.
+    return {"returncode": done.returncode, "summary": summary, "ok": done.returncode in (0, 5)}
+
+
+def _train_config(smoke: bool, impl: str, precision: str, clips: bool):
+    from bilm.config import load_config
+    overrides = [f"train.lstm_impl={impl}", f"train.precision={precision}", f"train.device={_device().type}"]
+    if smoke:
+        path = os.path.join(ROOT, "configs", "tiny.yaml")
+        overrides += ["train.batch_size=4", "train.unroll_steps=5", "train.n_negative_samples_batch=64"]
+    else:
+        path = os.path.join(ROOT, "configs", "elmo_original.yaml")
+        overrides += ["train.batch_size=128", "train.unroll_steps=20", "train.n_negative_samples_batch=8192"]
+    if not clips:
+        overrides += ["model.lstm.cell_clip=0", "model.lstm.proj_clip=0"]
+    return load_config(path, overrides)
+
+
+def part_train(smoke: bool, variant: str) -> dict:
+    from bilm.distributed import DistEnv
+    from bilm.modules import lstm
+    from train import run  # benchmarks/train.py
+    impl, precision, compile_mode, clips = TRAIN_VARIANTS[variant]
+    device = _device()
+    if impl == "cudnn" and device.type != "cuda":
+        return {"skipped": "cudnn needs CUDA"}
+    if compile_mode == "on" and smoke:
+        return {"skipped": "compiling takes about 40 s on a CPU; tests/test_lstm.py covers it (BILM_TEST_COMPILE=1)"}
+    lstm.set_compile(compile_mode)
+    cfg = _train_config(smoke, impl, precision, clips)
+    _reset_peak(device)
+    steps, warmup = (3, 1) if smoke else (15, 5)
+    result = run(cfg, 500 if smoke else VOCAB_1B, steps, warmup, DistEnv(device=device))
+    return {"tokens_per_second": round(result["tokens_per_second"], 1), "step_ms": round(1000 * result["step_seconds"], 1),
+            "peak_gpu_gb": _peak_gb(device), "batch": cfg.train.batch_size, "unroll": cfg.train.unroll_steps,
+            "negatives": cfg.train.n_negative_samples_batch, "split_ms": {k: round(1000 * v, 1) for k, v in
+                                                                        result["split"].items()}}
+
+
+def part_profile(smoke: bool) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bilm.distributed import DistEnv
+    from bilm.train import Trainer
+    from train import synthetic_batches
+    device = _device()
+    cfg = _train_config(smoke, "exact", "bf16", True)
+    vocab = 500 if smoke else VOCAB_1B
+    trainer = Trainer(cfg, vocab, DistEnv(device=device))
+    batches = synthetic_batches(4, cfg.train.batch_size, cfg.train.unroll_steps, vocab, True)
+    for batch in batches[:2]:
+        trainer.step(batch)
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for batch in batches[2:]:
+            trainer.step(batch)
+        _sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, "device_time_total" if device.type == "cuda"
+                                                               else "self_cpu_time_total", 0), reverse=True)
+    top = [{"name": e.key[:90], "ms_per_step": round(getattr(e, "device_time_total" if device.type == "cuda"
+                                                             else "self_cpu_time_total", 0) / 1000 / 2, 2),
+            "calls_per_step": e.count // 2} for e in events[:10]]
+    return {"sorted_by": key, "top_kernels": top}
+
+
+def part_embed(smoke: bool) -> dict:
+    import torch
+    from bilm import ElmoEmbedder
+    from embed import architecture, random_sentences, write_model
+    device = _device()
+    n, batch = (16, 8) if smoke else (1024, 256)
+    sentences = random_sentences(n, 20)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        options, weights = write_model(architecture(small=smoke), tmp)
+        embedder = ElmoEmbedder(options, weights, device=str(device), batch_size=batch, stateful=False,
+                                text_pipeline=None)
+        for precision in ("fp32", "bf16"):
+            context = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else _nullcontext()
+            with context:
+                embedder.embed_batch(sentences[:batch])  # warm-up
+                _sync(device)
+                _reset_peak(device)
+                start = time.perf_counter()
+                for i in range(0, n, batch):
+                    embedder.embed_batch(sentences[i:i + batch])
+                _sync(device)
+            out[precision] = {"sentences_per_second": round(n / (time.perf_counter() - start), 1),
+                              "peak_gpu_gb": _peak_gb(device)}
+    return out
+
+
+def part_evaluate(smoke: bool) -> dict:
+    import torch
+    from bilm.model import LanguageModel
+    from train import synthetic_batches
+    device = _device()
+    cfg = _train_config(smoke, "exact", "fp32", True)
+    vocab = 500 if smoke else VOCAB_1B
+    model = LanguageModel(cfg.model, vocab, dropout=0.0).to(device).eval()
+    batches = synthetic_batches(4 if smoke else 6, cfg.train.batch_size, cfg.train.unroll_steps, vocab, True)
+    batches = [{k: {kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device)
+                for k, v in b.items()} for b in batches]
+    model.evaluate(batches[0], None)
+    _sync(device)
+    _reset_peak(device)
+    start = time.perf_counter()
+    state = None
+    for batch in batches[1:]:
+        _, state = model.evaluate(batch, state)
+    _sync(device)
+    tokens = cfg.train.batch_size * cfg.train.unroll_steps * (len(batches) - 1)
+    return {"tokens_per_second": round(tokens / (time.perf_counter() - start), 1), "vocab": vocab,
+            "peak_gpu_gb": _peak_gb(device)}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_part(name: str, smoke: bool) -> dict:
+    if name.startswith("train:"):
+        return part_train(smoke, name.split(":", 1)[1])
+    return {"environment": part_environment, "cuda-tests": part_cuda_tests, "profile": part_profile,
+            "embed": part_embed, "evaluate": part_evaluate}[name](smoke)
+
+
+# ----------------------------------------------------------------------------- the driver
+
+def _cpu_model() -> str:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        return re.search(r"Model name:\s*(.*)", text).group(1).strip()
+    except Exception:  # no lscpu: what Python knows
+        return platform.processor() or platform.machine()
+
+
+def _spawn(name: str, smoke: bool, limit: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--part", name] + (["--smoke"] if smoke else [])
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"ran past its {limit:.0f} s limit", "seconds": round(time.perf_counter() - start, 1)}
+    seconds = round(time.perf_counter() - start, 1)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"error": f"exit {done.returncode}: {' | '.join(tail)[:400]}", "seconds": seconds}
+    return {**json.loads(lines[-1][len("RESULT "):]), "seconds": seconds}
+
+
+def _table(results: dict) -> str:
+    env = results.get("environment", {})
+    lines = [f"# GPU check {results['date']}{' (smoke, CPU)' if results['smoke'] else ''}", "",
+             f"GPU {env.get('gpu')} ({env.get('gpu_memory_gb')} GiB), driver {env.get('driver')}, torch "
+             f"{env.get('torch')}, CUDA {env.get('cuda')}, CPU {env.get('cpu')}", "",
+             "| part | result | peak GPU memory | seconds |", "| --- | --- | --- | --- |"]
+    for name, r in results["parts"].items():
+        if name == "environment":
+            continue
+        if "error" in r:
+            text = f"FAILED: {r['error']}"
+        elif "skipped" in r:
+            text = f"skipped: {r['skipped']}"
+        elif name.startswith("train:"):
+            text = f"{r['tokens_per_second']:,.0f} tokens/s (step {r['step_ms']} ms; batch {r['batch']} x {r['unroll']}, " \
+                   f"{r['negatives']} negatives)"
+        elif name == "embed":
+            text = ", ".join(f"{p} {v['sentences_per_second']:,.0f} sentences/s" for p, v in r.items()
+                             if isinstance(v, dict))
+        elif name == "evaluate":
+            text = f"{r['tokens_per_second']:,.0f} tokens/s (vocabulary {r['vocab']:,})"
+        elif name == "cuda-tests":
+            text = r["summary"]
+        elif name == "profile":
+            text = "; ".join(f"{k['name']} {k['ms_per_step']} ms" for k in r["top_kernels"][:3]) + " (top 3; all in .json)"
+        else:
+            text = json.dumps(r)
+        peak = r.get("peak_gpu_gb") if isinstance(r, dict) else None
+        if name == "embed" and "error" not in r and "skipped" not in r:
+            peak = max((v.get("peak_gpu_gb") or 0 for v in r.values() if isinstance(v, dict)), default=None) or None
+        lines.append(f"| {name} | {text} | {peak if peak is not None else '-'} | {r.get('seconds', '-')} |")
+    if "profile" in results["parts"] and "top_kernels" in results["parts"]["profile"]:
+        lines += ["", f"Top kernels of a bf16 `exact` training step ({results['parts']['profile']['sorted_by']}):", "",
+                  "| kernel | ms per step | calls per step |", "| --- | --- | --- |"]
+        lines += [f"| {k['name']} | {k['ms_per_step']} | {k['calls_per_step']} |"
+                  for k in results["parts"]["profile"]["top_kernels"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device there is (seconds)")
+    p.add_argument("--out", help="results directory (default benchmarks/results; with --smoke a temporary one)")
+    p.add_argument("--part", help=argparse.SUPPRESS)  # run one part in this process, print RESULT <json>
+    p.add_argument("--only", nargs="+", metavar="PART", help=f"run these parts only (of {', '.join(PARTS)})")
+    a = p.parse_args(argv)
+    if a.part:
+        print("RESULT " + json.dumps(run_part(a.part, a.smoke)), flush=True)
+        return {}
+
+    date = datetime.date.today().isoformat()
+    results = {"date": date, "smoke": a.smoke, "parts": {}}
+    for name, limit in PARTS.items():
+        if a.only and name not in a.only and name.split(":")[0] not in a.only:
+            continue
+        print(f"gpu-check: {name} ...", file=sys.stderr, flush=True)
+        results["parts"][name] = _spawn(name, a.smoke, SMOKE_LIMIT if a.smoke else limit)
+    results["environment"] = results["parts"].get("environment", {})
+    out_dir = a.out or (tempfile.mkdtemp(prefix="gpu-check-") if a.smoke else os.path.join(HERE, "results"))
+    os.makedirs(out_dir, exist_ok=True)
+    gpu = results["environment"].get("gpu") or "cpu"
+    stem = os.path.join(out_dir, f"gpu-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-').lower()}-{date}")
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    table = _table(results)
+    with open(stem + ".md", "w") as f:
+        f.write(table)
+    print(table)
+    print(f"wrote {stem}.md and .json", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()
