@@ -92,6 +92,8 @@ def main() -> None:
                         help="cpu and/or cuda (default: cpu, and cuda when present)")
     parser.add_argument("--small", action="store_true", help="a smaller architecture (1024 -> 128 cells, fewer filters)")
     parser.add_argument("--impls", nargs="+", default=["exact", "reference"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                        help="fp32 and/or bf16 (autocast); each is timed in the same process")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -107,8 +109,10 @@ def main() -> None:
         options_file, weight_file = write_model(options, directory)
         for device_name in devices:
             device = torch.device(device_name)
-            embedders = {impl: ElmoEmbedder(options_file, weight_file, device=device_name, batch_size=args.batch_size,
-                                            stateful=False, lstm_impl=impl) for impl in args.impls}
+            embedders = {f"{impl} {precision}": ElmoEmbedder(options_file, weight_file, device=device_name,
+                                                             batch_size=args.batch_size, stateful=False, lstm_impl=impl,
+                                                             precision=precision, text_pipeline=None)
+                         for impl in args.impls for precision in args.precisions}
             for embedder in embedders.values():  # warm-up: one batch
                 time_pass(embedder, sentences[: args.batch_size], args.batch_size, device)
             best = {impl: float("inf") for impl in embedders}
@@ -120,11 +124,15 @@ def main() -> None:
             print(f"{'small' if args.small else 'original'}-size ELMo on {device_name} ({where}), torch {torch.__version__}; "
                   f"{args.sentences} sentences x {args.tokens} tokens, batch {args.batch_size}, best of {args.rounds}; "
                   f"load average {os.getloadavg()[0]:.2f}")
-            for impl, seconds in best.items():
+            for key, seconds in best.items():
+                impl, precision = key.split()
                 rate = args.sentences / seconds
-                line = f"  {impl:10s} {rate:8.1f} sentences/s  ({seconds:6.2f} s)"
-                if "reference" in best and impl != "reference":
-                    line += f"  {best['reference'] / seconds:.2f}x reference"
+                line = f"  {impl:10s} {precision}  {rate:8.1f} sentences/s  ({seconds:6.2f} s)"
+                baseline = f"reference {precision}"
+                if baseline in best and impl != "reference":
+                    line += f"  {best[baseline] / seconds:.2f}x reference"
+                if precision == "bf16" and f"{impl} fp32" in best:
+                    line += f"  {best[f'{impl} fp32'] / seconds:.2f}x fp32"
                 print(line)
 
 

@@ -159,6 +159,15 @@ def test_second_run_on_the_same_directory_refuses_at_once(tmp_path):
     first = subprocess.Popen(_bilm(*_train_args(run, "train.max_steps=400", "train.checkpoint_every_steps=100000",
                                                 "train.log_every_steps=10")),
                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _check_second_run_refused(first, run)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+
+
+def _check_second_run_refused(first, run):
     lock = run / LOCK_NAME
     deadline = time.time() + 60
     while not (lock.exists() and "pid" in lock.read_text()) and time.time() < deadline:
@@ -268,14 +277,20 @@ def test_torchrun_restarts_a_killed_rank_and_finishes_the_same_run(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     done = subprocess.run(torchrun(full, 0), env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    proc = subprocess.Popen(torchrun(part, 1), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(_logged(part)) < 3:  # 30 steps done: checkpoints at 10, 20, 30
-        time.sleep(0.2)
-    workers = _children(proc.pid)
-    assert len(workers) == 2 and proc.poll() is None
-    os.kill(max(workers), signal.SIGKILL)  # one rank dies mid-run
-    out = proc.communicate(timeout=600)[0]
+    proc = subprocess.Popen(torchrun(part, 1), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and len(_logged(part)) < 3:  # 30 steps done: checkpoints at 10, 20, 30
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert len(workers) == 2 and proc.poll() is None
+        os.kill(max(workers), signal.SIGKILL)  # one rank dies mid-run
+        out = proc.communicate(timeout=600)[0]
+    finally:  # never leave torchrun and its workers behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     with open(tmp_path / "torchrun.log", "w") as f:
         f.write(out)
     assert proc.returncode == 0, out[-3000:]
@@ -294,8 +309,14 @@ def test_two_nodes_on_one_machine_equal_one_process(tmp_path):
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                                f"--node-rank={rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
                                "--rdzv-id=bilm-test", script, double], env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
     assert all(node.returncode == 0 for node in nodes), outputs[0][-2000:] + outputs[1][-2000:]
     a, b = torch.load(single), torch.load(double)
     for key, value in a["params"].items():
