@@ -133,7 +133,6 @@ def part_train(smoke: bool, variant: str) -> dict:
 
 
 def part_profile(smoke: bool) -> dict:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from bilm.distributed import DistEnv
@@ -189,7 +188,6 @@ def part_embed(smoke: bool) -> dict:
 
 
 def part_evaluate(smoke: bool) -> dict:
-    import torch
     from bilm.model import LanguageModel
     from train import synthetic_batches
     device = _device()

@@ -258,6 +258,11 @@ def load_bilmtf_state(model, optimizer, weights: dict[str, np.ndarray], accumula
         model.softmax.bias.copy_(torch.from_numpy(softmax_b))
     if optimizer is None:
         return
+    if not isinstance(optimizer, torch.optim.Adagrad):
+        import warnings
+        warnings.warn(f"{source}: the optimizer is {type(optimizer).__name__}, not bilm-tf's Adagrad: "
+                      "its state starts afresh (the accumulators are not carried over)", stacklevel=2)
+        return
     # The accumulators have the weights' names and layouts: load them into a twin of the model
     # through the same table, then move each into the optimizer state of its parameter.
     twin = copy.deepcopy(model)
@@ -276,12 +281,8 @@ def load_bilmtf_state(model, optimizer, weights: dict[str, np.ndarray], accumula
 def import_bilmtf(save_dir: str, vocab_file: str, out_dir: str, overrides: Sequence[str] = (),
                   force: bool = False) -> dict:
     """Write ``out_dir/checkpoints/step-N.pt`` and ``out_dir/config.yaml`` from a bilm-tf save_dir."""
-    import torch
-
-    from bilm.checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
-    from bilm.config import config_from_dict, config_to_dict, save_config
-    from bilm.model import LanguageModel
-    from bilm.train import build_optimizer
+    from bilm.checkpoint import RunLock
+    from bilm.config import config_from_dict
     from bilm.vocab import Vocabulary
 
     options_path = os.path.join(save_dir, "options.json")
@@ -301,6 +302,21 @@ def import_bilmtf(save_dir: str, vocab_file: str, out_dir: str, overrides: Seque
                          f"{options['n_tokens_vocab']}: give the vocab the run was trained with")
 
     ckpt_dir = os.path.join(out_dir, "checkpoints")
+    lock = RunLock(out_dir).acquire()  # not while a bilm train writes into the same directory
+    try:
+        return _write_import(cfg, vocab, weights, accumulators, step, prefix, out_dir, ckpt_dir, force)
+    finally:
+        lock.release()
+
+
+def _write_import(cfg, vocab, weights, accumulators, step, prefix, out_dir, ckpt_dir, force) -> dict:
+    import torch
+
+    from bilm.checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
+    from bilm.config import config_to_dict, save_config
+    from bilm.model import LanguageModel
+    from bilm.train import build_optimizer
+
     if list_checkpoints(ckpt_dir) and not force:
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints; pass --force to add the imported one")
     torch.manual_seed(0)

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 
-import h5py
 import pytest
 import torch
 
