@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from bilm.modules.softmax import SoftmaxLayer, clip_grad_norm_
+from bilm.gradients import clip_grad_norm_
+from bilm.modules.softmax import SoftmaxLayer
 
 
 def sync(device: torch.device) -> None:

@@ -315,7 +315,7 @@ def _write_import(cfg, vocab, weights, accumulators, step, prefix, out_dir, ckpt
     from bilm.checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
     from bilm.config import config_to_dict, save_config
     from bilm.model import LanguageModel
-    from bilm.train import build_optimizer
+    from bilm.strategy import build_optimizer
 
     if list_checkpoints(ckpt_dir) and not force:
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints; pass --force to add the imported one")

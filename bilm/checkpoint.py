@@ -169,14 +169,11 @@ def deepspeed_dir(directory: str) -> str:
 
 
 def prune_checkpoints(directory: str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` checkpoints, with their DeepSpeed state
-    (``deepspeed/step-N``); returns the deleted ones."""
+    """Delete all but the newest ``keep`` checkpoints; returns the deleted ones (the training
+    strategy then deletes what it kept beside them, e.g. DeepSpeed's ``deepspeed/step-N``)."""
     removed = list_checkpoints(directory)[:-keep] if keep > 0 else []
     for path in removed:
         os.remove(path)
-        ds = os.path.join(deepspeed_dir(directory), os.path.basename(path)[: -len(".pt")])
-        if os.path.isdir(ds):
-            shutil.rmtree(ds)
     return removed
 
 

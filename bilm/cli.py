@@ -260,6 +260,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from bilm.logs import setup_logging
+    setup_logging()
     if args.command in ("train", "evaluate", "embed"):
         from bilm.malloc import keep_freed_memory
         keep_freed_memory()  # large tensors every step: reuse their memory (see bilm/malloc.py)

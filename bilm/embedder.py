@@ -27,15 +27,11 @@ from tqdm import tqdm
 from bilm.chars import CharIdMapper
 from bilm.modules.bilm import BidirectionalLM, RowStates
 from bilm.published import model_files
+from bilm.vocab import read_tokens
 from bilm.weights import WeightFileError, load_bilm
 from data_tools.normalize import TextPipeline, warn_suspicious_lines
 
 OUTPUT_FORMATS = ("all", "top", "average")
-
-
-def _read_vocab_tokens(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n").split("\t")[0] for line in f if line.strip()]
 
 
 class ElmoEmbedder:
@@ -90,7 +86,7 @@ class ElmoEmbedder:
         """The cache as a table indexed by the char mapper's rows. Tokens it lacks (<S>, </S>, words
         not in the vocab) go through the char CNN once and are added, so cache mode gives the same
         vectors as char mode for every token."""
-        tokens = _read_vocab_tokens(vocab_file)
+        tokens = read_tokens(vocab_file)
         try:
             with h5py.File(path, "r") as f:
                 if "embedding" not in f:
@@ -236,7 +232,7 @@ def dump_token_embeddings(vocab_file: str, options_file: str, weight_file: str, 
                           batch_size: int = 512, device: str = "cpu", progress: bool = True) -> int:
     """Write the context-independent token vectors of every vocab token (bilm-tf's
     ``dump_token_embeddings``): dataset ``embedding`` (n_tokens, projection_dim), vocab order."""
-    tokens = _read_vocab_tokens(vocab_file)
+    tokens = read_tokens(vocab_file)
     model = load_bilm(options_file, weight_file).to(device)
     mapper = CharIdMapper(model.options.char_cnn.max_characters_per_token)
     table = np.zeros((len(tokens), model.options.projection_dim), dtype=np.float32)

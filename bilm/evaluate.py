@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from bilm.data import LMDataset, resolve_shards
 from bilm.distributed import all_reduce_sum, init_distributed, shutdown
-from bilm.export import model_from_checkpoint
+from bilm.pretrained import model_from_checkpoint
 from bilm.model import DIRECTIONS, LanguageModel, reset_state_rows
 from bilm.train import to_device
 from bilm.vocab import Vocabulary

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from bilm.modules.bilm import BiState, BidirectionalLM
+from bilm.modules.bilm import BiState, BidirectionalLM, map_state
 from bilm.modules.softmax import SoftmaxLayer
 from bilm.options import BiLMOptions
 
@@ -30,10 +30,7 @@ class DirectionLoss:
 
 def detach_state(state: Optional[BiState]) -> Optional[BiState]:
     """Truncated BPTT: keep the values, cut the graph."""
-    if state is None:
-        return None
-    return {d: None if layers is None else [tuple(t.detach() for t in layer) for layer in layers]
-            for d, layers in state.items()}
+    return map_state(state, torch.Tensor.detach)
 
 
 def reset_state_rows(state: Optional[BiState], rows: torch.Tensor) -> Optional[BiState]:
@@ -41,8 +38,14 @@ def reset_state_rows(state: Optional[BiState], rows: torch.Tensor) -> Optional[B
     if state is None or not bool(rows.any()):
         return state
     keep = (~rows).unsqueeze(-1)
-    return {d: None if layers is None else [tuple(t * keep.to(t.dtype) for t in layer) for layer in layers]
-            for d, layers in state.items()}
+    return map_state(state, lambda t: t * keep.to(t.dtype))
+
+
+def _all_valid(direction_batch: dict) -> bool:
+    """Whether every position holds data. ``bilm.data`` says so in ``all_valid`` (known on the CPU);
+    asking the mask on a GPU would wait for the device."""
+    known = direction_batch.get("all_valid")
+    return known if known is not None else bool(direction_batch["mask"].all())
 
 
 class LanguageModel(nn.Module):
@@ -74,7 +77,7 @@ class LanguageModel(nn.Module):
         # One token-encoder call for both directions: the char CNN runs on the larger batch.
         tokens = self.bilm.embed_tokens(torch.cat([self._inputs(fwd), self._inputs(bwd)]))
         fwd_tokens, bwd_tokens = tokens.chunk(2)
-        masks = [None if bool(b["mask"].all()) else b["mask"] for b in (fwd, bwd)]
+        masks = [None if _all_valid(b) else b["mask"] for b in (fwd, bwd)]
         fwd_out, bwd_out, new_state = self.bilm.run_lstms(fwd_tokens, bwd_tokens, state, *masks)
         return {"forward": fwd_out[-1], "backward": bwd_out[-1]}, new_state
 

@@ -28,6 +28,29 @@ def _utf8_lines(f, path: str) -> list[str]:
         raise VocabularyError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
+def read_tokens(path: str | os.PathLike) -> list[str]:
+    """The tokens of a vocabulary file, one per line (a tab and anything after it ignored, as in
+    ``vocab_counts``-style files), checked: UTF-8, no whitespace inside a token, blank lines only at
+    the end. Any order: a published ELMo vocabulary starts ``</S>``, ``<S>``, ``<UNK>``, which
+    ``Vocabulary`` (``<S>``, ``</S>``, ``<UNK>`` first) would refuse."""
+    path = os.fspath(path)
+    tokens: list[str] = []
+    blank_line = 0  # a blank line is only allowed at the end of the file
+    with open(path, encoding="utf-8") as f:
+        lines = _utf8_lines(f, path)
+        for number, line in enumerate(lines, start=1):
+            token = line.rstrip("\r\n").split("\t", 1)[0]
+            if not token.strip():
+                blank_line = blank_line or number
+                continue
+            if blank_line:
+                raise VocabularyError(f"{path}, line {blank_line}: empty line inside the vocabulary")
+            if token != token.strip() or len(token.split()) != 1:
+                raise VocabularyError(f"{path}, line {number}: token {token!r} contains whitespace")
+            tokens.append(token)
+    return tokens
+
+
 class Vocabulary:
     """Token <-> id mapping with ``<S>``=0, ``</S>``=1, ``<UNK>``=2."""
 
@@ -55,21 +78,7 @@ class Vocabulary:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Vocabulary":
         path = os.fspath(path)
-        tokens: list[str] = []
-        blank_line = 0  # a blank line is only allowed at the end of the file
-        with open(path, encoding="utf-8") as f:
-            lines = _utf8_lines(f, path)
-            for number, line in enumerate(lines, start=1):
-                token = line.rstrip("\r\n").split("\t", 1)[0]
-                if not token.strip():
-                    blank_line = blank_line or number
-                    continue
-                if blank_line:
-                    raise VocabularyError(f"{path}, line {blank_line}: empty line inside the vocabulary")
-                if token != token.strip() or len(token.split()) != 1:
-                    raise VocabularyError(f"{path}, line {number}: token {token!r} contains whitespace")
-                tokens.append(token)
-        return cls(tokens, source=path)
+        return cls(read_tokens(path), source=path)
 
     def __len__(self) -> int:
         return len(self._tokens)

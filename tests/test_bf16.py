@@ -45,7 +45,7 @@ def test_training_step_in_bf16_on_cpu_follows_fp32():
         trainer = Trainer(tiny_config(f"train.precision={precision}", "train.dropout=0.0"), 32, DistEnv())
         from bilm.data import LMDataset
         data = iter(LMDataset(TRAIN_DATA, TRAIN_VOCAB, 2, 10, mode="train", seed=0))
-        losses[precision] = [trainer.step(next(data)).loss for _ in range(3)]
+        losses[precision] = [float(trainer.step(next(data)).loss) for _ in range(3)]
     assert losses["bf16"] != losses["fp32"]  # autocast did run in bf16
     np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=2e-2)
 

@@ -11,7 +11,8 @@ import torch
 from bilm import ElmoEmbedder
 from bilm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from bilm.evaluate import evaluate
-from bilm.export import export, model_from_checkpoint
+from bilm.export import export
+from bilm.pretrained import model_from_checkpoint
 from bilm.config import config_to_dict
 from bilm.distributed import DistEnv
 from bilm.train import Trainer, train

@@ -182,5 +182,5 @@ def test_train_init_model_starts_from_the_published_weights(server, tmp_path):
     assert bilm_main(["train", "--config", TINY, "--data", TRAIN_DATA, "--vocab", TRAIN_VOCAB, "--out", str(run),
                       "--init-model", "fixture", "--set", "train.max_steps=1", "--set", "train.device=cpu",
                       "--no-progress"]) == 0
-    from bilm.export import model_from_checkpoint
+    from bilm.pretrained import model_from_checkpoint
     assert model_from_checkpoint(str(run)).config.model.lstm.projection_dim == 16  # the fixture's architecture

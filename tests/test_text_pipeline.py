@@ -17,7 +17,8 @@ from bilm import ElmoEmbedder
 from bilm.cli import main as bilm_main
 from bilm.data import load_manifest
 from bilm.evaluate import evaluate
-from bilm.export import export, model_from_checkpoint
+from bilm.export import export
+from bilm.pretrained import model_from_checkpoint
 from bilm.train import train
 from conftest import OPTIONS, WEIGHTS
 from data_tools.normalize import TextPipeline

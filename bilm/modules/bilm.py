@@ -1,7 +1,7 @@
 """The bidirectional language model body: a shared token encoder and separate forward and backward LSTM stacks."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -11,6 +11,20 @@ from bilm.modules.token_encoder import CharCNNEncoder, WordEmbeddingEncoder
 from bilm.options import BiLMOptions
 
 BiState = dict[str, Optional[list[State]]]  # {"forward": per-layer states, "backward": ...}
+
+
+def map_state(state: Optional[BiState], fn: Callable[[torch.Tensor], torch.Tensor]) -> Optional[BiState]:
+    """``fn`` applied to every tensor of a BiState (h and c of every layer of both directions)."""
+    if state is None:
+        return None
+    return {d: None if layers is None else [tuple(fn(t) for t in layer) for layer in layers]
+            for d, layers in state.items()}
+
+
+def zip_states(a: BiState, b: BiState, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> BiState:
+    """``fn(ta, tb)`` for the matching tensors of two BiStates of the same structure."""
+    return {d: [tuple(fn(ta, tb) for ta, tb in zip(layer_a, layer_b)) for layer_a, layer_b in zip(a[d], b[d])]
+            for d in a}
 
 
 class RowStates:
@@ -31,17 +45,15 @@ class RowStates:
             return None
         have = self.state["forward"][0][0].shape[0]
         if have < batch_size:  # grow with zero rows, as bilm-tf's zero-initialized state variables
-            self.state = {d: [tuple(torch.cat([t, t.new_zeros(batch_size - have, t.shape[1])]) for t in layer)
-                              for layer in layers] for d, layers in self.state.items()}
-        return {d: [tuple(t[:batch_size] for t in layer) for layer in layers] for d, layers in self.state.items()}
+            self.state = map_state(self.state, lambda t: torch.cat([t, t.new_zeros(batch_size - have, t.shape[1])]))
+        return map_state(self.state, lambda t: t[:batch_size])
 
     def update(self, new_state: BiState, batch_size: int) -> None:
-        new_state = {d: [tuple(t.detach() for t in layer) for layer in layers] for d, layers in new_state.items()}
+        new_state = map_state(new_state, torch.Tensor.detach)
         if self.state is None or self.state["forward"][0][0].shape[0] <= batch_size:
             self.state = new_state
             return
-        self.state = {d: [tuple(torch.cat([new, old[batch_size:]]) for new, old in zip(new_layer, old_layer))
-                          for new_layer, old_layer in zip(new_state[d], self.state[d])] for d in new_state}
+        self.state = zip_states(new_state, self.state, lambda new, old: torch.cat([new, old[batch_size:]]))
 
 
 def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

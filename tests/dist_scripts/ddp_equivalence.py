@@ -32,7 +32,8 @@ def rows(batch, start, stop):
 def main(out_path, strategy="ddp"):
     overrides = ["train.dropout=0.0", "train.same_negative_samples_across_ranks=true", f"train.strategy={strategy}"]
     if strategy == "deepspeed":
-        overrides.append(f"train.deepspeed_config={os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'deepspeed', 'zero1_cpu.json')}")
+        overrides.append(f"train.deepspeed_config={os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'deepspeed', 'zero1.json')}")
+        overrides.append("train.sparse_softmax=false")
     cfg = tiny_config(*overrides)
     env = init_distributed("cpu")
     share = GLOBAL_ROWS // env.world_size
@@ -40,7 +41,7 @@ def main(out_path, strategy="ddp"):
     initial = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     losses = []
     for batch in global_batches():
-        losses.append(trainer.step(rows(batch, env.rank * share, (env.rank + 1) * share)).loss)
+        losses.append(float(trainer.step(rows(batch, env.rank * share, (env.rank + 1) * share)).loss))
     if env.is_main:
         torch.save({"params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
                     "initial": initial, "losses": losses}, out_path)
