@@ -150,7 +150,7 @@ class Trainer:
         t = cfg.train
         self.deepspeed = t.strategy == "deepspeed"
         seed_everything(t.seed)  # same initial weights on every rank
-        self.model = LanguageModel(cfg.model, vocab_size, dropout=t.dropout, lstm_impl=t.lstm_impl,
+        self.model = LanguageModel(cfg.model, vocab_size, dropout=t.dropout, lstm_impl=t.lstm_impl, lstm_compile=t.lstm_compile,
                                    sparse_softmax=t.sparse_softmax and not self.deepspeed)
         if init and init.get("weights"):
             from bilm.export import load_pretrained
