@@ -97,9 +97,10 @@ def part_cuda_tests(smoke: bool) -> dict:
     return {"returncode": done.returncode, "summary": summary, "ok": done.returncode in (0, 5)}
 
 
-def _train_config(smoke: bool, impl: str, precision: str, clips: bool):
+def _train_config(smoke: bool, impl: str, precision: str, clips: bool, compile_mode: str = "auto"):
     from bilm.config import load_config
-    overrides = [f"train.lstm_impl={impl}", f"train.precision={precision}", f"train.device={_device().type}"]
+    overrides = [f"train.lstm_impl={impl}", f"train.precision={precision}", f"train.device={_device().type}",
+                 f"train.lstm_compile={compile_mode}"]
     if smoke:
         path = os.path.join(ROOT, "configs", "tiny.yaml")
         overrides += ["train.batch_size=4", "train.unroll_steps=5", "train.n_negative_samples_batch=64"]
@@ -113,7 +114,6 @@ def _train_config(smoke: bool, impl: str, precision: str, clips: bool):
 
 def part_train(smoke: bool, variant: str) -> dict:
     from bilm.distributed import DistEnv
-    from bilm.modules import lstm
     from train import run  # benchmarks/train.py
     impl, precision, compile_mode, clips = TRAIN_VARIANTS[variant]
     device = _device()
@@ -121,8 +121,7 @@ def part_train(smoke: bool, variant: str) -> dict:
         return {"skipped": "cudnn needs CUDA"}
     if compile_mode == "on" and smoke:
         return {"skipped": "compiling takes about 40 s on a CPU; tests/test_lstm.py covers it (BILM_TEST_COMPILE=1)"}
-    lstm.set_compile(compile_mode)
-    cfg = _train_config(smoke, impl, precision, clips)
+    cfg = _train_config(smoke, impl, precision, clips, compile_mode)
     _reset_peak(device)
     steps, warmup = (3, 1) if smoke else (15, 5)
     result = run(cfg, 500 if smoke else VOCAB_1B, steps, warmup, DistEnv(device=device))

@@ -21,7 +21,6 @@ import time
 
 import torch
 
-import bilm.modules.lstm as lstm_module
 from bilm.modules.bilm import BidirectionalLM
 from bilm.options import BiLMOptions, LstmOptions
 
@@ -31,13 +30,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(impl: str, args: argparse.Namespace, device: torch.device) -> BidirectionalLM:
+def build(impl: str, args: argparse.Namespace, device: torch.device, compile_mode: str = "off") -> BidirectionalLM:
     clip = None if args.no_clip else 3.0
     options = BiLMOptions(lstm=LstmOptions(dim=args.dim, projection_dim=args.projection_dim, n_layers=args.layers,
                                            cell_clip=clip, proj_clip=clip, use_skip_connections=True),
                           char_cnn=None, n_tokens_vocab=16)
     torch.manual_seed(0)
-    return BidirectionalLM(options, lstm_impl=impl).to(device).train()
+    return BidirectionalLM(options, lstm_impl=impl, lstm_compile=compile_mode).to(device).train()
 
 
 def make_step(model: BidirectionalLM, args: argparse.Namespace, device: torch.device):
@@ -87,17 +86,15 @@ def main() -> None:
         variants.append(("exact+compile", "exact", "on"))
     steps = {}
     for name, impl, compile_mode in variants:
-        lstm_module.set_compile(compile_mode)
-        model = build(impl, args, device)
-        steps[name] = (make_step(model, args, device), compile_mode)
+        model = build(impl, args, device, compile_mode)
+        steps[name] = make_step(model, args, device)
         start = time.perf_counter()
-        steps[name][0]()  # warm-up (and compile)
+        steps[name]()  # warm-up (and compile)
         sync(device)
         print(f"{name:14s} warm-up {time.perf_counter() - start:6.1f} s")
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):
-        for name, (step, compile_mode) in steps.items():
-            lstm_module.set_compile(compile_mode)
+        for name, step in steps.items():
             sync(device)
             start = time.perf_counter()
             step()
@@ -117,8 +114,7 @@ def main() -> None:
         print(line)
 
     if args.profile:
-        lstm_module.set_compile("off")
-        step = steps["exact"][0] if "exact" in steps else make_step(build("exact", args, device), args, device)
+        step = steps["exact"] if "exact" in steps else make_step(build("exact", args, device), args, device)
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)

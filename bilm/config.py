@@ -53,6 +53,9 @@ class TrainConfig:
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed_config: str | None = None    # path of a DeepSpeed JSON/YAML config
     lstm_impl: str = "exact"               # one of bilm.modules.lstm.LSTM_IMPLS
+    # torch.compile of the exact LSTM's per-step math: auto = on for CUDA only (on a CPU compiling
+    # took ~20 s and did not pay), on, off. The other lstm_impls ignore it.
+    lstm_compile: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
@@ -221,6 +224,8 @@ def _coerce(value: Any, hint: Any, key: str, source: _Source) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(value, inner, key, source)
     if origin is Literal:
+        if isinstance(value, bool) and "on" in args and "off" in args:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off (yes/no, true/false) as a boolean
         if value not in args:
             raise ConfigError(f"{source.where(key)}: key '{key}' must be one of "
                               f"{', '.join(map(repr, args))}, got {value!r}")

@@ -56,13 +56,13 @@ class LanguageModel(nn.Module):
     """
 
     def __init__(self, options: BiLMOptions, vocab_size: int, dropout: float = 0.1,
-                 lstm_impl: str = "exact", sparse_softmax: bool = True):
+                 lstm_impl: str = "exact", sparse_softmax: bool = True, lstm_compile: str = "auto"):
         super().__init__()
         if options.char_cnn is None and options.n_tokens_vocab is None:
             options.n_tokens_vocab = vocab_size
         self.options = options
         self.dropout = dropout
-        self.bilm = BidirectionalLM(options, dropout=dropout, lstm_impl=lstm_impl)
+        self.bilm = BidirectionalLM(options, dropout=dropout, lstm_impl=lstm_impl, lstm_compile=lstm_compile)
         self.softmax = SoftmaxLayer(vocab_size, options.projection_dim, sparse=sparse_softmax)
 
     def _inputs(self, direction_batch: dict) -> torch.Tensor:

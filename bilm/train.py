@@ -100,7 +100,7 @@ class Trainer:
         check_config(cfg)
         seed_everything(t.seed)  # same initial weights on every rank
         self.model = LanguageModel(cfg.model, vocab_size, dropout=t.dropout, lstm_impl=t.lstm_impl,
-                                   sparse_softmax=t.sparse_softmax)
+                                   lstm_compile=t.lstm_compile, sparse_softmax=t.sparse_softmax)
         if init and init.get("weights"):
             from bilm.pretrained import load_pretrained
             report = load_pretrained(self.model, init["weights"], init.get("options"), init.get("softmax"),

@@ -181,6 +181,19 @@ def test_bad_values_and_syntax(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_lstm_compile_key(tmp_path):
+    """auto by default; YAML reads a bare on/off as a boolean, which means the mode it spells."""
+    assert load_config(CONFIGS / "tiny.yaml").train.lstm_compile == "auto"
+    for text, mode in (("on", "on"), ("off", "off"), ("'off'", "off"), ("auto", "auto"), ("true", "on")):
+        assert load_config(CONFIGS / "tiny.yaml", [f"train.lstm_compile={text}"]).train.lstm_compile == mode
+    text = (CONFIGS / "tiny.yaml").read_text(encoding="utf-8")
+    cfg = load_config(write(tmp_path, text.replace("  lstm_compile: auto", "  lstm_compile: off")))
+    assert cfg.train.lstm_compile == "off"
+    assert config_from_dict(config_to_dict(cfg)).train.lstm_compile == "off"
+    with pytest.raises(ConfigError, match=r"key 'train\.lstm_compile' must be one of 'auto', 'on', 'off', got 'sometimes'"):
+        load_config(CONFIGS / "tiny.yaml", ["train.lstm_compile=sometimes"])
+
+
 # ----- round trips -----
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -7,20 +7,24 @@ import torch
 
 import bilm.modules.lstm as lstm_module
 from bilm.modules.bilm import BidirectionalLM
-from bilm.modules.lstm import LstmStack, LstmWithProjection, set_compile
+from bilm.distributed import DistEnv
+from bilm.model import LanguageModel
+from bilm.modules.lstm import LstmStack, LstmWithProjection
 from bilm.options import BiLMOptions, LstmOptions
+from bilm.train import Trainer
+from train_helpers import tiny_config
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _pair(input_dim=5, cell=7, proj=3, cell_clip=None, proj_clip=None, seed=0, impl="exact", std=1.0):
+def _pair(input_dim=5, cell=7, proj=3, cell_clip=None, proj_clip=None, seed=0, impl="exact", std=1.0, compile="auto"):
     torch.manual_seed(seed)
     ref = LstmWithProjection(input_dim, cell, proj, cell_clip, proj_clip, impl="reference")
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, std)  # large weights so the clips are actually hit
-    fast = LstmWithProjection(input_dim, cell, proj, cell_clip, proj_clip, impl=impl)
+    fast = LstmWithProjection(input_dim, cell, proj, cell_clip, proj_clip, impl=impl, compile=compile)
     fast.load_state_dict(ref.state_dict())
     return ref, fast
 
@@ -72,12 +76,16 @@ def test_exact_equals_reference_random_shapes(seed, clip):
     """Outputs, final states and every gradient (inputs, carried states, parameters) agree for
     random shapes, with and without a projection, masks with holes and empty rows, and the
     clips hit."""
+    _check_random_shapes(seed, clip)
+
+
+def _check_random_shapes(seed, clip, compile="auto"):
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     batch, steps, input_dim, cell = rng.randint(1, 5), rng.randint(1, 9), rng.randint(1, 6), rng.randint(2, 9)
     proj = cell if seed % 3 == 0 else rng.randint(1, cell - 1)  # seed 0, 3: no projection matrix
     cell_clip, proj_clip = clip or (None, None)
-    ref, fast = _pair(input_dim, cell, proj, cell_clip, proj_clip, seed=seed, std=0.8)
+    ref, fast = _pair(input_dim, cell, proj, cell_clip, proj_clip, seed=seed, std=0.8, compile=compile)
     x = torch.randn(batch, steps, input_dim, generator=gen)
     mask = _random_mask(batch, steps, gen) if seed % 2 == 0 else None
     state = (torch.randn(batch, proj, generator=gen), torch.randn(batch, cell, generator=gen)) if seed % 4 != 1 else None
@@ -172,11 +180,11 @@ def test_stack_dropout_drops_every_layer_input_in_training_only():
     assert not torch.allclose(eval_outs[0], zeros_out[0])
 
 
-def _bilm(lstm_impl, clip=0.5, seed=0):
+def _bilm(lstm_impl, clip=0.5, seed=0, compile="auto"):
     options = BiLMOptions(lstm=LstmOptions(dim=6, projection_dim=4, n_layers=2, cell_clip=clip, proj_clip=clip,
                                            use_skip_connections=True), char_cnn=None, n_tokens_vocab=11)
     torch.manual_seed(seed)
-    model = BidirectionalLM(options, lstm_impl=lstm_impl)
+    model = BidirectionalLM(options, lstm_impl=lstm_impl, lstm_compile=compile)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.7)
@@ -209,6 +217,10 @@ def _together(model, fwd, bwd, state, fmask, bmask):
 def test_run_lstms_equals_the_two_stacks_separately(with_state):
     """The lock-step path of run_lstms (both directions in one bmm per step) equals running the
     stacks one after the other, and the reference implementation, with gradients."""
+    _check_run_lstms(with_state)
+
+
+def _check_run_lstms(with_state, compile="auto"):
     gen = torch.Generator().manual_seed(5)
     fwd, bwd = torch.randn(3, 5, 4, generator=gen), torch.randn(3, 5, 4, generator=gen)
     fmask, bmask = _random_mask(3, 5, gen), _random_mask(3, 5, gen)
@@ -216,7 +228,7 @@ def test_run_lstms_equals_the_two_stacks_separately(with_state):
     if with_state:  # the backward direction starts from zeros: states may be given per direction
         state = {"forward": [(torch.randn(3, 4, generator=gen), torch.randn(3, 6, generator=gen)) for _ in range(2)],
                  "backward": None}
-    exact, ref = _bilm("exact"), _bilm("reference")
+    exact, ref = _bilm("exact", compile=compile), _bilm("reference")
     together = _bilm_run(exact, _together, fwd, bwd, state, fmask, bmask)
     exact.zero_grad()
     separately = _bilm_run(exact, _separately, fwd, bwd, state, fmask, bmask)
@@ -287,6 +299,23 @@ def test_exact_under_bf16_autocast_keeps_fp32_cell_state():
     assert x.grad is not None and all(p.grad.dtype == torch.float32 for p in fast.parameters())
 
 
+def _counting_compile(monkeypatch):
+    """torch.compile replaced by a wrapper that counts calls of the "compiled" step functions
+    (and runs them eagerly); a fresh cache of compiled steps."""
+    calls = {"_step_forward": 0, "_step_backward": 0}
+
+    def fake_compile(fn, **kwargs):
+        def compiled(*args):
+            calls[fn.__name__] += 1
+            return fn(*args)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(lstm_module, "_compiled", {})
+    monkeypatch.setattr(lstm_module, "_compile_failed", False)
+    return calls
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch):
     def broken_compile(fn, **kwargs):
         def run(*args):
@@ -296,25 +325,65 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken_compile)
     monkeypatch.setattr(lstm_module, "_compiled", {})
     monkeypatch.setattr(lstm_module, "_compile_failed", False)
-    monkeypatch.setattr(lstm_module, "_compile_mode", "on")
-    ref, fast = _pair(cell_clip=0.5, proj_clip=0.5)
+    ref, fast = _pair(cell_clip=0.5, proj_clip=0.5, compile="on")
     x = torch.randn(2, 4, 5)
     with pytest.warns(RuntimeWarning, match="torch.compile of the LSTM step failed"):
         out, _ = fast(x)
     torch.testing.assert_close(out, ref(x)[0], **TOL)
     assert lstm_module._compile_failed
-    with pytest.raises(ValueError):
-        set_compile("sometimes")
+    for cls, args in ((LstmWithProjection, (5, 7, 3)), (LstmStack, (4, LstmOptions(dim=6, projection_dim=4)))):
+        with pytest.raises(ValueError, match="compile mode"):
+            cls(*args, compile="sometimes")
+
+
+def test_compile_is_per_module_not_per_process(monkeypatch):
+    """Stacks built with different compile settings in one process each keep their own: the
+    "on" stack runs the compiled step (forward and backward), the "off" and "auto" (on a CPU)
+    ones the eager step, in any order, and the results agree."""
+    calls = _counting_compile(monkeypatch)
+    options = LstmOptions(dim=6, projection_dim=4, n_layers=2, cell_clip=0.5, proj_clip=0.5, use_skip_connections=True)
+    torch.manual_seed(0)
+    stacks = {mode: LstmStack(4, options, compile=mode) for mode in ("on", "off", "auto")}
+    stacks["off"].load_state_dict(stacks["on"].state_dict())
+    stacks["auto"].load_state_dict(stacks["on"].state_dict())
+    x = torch.randn(3, 5, 4)
+    outputs = {}
+    for mode in ("on", "off", "auto", "on", "off"):
+        before = dict(calls)
+        outs, _ = stacks[mode](x)
+        sum(o.sum() for o in outs).backward()
+        outputs[mode] = outs[-1].detach()
+        ran_compiled = {name: calls[name] > before[name] for name in calls}
+        assert ran_compiled == {"_step_forward": mode == "on", "_step_backward": mode == "on"}, mode
+        assert stacks[mode].compile_mode == mode and all(layer.compile_mode == mode for layer in stacks[mode].layers)
+    torch.testing.assert_close(outputs["on"], outputs["off"], **TOL)
+    torch.testing.assert_close(outputs["auto"], outputs["off"], rtol=0, atol=0)
+
+
+def test_compile_setting_reaches_the_stacks_from_the_config(monkeypatch):
+    """train.lstm_compile -> Trainer -> LanguageModel -> BidirectionalLM -> both stacks and their
+    layers; stacks of different settings do not run in lock step."""
+    for mode in ("on", "off"):
+        trainer = Trainer(tiny_config(f"train.lstm_compile={mode}", "train.device=cpu"), 32, DistEnv())
+        bilm = trainer.model.bilm
+        for stack in (bilm.forward_lstm, bilm.backward_lstm):
+            assert stack.compile_mode == mode and all(layer.compile_mode == mode for layer in stack.layers)
+    assert LanguageModel(_bilm("exact").options, 11).bilm.forward_lstm.compile_mode == "auto"
+    calls = _counting_compile(monkeypatch)
+    model = _bilm("exact", compile="on")
+    model.backward_lstm = _bilm("exact", compile="off").backward_lstm
+    f_out, b_out, _ = model.run_lstms(torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+    assert calls["_step_forward"] == 3 * 2  # 3 steps x 2 layers, the forward stack only
+    assert not lstm_module.can_run_together([model.forward_lstm, model.backward_lstm], [f_out[0], b_out[0]])
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("BILM_TEST_COMPILE") != "1", reason="compiling takes ~20 s on CPU; BILM_TEST_COMPILE=1 runs it")
 def test_compiled_step_equals_reference(monkeypatch):
-    monkeypatch.setattr(lstm_module, "_compile_mode", "on")
     monkeypatch.setattr(lstm_module, "_compile_failed", False)
     for seed in range(2):
-        test_exact_equals_reference_random_shapes(seed, (0.4, 0.1))
-    test_run_lstms_equals_the_two_stacks_separately(True)
+        _check_random_shapes(seed, (0.4, 0.1), compile="on")
+    _check_run_lstms(True, compile="on")
     assert not lstm_module._compile_failed
 
 

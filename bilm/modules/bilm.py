@@ -71,9 +71,11 @@ class BidirectionalLM(nn.Module):
     """Token encoder + forward and backward LSTM stacks (separate weights), as bilm-tf.
 
     The softmax is not here: it belongs to training (``bilm.model``); inference needs only this.
+    ``lstm_impl`` and ``lstm_compile`` are the stacks' ``impl`` and ``compile`` (``LstmStack``).
     """
 
-    def __init__(self, options: BiLMOptions, dropout: float = 0.0, lstm_impl: str = "exact"):
+    def __init__(self, options: BiLMOptions, dropout: float = 0.0, lstm_impl: str = "exact",
+                 lstm_compile: str = "auto"):
         super().__init__()
         self.options = options
         dim = options.projection_dim
@@ -83,8 +85,8 @@ class BidirectionalLM(nn.Module):
             if not options.n_tokens_vocab:
                 raise ValueError("word-input mode (no 'char_cnn' in options) needs 'n_tokens_vocab'")
             self.token_encoder = WordEmbeddingEncoder(options.n_tokens_vocab, dim)
-        self.forward_lstm = LstmStack(dim, options.lstm, dropout, lstm_impl)
-        self.backward_lstm = LstmStack(dim, options.lstm, dropout, lstm_impl)
+        self.forward_lstm = LstmStack(dim, options.lstm, dropout, lstm_impl, lstm_compile)
+        self.backward_lstm = LstmStack(dim, options.lstm, dropout, lstm_impl, lstm_compile)
 
     @property
     def char_inputs(self) -> bool:

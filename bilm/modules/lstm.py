@@ -21,8 +21,9 @@ Three implementations (``impl``), all with the same parameters and state dict:
     math; weight gradients in one matrix multiply over all steps at the end). It runs D
     independent layers in lock step, stacked on a leading dim, so the forward and
     backward LMs advance in one ``bmm`` per step (``run_exact_stacks``). The per-step
-    pointwise math can be fused with ``torch.compile`` (see ``set_compile``). Gate math
-    and the cell state are fp32 even under bf16 autocast.
+    pointwise math can be fused with ``torch.compile`` (the ``compile`` argument of the
+    layer and the stack: ``auto``, ``on``, ``off``; config key ``train.lstm_compile``).
+    Gate math and the cell state are fp32 even under bf16 autocast.
 ``reference``
     The plain loop: one cell call per step, no precomputed input projection, autograd
     for the backward. For tests, and the baseline of the benchmarks.
@@ -31,11 +32,14 @@ Three implementations (``impl``), all with the same parameters and state dict:
     reordered on the fly. It cannot clip, so it refuses ``cell_clip``/``proj_clip``.
     Masks must be right-padded (each row a prefix of True); rows run packed to their
     lengths.
+
+The cell is defined once (``GATES``, ``FORGET_BIAS``, ``_clip`` and the helpers next to
+them): the three implementations read the gate layout, the forget bias and the clips from
+there, and the stack around the layers (dropout, skip connections) is ``_run_layers`` for all.
 """
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -46,14 +50,64 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from bilm.options import LstmOptions
 
-FORGET_BIAS = 1.0
 LSTM_IMPLS = ("exact", "reference", "cudnn")
+COMPILE_MODES = ("auto", "on", "off")
 
 State = tuple[torch.Tensor, torch.Tensor]  # (h: (B, projection_dim), c: (B, cell_dim))
 
 
+# --------------------------------------------------------------------------------------
+# The cell, defined once: the gate layout, the forget bias and the clips. The exact step,
+# the reference cell and the cuDNN reorder all read them from here.
+# --------------------------------------------------------------------------------------
+
+# Order of the four gate blocks along the 4C dim of input_weight, state_weight and bias
+# (TF's LSTMCell): i input gate, j new input (the tanh block), f forget gate, o output gate.
+GATES = "ijfo"
+# Added to the forget gate's pre-activation in the cell, never stored in the bias (as TF).
+FORGET_BIAS = 1.0
+# nn.LSTM's gate order (i, f, g, o), in our names: its g is our j.
+_TORCH_LSTM_GATES = "ifjo"
+_GATE_POSITIONS = tuple(GATES.index(g) for g in "ijfo")  # where i, j, f, o sit
+
+
+def _split_gates(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (..., 4C) in GATES order -> views of the blocks (i, j, f, o), whatever that order."""
+    blocks = x.chunk(4, dim=-1)
+    return tuple(blocks[k] for k in _GATE_POSITIONS)  # type: ignore[return-value]
+
+
+def _gate_block(x: torch.Tensor, gate: str, gates: str = GATES) -> torch.Tensor:
+    """The (..., C) view of one gate's block of x (..., 4C) laid out in ``gates`` order."""
+    n_cells = x.shape[-1] // 4
+    k = gates.index(gate)
+    return x[..., k * n_cells:(k + 1) * n_cells]
+
+
+def _reorder_gates(w: torch.Tensor, gates: str) -> torch.Tensor:
+    """w (4C, ...) from GATES order to ``gates`` order (a copy)."""
+    blocks = w.chunk(4, dim=0)
+    return torch.cat([blocks[GATES.index(g)] for g in gates], dim=0)
+
+
+def _plus_forget_bias(bias: torch.Tensor, gates: str = GATES) -> torch.Tensor:
+    """``bias`` (..., 4C) in ``gates`` order with FORGET_BIAS added to the forget block. TF adds
+    it in every step (as the reference cell does); adding it once to the bias is the same sum
+    (up to float rounding, ~1e-7) and saves a pointwise op per step."""
+    forget = torch.zeros(bias.shape[-1], dtype=bias.dtype, device=bias.device)
+    _gate_block(forget, "f", gates).fill_(FORGET_BIAS)
+    return bias + forget
+
+
 def _clip(x: torch.Tensor, value: Optional[float]) -> torch.Tensor:
+    """The cell and projection clips: clamp to [-value, value]; None means no clip."""
     return x if value is None else x.clamp(-value, value)
+
+
+def _clip_grad(grad: torch.Tensor, x: torch.Tensor, value: Optional[float]) -> torch.Tensor:
+    """The gradient through ``_clip(x.float(), value)``: passed where -value <= x <= value
+    (bounds included, as torch.clamp does), zero elsewhere."""
+    return grad if value is None else grad * (x.float().abs() <= value)
 
 
 # --------------------------------------------------------------------------------------
@@ -72,24 +126,30 @@ def _tanh(x: torch.Tensor, via_sigmoid: bool) -> torch.Tensor:
     return torch.mul(x, 2.0).sigmoid_().mul_(2.0).sub_(1.0)
 
 
+def _activate_gates_(gates: torch.Tensor, tanh_via_sigmoid: bool) -> None:
+    """The gate nonlinearities in place on the pre-activations (..., 4C): tanh on j, sigmoid on
+    the others (f's FORGET_BIAS is already in the bias, see ``_plus_forget_bias``)."""
+    j = _gate_block(gates, "j")
+    if tanh_via_sigmoid:  # one sigmoid over all four blocks, j's doubled first: tanh(z) = 2 sigmoid(2z) - 1
+        j.mul_(2.0)
+        gates.sigmoid_()
+        j.mul_(2.0).sub_(1.0)
+    else:  # the blocks before j, j, the blocks after j
+        n_cells, k = j.shape[-1], _GATE_POSITIONS[1]
+        gates[..., :k * n_cells].sigmoid_()
+        j.tanh_()
+        gates[..., (k + 1) * n_cells:].sigmoid_()
+
+
 def _step_forward(xz_t: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh_t: torch.Tensor,
                   w_proj_t: Optional[torch.Tensor], keep: Optional[torch.Tensor],
                   cell_clip: Optional[float], proj_clip: Optional[float], tanh_via_sigmoid: bool):
     """One step. xz_t (D, B, 4C): input part with both biases; h (D, B, P) in the matmul dtype;
     c (D, B, C) fp32. Returns the step output, the carried (h, c) and what the backward needs."""
-    n_cells = c.shape[-1]
     # A fresh tensor, so the activations can overwrite it: it becomes the saved gates.
     gates = torch.baddbmm(xz_t, h, w_hh_t).float()
-    if tanh_via_sigmoid:  # one sigmoid over all four blocks, j's doubled first: tanh(z) = 2 sigmoid(2z) - 1
-        j = gates[..., n_cells:2 * n_cells]
-        j.mul_(2.0)
-        gates.sigmoid_()
-        j.mul_(2.0).sub_(1.0)
-    else:
-        gates[..., :n_cells].sigmoid_()
-        gates[..., n_cells:2 * n_cells].tanh_()
-        gates[..., 2 * n_cells:].sigmoid_()  # f (its +1 is in the bias), o
-    i, j, f, o = gates.split(n_cells, dim=-1)
+    _activate_gates_(gates, tanh_via_sigmoid)
+    i, j, f, o = _split_gates(gates)
     c_raw = torch.addcmul(f * c, i, j)
     c_new = _clip(c_raw, cell_clip)
     tanh_c = _tanh(c_new, tanh_via_sigmoid)
@@ -115,29 +175,26 @@ def _step_backward(dh: torch.Tensor, dc: torch.Tensor, dout_t: torch.Tensor, gat
     (D, B, 4C, the matmul dtype) and returns the gradients of the state before the step and
     dr (D, B, P), the gradient of the projection's output."""
     dtype = r.dtype
-    n_cells = c_raw.shape[-1]
     dh_new = dout_t.float() + dh
     if keep is not None:  # a masked row passes its state gradient straight through
         dh_skip, dc_skip = torch.where(keep, 0.0, dh), torch.where(keep, 0.0, dc)
         dh_new, dc = torch.where(keep, dh_new, 0.0), torch.where(keep, dc, 0.0)
-    # clamp passes the gradient where min <= x <= max (bounds included), as torch.clamp does.
-    dr = dh_new if proj_clip is None else dh_new * (r.float().abs() <= proj_clip)
-    dr = dr.to(dtype)
+    dr = _clip_grad(dh_new, r, proj_clip).to(dtype)
     dm = (torch.bmm(dr, w_proj) if w_proj is not None else dr).float()
-    i, j, f, o = gates.split(n_cells, dim=-1)
+    i, j, f, o = _split_gates(gates)
     dc_new = torch.addcmul(dc, dm * o, 1.0 - tanh_c * tanh_c)
-    dc_raw = dc_new if cell_clip is None else dc_new * (c_raw.abs() <= cell_clip)
+    dc_raw = _clip_grad(dc_new, c_raw, cell_clip)
     # Gradient of each gate's activation output, then times the activation's derivative:
     # s (1 - s) for the sigmoids i, f, o and 1 - j^2 for tanh.
     # Written in place (no cat); in fp32 first when dz is bf16, rounded once at the end.
     dz32 = dz if dz.dtype == torch.float32 else torch.empty_like(gates)
-    dz_i, dz_j, dz_f, dz_o = dz32.split(n_cells, dim=-1)
+    dz_i, dz_j, dz_f, dz_o = _split_gates(dz32)
     torch.mul(dc_raw, j, out=dz_i)
     torch.mul(dc_raw, i, out=dz_j)
     torch.mul(dc_raw, c_prev, out=dz_f)
     torch.mul(dm, tanh_c, out=dz_o)
     d_act = torch.addcmul(gates, gates, gates, value=-1.0)
-    torch.addcmul(torch.ones_like(j), j, j, value=-1.0, out=d_act[..., n_cells:2 * n_cells])
+    torch.addcmul(torch.ones_like(j), j, j, value=-1.0, out=_gate_block(d_act, "j"))
     dz32.mul_(d_act)
     if dz32 is not dz:
         dz.copy_(dz32)
@@ -151,29 +208,27 @@ def _step_backward(dh: torch.Tensor, dc: torch.Tensor, dout_t: torch.Tensor, gat
 
 # --------------------------------------------------------------------------------------
 # Optional torch.compile of the two step functions (fuses the pointwise gate math).
+#
+# The mode belongs to the module that runs the step (the ``compile`` argument of
+# LstmWithProjection and LstmStack): ``"on"``, ``"off"``, or ``"auto"`` (default; on for
+# CUDA tensors only: on CPU at 2 cores compiling took ~20 s and did not pay for itself in
+# our benchmarks, see ``benchmarks/lstm.py``). What is process-wide is only a cache: the
+# compiled functions (PyTorch also caches kernels, in memory and on disk by Inductor), and
+# that compiling failed once: then the eager step is used from then on, with a warning.
 # --------------------------------------------------------------------------------------
 
-_COMPILE_MODES = ("auto", "on", "off")
-_compile_mode = os.environ.get("BILM_LSTM_COMPILE", "auto").lower()
 _compiled: dict[str, Callable] = {}
 _compile_failed = False
 
 
-def set_compile(mode: str) -> None:
-    """Fuse the exact path's per-step math with ``torch.compile``: ``"on"``, ``"off"``, or
-    ``"auto"`` (default; on for CUDA tensors only: on CPU at 2 cores compiling took ~20 s and
-    did not pay for itself in our benchmarks, see ``benchmarks/lstm.py``). The environment
-    variable ``BILM_LSTM_COMPILE`` sets the initial mode. Compiled kernels are cached by
-    PyTorch (in memory, and on disk by Inductor); if compiling fails, the eager step is used
-    from then on, with a warning."""
-    global _compile_mode
-    if mode not in _COMPILE_MODES:
-        raise ValueError(f"compile mode must be one of {_COMPILE_MODES}, got {mode!r}")
-    _compile_mode = mode
+def _check_compile_mode(mode: str) -> str:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"lstm compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    return mode
 
 
-def _step_functions(device: torch.device) -> tuple[Callable, Callable]:
-    use = _compile_mode == "on" or (_compile_mode == "auto" and device.type == "cuda")
+def _step_functions(compile_mode: str, device: torch.device) -> tuple[Callable, Callable]:
+    use = compile_mode == "on" or (compile_mode == "auto" and device.type == "cuda")
     if not use or _compile_failed or not hasattr(torch, "compile"):
         return _step_forward, _step_backward
     if not _compiled:
@@ -207,15 +262,15 @@ def _per_step_keep(keep: Optional[torch.Tensor], n_steps: int) -> list[Optional[
 
 def _run_recurrence(xz: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
                     w_proj: Optional[torch.Tensor], keep: Optional[torch.Tensor],
-                    cell_clip: Optional[float], proj_clip: Optional[float], save: bool):
+                    cell_clip: Optional[float], proj_clip: Optional[float], compile_mode: str, save: bool):
     """The forward loop. xz (D, T, B, 4C); h0 (D, B, P); c0 (D, B, C); w_hh (D, 4C, P);
-    w_proj (D, P, C) or None; keep (D, T, B, 1) bool or None.
+    w_proj (D, P, C) or None; keep (D, T, B, 1) bool or None; compile_mode one of COMPILE_MODES.
     Returns out (D, T, B, P) in xz's dtype, h_T, c_T (fp32), and the per-step saved tensors."""
     dtype = xz.dtype
     w_hh_t = w_hh.to(dtype).transpose(1, 2)
     w_proj_t = w_proj.to(dtype).transpose(1, 2) if w_proj is not None else None
     h, c = h0.to(dtype), c0.float()
-    step, _ = _step_functions(xz.device)
+    step, _ = _step_functions(compile_mode, xz.device)
     # The sigmoid form of tanh pays on CPU, in eager mode (a compiled step fuses tanh itself).
     tanh_via_sigmoid = xz.device.type == "cpu" and step is _step_forward
     step_keep = _per_step_keep(keep, xz.shape[1])
@@ -237,12 +292,14 @@ class _Recurrence(torch.autograd.Function):
     recurrent matmuls and the pointwise math; the weight gradients in one bmm over all steps."""
 
     @staticmethod
-    def forward(ctx, xz, h0, c0, w_hh, w_proj, keep, cell_clip, proj_clip):
+    def forward(ctx, xz, h0, c0, w_hh, w_proj, keep, cell_clip, proj_clip, compile_mode):
         with torch.autocast(device_type=xz.device.type, enabled=False):  # dtypes handled by hand
-            out, h, c, saved = _run_recurrence(xz, h0, c0, w_hh, w_proj, keep, cell_clip, proj_clip, save=True)
+            out, h, c, saved = _run_recurrence(xz, h0, c0, w_hh, w_proj, keep, cell_clip, proj_clip, compile_mode,
+                                               save=True)
         ctx.save_for_backward(w_hh, w_proj, keep)
         ctx.steps = saved
         ctx.clips = (cell_clip, proj_clip)
+        ctx.compile_mode = compile_mode
         ctx.state_dtypes = (h0.dtype, c0.dtype)
         return out, h, c
 
@@ -257,7 +314,7 @@ class _Recurrence(torch.autograd.Function):
         with torch.autocast(device_type=d_out.device.type, enabled=False):
             w_hh_c = w_hh.to(dtype)
             w_proj_c = w_proj.to(dtype) if w_proj is not None else None
-            _, step = _step_functions(d_out.device)
+            _, step = _step_functions(ctx.compile_mode, d_out.device)
             # Undefined (None) output gradients are zeros.
             dh = d_h.float() if d_h is not None else d_out.new_zeros(n_dirs, batch_size, w_hh.shape[-1], dtype=torch.float32)
             dc = d_c.float() if d_c is not None else torch.zeros_like(steps[0][1])
@@ -278,17 +335,7 @@ class _Recurrence(torch.autograd.Function):
                 d_r = torch.stack(drs, dim=1).flatten(1, 2)  # (D, T*B, P)
                 d_w_proj = torch.bmm(d_r.transpose(1, 2), ms).to(w_proj.dtype)
         return (d_xz, dh.to(ctx.state_dtypes[0]), dc.to(ctx.state_dtypes[1]), d_w_hh, d_w_proj,
-                None, None, None)
-
-
-def _plus_forget_bias(bias: torch.Tensor, block: int) -> torch.Tensor:
-    """``bias`` (..., 4C) with FORGET_BIAS added to gate block ``block``. TF adds it in every
-    step; adding it once to the bias is the same sum (up to float rounding, ~1e-7) and saves
-    a pointwise op per step."""
-    n_cells = bias.shape[-1] // 4
-    forget = torch.zeros(bias.shape[-1], dtype=bias.dtype, device=bias.device)
-    forget[block * n_cells:(block + 1) * n_cells] = FORGET_BIAS
-    return bias + forget
+                None, None, None, None)
 
 
 def _stack_params(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -303,7 +350,7 @@ def _exact_layers(layers: Sequence["LstmWithProjection"], x: torch.Tensor, h0: t
     first = layers[0]
     n_dirs, n_steps, batch_size, input_dim = x.shape
     n_cells = first.cell_dim
-    bias = _plus_forget_bias(_stack_params([layer.bias for layer in layers]), block=2)  # (i, j, f, o)
+    bias = _plus_forget_bias(_stack_params([layer.bias for layer in layers]))
     w_ih = _stack_params([layer.input_weight for layer in layers])
     # All time steps' input projections in one (batched) matrix multiply.
     xz = torch.baddbmm(bias.unsqueeze(1), x.reshape(n_dirs, n_steps * batch_size, input_dim),
@@ -312,7 +359,7 @@ def _exact_layers(layers: Sequence["LstmWithProjection"], x: torch.Tensor, h0: t
     w_hh = _stack_params([layer.state_weight for layer in layers])
     w_proj = (_stack_params([layer.projection_weight for layer in layers])
               if first.projection_weight is not None else None)
-    args = (xz, h0, c0, w_hh, w_proj, keep, first.cell_clip, first.proj_clip)
+    args = (xz, h0, c0, w_hh, w_proj, keep, first.cell_clip, first.proj_clip, first.compile_mode)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
         return _Recurrence.apply(*args)
     with torch.autocast(device_type=x.device.type, enabled=False):
@@ -325,8 +372,12 @@ def _exact_layers(layers: Sequence["LstmWithProjection"], x: torch.Tensor, h0: t
 # --------------------------------------------------------------------------------------
 
 class LstmWithProjection(nn.Module):
+    """One layer. ``impl``: one of LSTM_IMPLS. ``compile``: torch.compile of the exact path's
+    step, one of COMPILE_MODES (``auto``: on CUDA only); the other impls ignore it."""
+
     def __init__(self, input_dim: int, cell_dim: int, projection_dim: int,
-                 cell_clip: Optional[float] = None, proj_clip: Optional[float] = None, impl: str = "exact"):
+                 cell_clip: Optional[float] = None, proj_clip: Optional[float] = None, impl: str = "exact",
+                 compile: str = "auto"):
         super().__init__()
         if impl not in LSTM_IMPLS:
             raise ValueError(f"lstm impl must be one of {LSTM_IMPLS}, got {impl!r}")
@@ -335,6 +386,8 @@ class LstmWithProjection(nn.Module):
                              "use impl 'exact', or set both clips to 0/None in the options")
         self.input_dim, self.cell_dim, self.projection_dim = input_dim, cell_dim, projection_dim
         self.cell_clip, self.proj_clip, self.impl = cell_clip, proj_clip, impl
+        # Not ``self.compile``: that would hide nn.Module.compile.
+        self.compile_mode = _check_compile_mode(compile)
         self.input_weight = nn.Parameter(torch.empty(4 * cell_dim, input_dim))
         self.state_weight = nn.Parameter(torch.empty(4 * cell_dim, projection_dim))
         self.bias = nn.Parameter(torch.empty(4 * cell_dim))
@@ -358,7 +411,9 @@ class LstmWithProjection(nn.Module):
         return (like.new_zeros(batch_size, self.projection_dim), like.new_zeros(batch_size, self.cell_dim))
 
     def _cell(self, z: torch.Tensor, c_prev: torch.Tensor) -> State:
-        i, j, f, o = z.chunk(4, dim=-1)
+        """The reference step, written as the semantics read (TF's LSTMCell): z (B, 4C) the
+        pre-activations, FORGET_BIAS added here in every step."""
+        i, j, f, o = _split_gates(z)
         c = torch.sigmoid(f + FORGET_BIAS) * c_prev + torch.sigmoid(i) * torch.tanh(j)
         c = _clip(c, self.cell_clip)
         h = torch.sigmoid(o) * torch.tanh(c)
@@ -395,14 +450,13 @@ class LstmWithProjection(nn.Module):
 
     # ----- cudnn: nn.LSTM fed with our parameters -----
     def _torch_lstm_params(self) -> dict[str, torch.Tensor]:
-        """Our parameters in nn.LSTM's layout: gate blocks (i, j, f, o) -> (i, f, g=j, o) and the
-        forget bias folded into the bias. Built per call, so gradients reach our parameters and
-        the published-format export is unchanged."""
+        """Our parameters in nn.LSTM's layout: gate blocks from GATES order to nn.LSTM's
+        (i, f, g=j, o) and the forget bias folded into the bias. Built per call, so gradients
+        reach our parameters and the published-format export is unchanged."""
         def reorder(w: torch.Tensor) -> torch.Tensor:
-            i, j, f, o = w.chunk(4, dim=0)
-            return torch.cat([i, f, j, o], dim=0)
+            return _reorder_gates(w, _TORCH_LSTM_GATES)
 
-        bias = _plus_forget_bias(reorder(self.bias), block=1)  # (i, f, g, o)
+        bias = _plus_forget_bias(reorder(self.bias), _TORCH_LSTM_GATES)
         params = {"weight_ih_l0": reorder(self.input_weight), "weight_hh_l0": reorder(self.state_weight),
                   "bias_ih_l0": bias, "bias_hh_l0": torch.zeros_like(bias)}
         if self.projection_weight is not None:
@@ -446,43 +500,61 @@ def _keep_mask(masks: torch.Tensor) -> Optional[torch.Tensor]:
 
 class LstmStack(nn.Module):
     """``n_layers`` LSTMs; with skip connections, layer k >= 1 adds its input to its output (bilm-tf's
-    ResidualWrapper). ``dropout`` (training only) drops each layer's input, as bilm-tf's DropoutWrapper."""
+    ResidualWrapper). ``dropout`` (training only) drops each layer's input, as bilm-tf's DropoutWrapper.
+    ``impl`` and ``compile`` as ``LstmWithProjection``'s, for every layer."""
 
-    def __init__(self, input_dim: int, options: LstmOptions, dropout: float = 0.0, impl: str = "exact"):
+    def __init__(self, input_dim: int, options: LstmOptions, dropout: float = 0.0, impl: str = "exact",
+                 compile: str = "auto"):
         super().__init__()
         self.options = options
         self.dropout = dropout
         self.impl = impl
         dims = [input_dim] + [options.projection_dim] * (options.n_layers - 1)
         self.layers = nn.ModuleList(
-            LstmWithProjection(d, options.dim, options.projection_dim, options.cell_clip, options.proj_clip, impl)
+            LstmWithProjection(d, options.dim, options.projection_dim, options.cell_clip, options.proj_clip, impl,
+                               compile)
             for d in dims)
+
+    @property
+    def compile_mode(self) -> str:
+        return self.layers[0].compile_mode
 
     def forward(self, inputs: torch.Tensor, state: Optional[list[State]] = None,
                 mask: Optional[torch.Tensor] = None) -> tuple[list[torch.Tensor], list[State]]:
         """Returns every layer's output (B, T, projection_dim) and the new state of every layer."""
         if self.impl == "exact":
             return run_exact_stacks([self], [inputs], [state], [mask])[0]
-        outputs, new_state = [], []
-        x = inputs
-        for k, layer in enumerate(self.layers):
-            if self.dropout > 0.0 and self.training:
-                x = nn.functional.dropout(x, self.dropout, training=True)
-            y, layer_state = layer(x, state[k] if state is not None else None, mask)
-            if self.options.use_skip_connections and k > 0:
-                y = y + x  # zero where masked: both terms are
-            outputs.append(y)
-            new_state.append(layer_state)
-            x = y
-        return outputs, new_state
+        return _run_layers(self, inputs,
+                           lambda k, x: self.layers[k](x, state[k] if state is not None else None, mask))
+
+
+def _run_layers(stack: LstmStack, x: torch.Tensor, run_layer: Callable[[int, torch.Tensor], tuple[torch.Tensor, State]]
+                ) -> tuple[list[torch.Tensor], list[State]]:
+    """The stack around the layers, for every implementation: layer k's input is dropped out
+    (training only), ``run_layer(k, x)`` gives its output and new state, and from the second
+    layer on its input is added to its output (skip connections); the output feeds layer k+1.
+    x may be any layout ``run_layer`` reads ((B, T, F) for one stack, (D, T, B, F) for D stacks
+    in lock step). Returns every layer's output and new state."""
+    outputs, new_states = [], []
+    for k in range(stack.options.n_layers):
+        if stack.dropout > 0.0 and stack.training:
+            x = nn.functional.dropout(x, stack.dropout, training=True)
+        y, layer_state = run_layer(k, x)
+        if stack.options.use_skip_connections and k > 0:
+            y = y + x  # zero where masked: both terms are
+        outputs.append(y)
+        new_states.append(layer_state)
+        x = y
+    return outputs, new_states
 
 
 def can_run_together(stacks: Sequence[LstmStack], inputs: Sequence[torch.Tensor]) -> bool:
     """Whether ``run_exact_stacks`` can advance these stacks in lock step: all exact, same
-    architecture, mode and dropout, inputs of one shape, dtype and device."""
+    architecture, mode, dropout and compile mode, inputs of one shape, dtype and device."""
     first = stacks[0]
     return (all(s.impl == "exact" for s in stacks)
             and all(s.options == first.options and s.dropout == first.dropout and s.training == first.training
+                    and s.compile_mode == first.compile_mode
                     and s.layers[0].input_dim == first.layers[0].input_dim for s in stacks)
             and all(x.shape == inputs[0].shape and x.dtype == inputs[0].dtype and x.device == inputs[0].device
                     for x in inputs))
@@ -506,23 +578,18 @@ def run_exact_stacks(stacks: Sequence[LstmStack], inputs: Sequence[torch.Tensor]
         full = torch.stack([m if m is not None else torch.ones(batch_size, n_steps, dtype=torch.bool, device=x.device)
                             for m in masks])
         keep = _keep_mask(full)
-    outputs, new_states = [], []
-    for k in range(options.n_layers):
+
+    def run_layer(k: int, x: torch.Tensor) -> tuple[torch.Tensor, State]:
         layers = [s.layers[k] for s in stacks]
-        if first.dropout > 0.0 and first.training:
-            x = nn.functional.dropout(x, first.dropout, training=True)
         zero_h, zero_c = layers[0].zero_state(batch_size, x)
         h0 = torch.stack([st[k][0] if st is not None else zero_h for st in states])
         c0 = torch.stack([st[k][1] if st is not None else zero_c for st in states])
         if n_steps == 0:
-            y, h, c = x.new_zeros(n_dirs, 0, batch_size, options.projection_dim), h0, c0
-        else:
-            y, h, c = _exact_layers(layers, x, h0, c0, keep)
-        if options.use_skip_connections and k > 0:
-            y = y + x  # zero where masked: both terms are
-        outputs.append(y)
-        new_states.append((h, c))
-        x = y
+            return x.new_zeros(n_dirs, 0, batch_size, options.projection_dim), (h0, c0)
+        y, h, c = _exact_layers(layers, x, h0, c0, keep)
+        return y, (h, c)
+
+    outputs, new_states = _run_layers(first, x, run_layer)
     return [([y[d].transpose(0, 1).contiguous() for y in outputs],
              [(h[d], c[d]) for h, c in new_states])
             for d in range(n_dirs)]
