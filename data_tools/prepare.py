@@ -10,7 +10,7 @@ Output (``--out DIR``)::
     vocab.txt                    <S>, </S>, <UNK>, then tokens by descending count
     vocab_counts.tsv             the same tokens with their training counts
     sentencepiece.model          with --tokenizer sentencepiece
-    manifest.json                shard lists, counts, settings (bilm.data.load_manifest reads it)
+    manifest.json                shard lists, counts, settings (bilm.data.manifest writes and reads it)
 
 Input lines are decoded as UTF-8 (invalid bytes replaced and reported), optionally NFKC
 normalized, stripped of control characters, tokenized, cut into pieces of at most
@@ -21,7 +21,6 @@ temporary buckets on disk, so memory stays bounded whatever the corpus size.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -32,6 +31,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 import bilm
+from bilm.data.manifest import write_manifest
 from data_tools.inputs import estimated_text_bytes, read_blocks, resolve_inputs
 from data_tools.lines import BlockTask, LineOptions, LineStats, init_worker, process_block
 from data_tools.parallel import Workers
@@ -41,8 +41,6 @@ from data_tools.vocab_builder import (TokenCounts, build_vocab, long_tokens, oov
                                       write_vocab)
 
 SUMMARY = "raw text -> shards, vocab.txt and manifest.json for training"
-MANIFEST_FORMAT = "bilm-data"
-MANIFEST_VERSION = 1
 SP_MODEL_NAME = "sentencepiece.model"
 TMP_NAME = ".prepare-tmp"
 # Everything a run writes: what --force may delete, and nothing else.
@@ -240,9 +238,8 @@ def _prepare_into(args: argparse.Namespace, out: str, inputs: list[str], removed
     for stats in file_stats:
         total.add(stats)
 
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "format_version": MANIFEST_VERSION,
+    # Written last, and whole or not at all: a manifest means everything it names is there.
+    manifest = write_manifest(os.path.join(out, "manifest.json"), {
         "bilm_version": bilm.__version__,
         "command": _command_line(getattr(args, "argv", None)),
         "arguments": {k: v for k, v in vars(args).items() if not callable(v) and k != "argv"},
@@ -271,12 +268,7 @@ def _prepare_into(args: argparse.Namespace, out: str, inputs: list[str], removed
         "duplicates_removed": duplicates,
         "inputs": [{"path": os.path.abspath(p), **vars(s)} for p, s in zip(inputs, file_stats)],
         "seconds": round(seconds, 3),
-    }
-    manifest_path = os.path.join(out, "manifest.json")
-    with open(manifest_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(manifest_path + ".tmp", manifest_path)  # the manifest appears only when all is written
+    })
     _print_summary(manifest, total, removed, skipped, vocab.eligible_tokens, out)
     return manifest
 

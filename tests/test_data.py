@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import re
 from collections import Counter
 
 import numpy as np
@@ -8,7 +9,10 @@ import pytest
 import torch
 
 from bilm.chars import token_to_char_ids
-from bilm.data import LMDataset, encode_shard, load_manifest
+from bilm.data import MANIFEST_FORMAT, MANIFEST_VERSION, LMDataset, encode_shard, load_manifest, write_manifest
+from bilm.data.order import SentenceStream
+from bilm.data.packing import Packed, Packer, RowPacker, SentencePacker
+from bilm.data.shards import ShardCache, rank_plan
 from bilm.vocab import Vocabulary
 
 BOS, EOS = 0, 1
@@ -174,40 +178,48 @@ def sentences_read(batches, batch_size):
 
 
 @pytest.mark.filterwarnings("ignore:shard")
-def test_every_sentence_read_exactly_once_across_ranks_and_workers(tmp_path):
+def test_every_sentence_read_exactly_once_across_ranks(tmp_path):
+    """1 to 12 ranks over 3 shards: whole shards per rank, then every R-th line of each shard
+    (also more ranks than a shard has lines)."""
     paths, vocab_path, sentences = make_corpus(tmp_path, 3, [11, 6, 8])
     vocab = Vocabulary.from_file(vocab_path)
     expected = Counter(tuple(vocab.encode(s).tolist()) for s in sentences)
-    for world_size in range(1, 5):
-        for num_workers in range(0, 4):
-            found = {"forward": Counter(), "backward": Counter()}
-            for rank in range(world_size):
-                dataset = LMDataset(paths, vocab, 3, 4, mode="eval", rank=rank, world_size=world_size,
-                                    max_characters_per_token=C)
-                for worker in range(max(num_workers, 1)):
-                    batches = list(dataset.iterate(worker_id=worker, num_workers=max(num_workers, 1)))
-                    for direction, got in sentences_read(batches, 3).items():
-                        found[direction].update(got)
-            assert found["forward"] == expected, (world_size, num_workers)
-            assert found["backward"] == expected, (world_size, num_workers)
+    for world_size in range(1, 13):
+        found = {"forward": Counter(), "backward": Counter()}
+        for rank in range(world_size):
+            dataset = LMDataset(paths, vocab, 3, 4, mode="eval", rank=rank, world_size=world_size,
+                                max_characters_per_token=C)
+            for direction, got in sentences_read(list(dataset), 3).items():
+                found[direction].update(got)
+        assert found["forward"] == expected, world_size
+        assert found["backward"] == expected, world_size
 
 
-def test_dataloader_workers_split_the_data(tmp_path):
-    paths, vocab_path, sentences = make_corpus(tmp_path, 5, 7)
-    vocab = Vocabulary.from_file(vocab_path)
-    dataset = LMDataset(paths, vocab, 2, 5, mode="eval", max_characters_per_token=C)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
-    batches = list(loader)
-    assert sum(int(b["forward"]["mask"].sum()) for b in batches) == sum(len(s) + 1 for s in sentences)
-    # Each worker packs its own rows from its own shards: the loader's batches are those of
-    # the two readers, interleaved.
-    readers = [list(dataset.iterate(0, 2)), list(dataset.iterate(1, 2))]
-    assert readers[0] and readers[1]
+def test_rank_plan_whole_shards_or_strided_lines():
+    shards = ["a", "b", "c"]
+    assert [(p.path, p.line_offset, p.line_stride) for p in rank_plan(shards, 1, 2)] == [("b", 0, 1)]
+    assert [(p.path, p.line_offset, p.line_stride) for p in rank_plan(shards, 0, 2)] == [("a", 0, 1), ("c", 0, 1)]
+    assert [(p.path, p.line_offset, p.line_stride) for p in rank_plan(shards, 3, 5)] == [
+        ("a", 3, 5), ("b", 3, 5), ("c", 3, 5)]
 
-    def key(batch):
-        return tuple(batch[d][k].numpy().tobytes() for d in ("forward", "backward") for k in batch[d])
 
-    assert Counter(map(key, batches)) == Counter(map(key, readers[0] + readers[1]))
+def test_rank_is_given_not_asked_of_torch_distributed(tiny):
+    shard, vocab = tiny
+    dataset = LMDataset(shard, vocab, 2, 3)
+    assert (dataset.rank, dataset.world_size) == (0, 1)
+    with pytest.raises(ValueError, match="rank must be in"):
+        LMDataset(shard, vocab, 2, 3, rank=2, world_size=2)
+
+
+def test_dataloader_in_process_only(tmp_path):
+    """A DataLoader in the training process gives the dataset's batches; worker processes
+    would each produce all of them (a row continues in the next batch), so they are refused."""
+    paths, vocab_path, _ = make_corpus(tmp_path, 5, 7)
+    dataset = LMDataset(paths, vocab_path, 2, 5, mode="eval", max_characters_per_token=C)
+    batches = list(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=0))
+    assert len(batches) > 1 and all(batch_equal(x, y) for x, y in zip(batches, dataset, strict=True))
+    with pytest.raises(RuntimeError, match="cannot be split among 2 DataLoader workers"):
+        list(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2))
 
 
 def test_eval_predicts_every_token_once_with_final_partial_batch(tmp_path):
@@ -367,6 +379,70 @@ def test_manifest_source_and_split(tmp_path):
     write(tmp_path / "broken.json", json.dumps({"train": {"shards": "x"}, "heldout": {"shards": []}}))
     with pytest.raises(ValueError, match="train.shards"):
         load_manifest(str(tmp_path / "broken.json"))
+
+
+def test_manifest_written_with_its_format_version_and_read_back(tmp_path):
+    written = write_manifest(tmp_path / "manifest.json", {"train": {"shards": ["t.txt"]},
+                                                          "heldout": {"shards": []}, "vocab": "vocab.txt"})
+    on_disk = json.loads((tmp_path / "manifest.json").read_text())
+    assert on_disk == written
+    assert list(on_disk)[:2] == ["format", "format_version"]
+    assert (on_disk["format"], on_disk["format_version"]) == (MANIFEST_FORMAT, MANIFEST_VERSION)
+    assert not os.path.exists(tmp_path / "manifest.json.tmp")
+    loaded = load_manifest(tmp_path / "manifest.json")
+    assert loaded["train"]["shards"] == [str(tmp_path / "t.txt")] and loaded["format_version"] == MANIFEST_VERSION
+
+
+def test_manifest_without_a_version_is_read_as_version_1(tmp_path):
+    write(tmp_path / "manifest.json", json.dumps({"train": {"shards": ["t.txt"]}, "heldout": {"shards": []}}))
+    assert load_manifest(tmp_path / "manifest.json")["train"]["shards"] == [str(tmp_path / "t.txt")]
+
+
+def test_manifest_from_a_newer_version_is_refused(tmp_path, tiny):
+    shard, vocab = tiny
+    newer = MANIFEST_VERSION + 1
+    path = write(tmp_path / "manifest.json", json.dumps({"format": MANIFEST_FORMAT, "format_version": newer,
+                                                         "train": {"shards": [shard]}, "heldout": {"shards": [shard]},
+                                                         "vocab": vocab}))
+    message = f"manifest.json: format version {newer} is newer than this bilm reads ({MANIFEST_VERSION}); upgrade bilm"
+    with pytest.raises(ValueError, match=re.escape(message)) as raised:
+        load_manifest(path)
+    assert str(raised.value).startswith(path)  # names the file
+    with pytest.raises(ValueError, match="upgrade bilm"):
+        LMDataset(path, None, 2, 3)
+    write(tmp_path / "bad.json", json.dumps({"format_version": "2", "train": {"shards": []}, "heldout": {"shards": []}}))
+    with pytest.raises(ValueError, match="'format_version' must be a positive integer, got '2'"):
+        load_manifest(tmp_path / "bad.json")
+
+
+def test_both_packers_share_the_packer_interface(tiny):
+    """Training/evaluation row packing and per-sentence packing fill the same Packed layout,
+    so batch assembly has one path."""
+    shard, vocab = tiny
+    vocab = Vocabulary.from_file(vocab)
+    plan = rank_plan([shard], 0, 1)
+    cache = ShardCache(plan, vocab, C, 1000, char_ids=True)
+
+    def stream(direction):
+        return SentenceStream(plan, cache, seed=0, direction=direction, shuffle=False, infinite=False)
+
+    packers = [RowPacker(stream(0), stream(1), cache, 2, 3, round_robin=False),
+               RowPacker(stream(0), stream(1), cache, 2, 3, round_robin=True),
+               SentencePacker(stream(0), cache, 2, 3)]
+    for packer in packers:
+        assert isinstance(packer, Packer)
+        layouts = list(iter(packer.fill, None))
+        assert layouts and all(type(p) is Packed for p in layouts)
+        for p in layouts:
+            assert isinstance(p.reset_state, bool)
+            for segments in (p.forward, p.backward):
+                assert all(len(seg) == 5 and all(type(v) is int for v in seg) for seg in segments)
+        assert json.loads(json.dumps(packer.state_dict()))  # plain data
+        # Rows carry their states over; per sentence, the states reset at each group of 2 sentences:
+        # "a b c" + "d" (4 inputs: 2 windows of 3), then "e a" + "zz" (1 window).
+        expected = [True, False, True] if isinstance(packer, SentencePacker) else [False] * len(layouts)
+        assert [p.reset_state for p in layouts] == expected
+    cache.close()
 
 
 def test_glob_matching_nothing_names_the_pattern(tmp_path, tiny):

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from bilm.data import LMDataset, load_manifest
+from bilm.data import MANIFEST_FORMAT, MANIFEST_VERSION, LMDataset, load_manifest
 from bilm.vocab import Vocabulary
 from data_tools.prepare import main as prepare_main
 from data_tools.shuffle import BucketTask, shuffle_bucket
@@ -51,6 +51,8 @@ def test_compressed_inputs_end_to_end(tmp_path, capsys):
     assert status == 0
     manifest = json.loads((out / "manifest.json").read_text())
     train, heldout = shard_lines(out, "train"), shard_lines(out, "heldout")
+    assert list(manifest)[:2] == ["format", "format_version"]  # written by bilm.data.manifest
+    assert (manifest["format"], manifest["format_version"]) == (MANIFEST_FORMAT, MANIFEST_VERSION)
     assert Counter(train + heldout) == Counter(lines)
     assert 20 < len(heldout) < 100
     assert manifest["n_train_sentences"] == len(train)
