@@ -188,14 +188,14 @@ def part_embed(smoke: bool) -> dict:
 
 def part_evaluate(smoke: bool) -> dict:
     from bilm.model import LanguageModel
+    from bilm.train import to_device
     from train import synthetic_batches
     device = _device()
     cfg = _train_config(smoke, "exact", "fp32", True)
     vocab = 500 if smoke else VOCAB_1B
     model = LanguageModel(cfg.model, vocab, dropout=0.0).to(device).eval()
     batches = synthetic_batches(4 if smoke else 6, cfg.train.batch_size, cfg.train.unroll_steps, vocab, True)
-    batches = [{k: {kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device)
-                for k, v in b.items()} for b in batches]
+    batches = [to_device(b, device) for b in batches]
     model.evaluate(batches[0], None)
     _sync(device)
     _reset_peak(device)

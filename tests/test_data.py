@@ -271,7 +271,10 @@ def batch_equal(x, y):
         if isinstance(x[key], dict):
             if not batch_equal(x[key], y[key]):
                 return False
-        elif not torch.equal(x[key], y[key]):
+        elif isinstance(x[key], torch.Tensor) or isinstance(y[key], torch.Tensor):
+            if not torch.equal(torch.as_tensor(x[key]), torch.as_tensor(y[key])):
+                return False
+        elif x[key] != y[key]:
             return False
     return True
 

@@ -31,7 +31,8 @@ class LMDataset(IterableDataset):
     """Batches for the forward and backward LMs, as dicts of tensors::
 
         {"forward":  {"token_ids": int64 (B, T), "char_ids": int32 (B, T, C),
-                      "next_token_ids": int64 (B, T), "mask": bool (B, T)},
+                      "next_token_ids": int64 (B, T), "mask": bool (B, T),
+                      "all_valid": bool (every position holds data)},
          "backward": {same keys},
          "reset_state": bool (B,)}
 
@@ -206,7 +207,7 @@ class _Batches:
         self._cache.release(in_use)
         return batch
 
-    def _assemble(self, segments: Segments, sign: int) -> dict[str, torch.Tensor]:
+    def _assemble(self, segments: Segments, sign: int) -> dict:
         B, T, C = self._ds.batch_size, self._ds.unroll_steps, self._ds.max_characters_per_token
         token_ids = np.zeros(B * T, dtype=np.int64)
         next_ids = np.zeros(B * T, dtype=np.int64)
@@ -240,6 +241,7 @@ class _Batches:
             direction["char_ids"] = torch.from_numpy(table[char_rows].reshape(B, T, C))
         direction["next_token_ids"] = torch.from_numpy(next_ids.reshape(B, T))
         direction["mask"] = torch.from_numpy(mask.reshape(B, T))
+        direction["all_valid"] = bool(mask.all())  # known here, on the CPU: the model need not ask the device
         return direction
 
     @property

@@ -26,7 +26,7 @@ def global_batches():
 def rows(batch, start, stop):
     if isinstance(batch, dict):
         return {k: rows(v, start, stop) for k, v in batch.items()}
-    return batch[start:stop]
+    return batch[start:stop] if isinstance(batch, torch.Tensor) else batch
 
 
 def main(out_path, strategy="ddp"):
