@@ -27,9 +27,10 @@ class OptionsError(SchemaError):
 
 @dataclass
 class CharCNNOptions:
+    # Defaults: what a key missing from options.json (or model.char_cnn) means. No default: required.
     embedding_dim: int = field(metadata={"key": "embedding.dim"})
     filters: list[list[int]]               # [width, n_filters] per convolution
-    n_highway: int = 0
+    n_highway: int = 0                     # bilm-tf: a missing n_highway is no highway layers
     activation: Literal["relu", "tanh"] = "relu"
     max_characters_per_token: int = DEFAULT_MAX_CHARACTERS
     # 261 (training) or 262 (prediction: ids shifted by one, 0 the mask); the weights are the same.
@@ -64,12 +65,14 @@ class CharCNNOptions:
 
 @dataclass
 class LstmOptions:
+    # Defaults: what a key missing from options.json (or model.lstm) means, as bilm-tf reads it. No default: required.
     dim: int
     projection_dim: int
     n_layers: int
-    cell_clip: int | float | None = field(default=None, metadata={"if_none": 0})  # written as 0 = no clipping
+    # None: no clipping (missing, or 0 or less as bilm-tf reads it); written as 0. An int stays an int.
+    cell_clip: int | float | None = field(default=None, metadata={"if_none": 0})
     proj_clip: int | float | None = field(default=None, metadata={"if_none": 0})
-    use_skip_connections: bool = False
+    use_skip_connections: bool = False     # missing: none (AllenNLP requires true; bilm export warns)
 
     def __post_init__(self):
         for key in ("dim", "projection_dim", "n_layers"):
@@ -90,6 +93,7 @@ class LstmOptions:
 class BiLMOptions:
     """The architecture. ``char_cnn`` None means word inputs (an embedding table of ``n_tokens_vocab`` rows)."""
     lstm: LstmOptions
+    # Missing (or null): word inputs. None is written by leaving the key out.
     char_cnn: CharCNNOptions | None = field(default=None, metadata={"if_none": OMIT})
     n_tokens_vocab: int | None = field(default=None, metadata={"if_none": OMIT})  # word-input mode only
 

@@ -110,13 +110,14 @@ class _Reader:
 
     # ----- messages
 
-    def error(self, path: tuple, problem: str) -> SchemaError:
-        """``problem`` about the key at ``path``, named as the style names keys."""
+    def error(self, path: tuple, problem: str, missing: bool = False) -> SchemaError:
+        """``problem`` about the key at ``path`` (or that it is missing), named as the style names keys."""
         dotted = ".".join((self.root, *map(str, path)))
         if self.style == "options":
             section = ".".join((self.root, *map(str, path[:-1])))
-            return SchemaError(f"{section}: key '{path[-1]}' {problem}", dotted)
-        return SchemaError(f"key '{dotted}' {problem}", dotted)
+            text = f"missing key '{path[-1]}'" if missing else f"key '{path[-1]}' {problem}"
+            return SchemaError(f"{section}: {text}", dotted)
+        return SchemaError(f"missing key '{dotted}'" if missing else f"key '{dotted}' {problem}", dotted)
 
     def type_error(self, path: tuple, hint: Any, value: Any) -> SchemaError:
         if typing.get_origin(hint) is Literal:
@@ -179,11 +180,7 @@ class _Reader:
             at = (*at, part)
             if part not in node:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    dotted = ".".join((self.root, *at))
-                    if self.style == "options":
-                        section = ".".join((self.root, *at[:-1]))
-                        raise SchemaError(f"{section}: missing key '{part}'", dotted)
-                    raise SchemaError(f"missing key '{dotted}'", dotted)
+                    raise self.error(at, "", missing=True)
                 return False, None, at
             node = node[part]
             if i < len(parts) - 1 and not isinstance(node, dict):
