@@ -9,9 +9,11 @@ A config file has three sections::
     optim:   OptimConfig (optimizer and gradient clipping)
 
 All three are read by the one schema reader, ``bilm.schema.load``. The ``model:`` section is
-read exactly as an options.json is: a missing key takes the default the published file gives
-it (see ``bilm.options``; the presets in configs/ write every key but ``n_characters``), and its
-errors are phrased as options.json errors are. Unlike options.json, unknown keys are refused.
+read as an options.json is: a missing key means what it means in the published file (the
+dataclass defaults in ``bilm.options``; the presets in configs/ write every key but
+``n_characters``), and its errors are phrased as options.json errors are. Unlike options.json,
+unknown keys are refused, and, as in every section, a numeric string where a number is
+expected is read as that number (PyYAML reads ``1e-8`` as a string).
 
 Override values are parsed as YAML, so ``--set train.batch_size=64`` gives an int and
 ``--set model.char_cnn=null`` switches to word inputs. Errors name the file, the line

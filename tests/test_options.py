@@ -164,3 +164,11 @@ def test_bad_model_value_in_yaml_names_file_line_and_dotted_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert str(e.value) == f"{path}:5: unknown key 'model.char_cnn.embedding.dims' (did you mean 'dim'?)"
+
+
+def test_numeric_string_is_a_number_in_yaml_only(tmp_path):
+    """PyYAML reads 1e-1 as a string; every config section takes it as the number. options.json is JSON: no."""
+    model = {"lstm": {**LSTM, "cell_clip": "1e-1"}}
+    assert _as_yaml_model(tmp_path, model).lstm.cell_clip == 0.1
+    with pytest.raises(OptionsError, match=r"options\.lstm: key 'cell_clip' must be int or float, got str \('1e-1'\)"):
+        BiLMOptions.from_dict(model)
