@@ -8,6 +8,13 @@ A config file has three sections::
     train:   TrainConfig (batch, schedule, sampling, checkpoints, precision, strategy)
     optim:   OptimConfig (optimizer and gradient clipping)
 
+All three are read by the one schema reader, ``bilm.schema.load``. The ``model:`` section is
+read as an options.json is: a missing key means what it means in the published file (the
+dataclass defaults in ``bilm.options``; the presets in configs/ write every key but
+``n_characters``), and its errors are phrased as options.json errors are. Unlike options.json,
+unknown keys are refused, and, as in every section, a numeric string where a number is
+expected is read as that number (PyYAML reads ``1e-8`` as a string).
+
 Override values are parsed as YAML, so ``--set train.batch_size=64`` gives an int and
 ``--set model.char_cnn=null`` switches to word inputs. Errors name the file, the line
 when it is known, and the dotted key. ``config_to_dict`` / ``config_from_dict`` give the
@@ -15,17 +22,14 @@ plain form saved with every checkpoint; the round trip is exact.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
 
-from bilm.options import BiLMOptions, OptionsError
+from bilm.options import BiLMOptions
+from bilm.schema import FieldError, SchemaError, Style, dump, load, suggest
 
 
 class ConfigError(ValueError):
@@ -57,6 +61,17 @@ class TrainConfig:
     # took ~20 s and did not pay), on, off. The other lstm_impls ignore it.
     lstm_compile: Literal["auto", "on", "off"] = "auto"
 
+    def __post_init__(self):
+        for key in ("batch_size", "unroll_steps", "n_epochs", "n_train_tokens", "max_steps", "n_negative_samples_batch",
+                    "log_every_steps", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints"):
+            _positive(self, key)
+        _non_negative(self, "seed")
+        from bilm.modules.lstm import LSTM_IMPLS  # here: the list lives with the implementations (imports torch)
+        if self.lstm_impl not in LSTM_IMPLS:
+            raise FieldError("lstm_impl", f"must be one of {', '.join(map(repr, LSTM_IMPLS))}, got {self.lstm_impl!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise FieldError("dropout", f"must be in [0, 1), got {self.dropout}")
+
 
 @dataclass
 class OptimConfig:
@@ -72,6 +87,26 @@ class OptimConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
 
+    def __post_init__(self):
+        for key in ("lr", "max_grad_norm"):
+            _positive(self, key)
+        for key in ("adam_eps", "warmup_steps", "weight_decay", "initial_accumulator_value"):
+            _non_negative(self, key)
+        if not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise FieldError("adam_betas", f"must be in [0, 1), got {list(self.adam_betas)}")
+
+
+def _positive(section, key: str) -> None:
+    value = getattr(section, key)
+    if value is not None and value <= 0:
+        raise FieldError(key, f"must be > 0, got {value}")
+
+
+def _non_negative(section, key: str) -> None:
+    value = getattr(section, key)
+    if value < 0:
+        raise FieldError(key, f"must be >= 0, got {value}")
+
 
 @dataclass
 class Config:
@@ -80,7 +115,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
-_SECTIONS: dict[str, type] = {"train": TrainConfig, "optim": OptimConfig}
+# Each section's class and the style its errors are phrased in (bilm.schema).
+_SECTIONS: dict[str, tuple[type, Style]] = {"model": (BiLMOptions, "options"), "train": (TrainConfig, "config"),
+                                            "optim": (OptimConfig, "config")}
 
 
 # ----- public API -----
@@ -123,15 +160,7 @@ def config_from_dict(d: dict, where: str = "config", overrides: Sequence[str] = 
 
 def config_to_dict(cfg: Config) -> dict:
     """Plain dicts, lists, numbers and strings: safe for YAML, JSON and torch.save."""
-    model = cfg.model.to_dict()
-    if cfg.model.char_cnn is not None:
-        # BiLMOptions.to_dict writes the published 262; keep what the config said so the round trip is exact.
-        model["char_cnn"]["n_characters"] = cfg.model.char_cnn.n_characters
-    return {
-        "model": model,
-        "train": _section_to_dict(cfg.train),
-        "optim": _section_to_dict(cfg.optim),
-    }
+    return {"model": dump(cfg.model), "train": dump(cfg.train), "optim": dump(cfg.optim)}
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -161,142 +190,22 @@ def _build(raw: Any, source: _Source) -> Config:
         raise ConfigError(f"{source.path}: expected a mapping with sections 'model', 'train', 'optim', "
                           f"got {type(raw).__name__}")
     for key in raw:
-        if key not in ("model", *_SECTIONS):
-            raise ConfigError(f"{source.where(str(key))}: unknown key '{key}'{_suggest(str(key), ['model', *_SECTIONS])}")
+        if key not in _SECTIONS:
+            raise ConfigError(f"{source.where(str(key))}: unknown key '{key}'{suggest(str(key), list(_SECTIONS))}")
     if "model" not in raw:
         raise ConfigError(f"{source.path}: missing section 'model'")
-    model = _build_model(raw["model"], source)
-    sections = {name: _build_section(cls, raw.get(name) or {}, name, source) for name, cls in _SECTIONS.items()}
-    cfg = Config(model=model, **sections)
-    _check_values(cfg, source)
-    return cfg
+    return Config(**{name: _build_section(name, raw["model"] if name == "model" else raw.get(name) or {}, source)
+                     for name in _SECTIONS})
 
 
-def _model_keys() -> dict:
-    """The keys BiLMOptions understands, nested as in options.json (from its own to_dict)."""
-    return BiLMOptions(n_tokens_vocab=1).to_dict()
-
-
-def _build_model(raw: Any, source: _Source) -> BiLMOptions:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source.where('model')}: 'model' must be a mapping, got {type(raw).__name__}")
-    # BiLMOptions.from_dict ignores keys it does not know; a typo must not pass silently.
-    _reject_unknown(raw, _model_keys(), "model", source)
-    try:
-        return BiLMOptions.from_dict(raw, where="model")
-    except OptionsError as e:
-        # Its message starts with the dotted section ("model.lstm: key 'dim' ..."); add the file.
-        message = str(e)
-        section = message.split(":", 1)[0]
-        key = message.split("'")[1] if "'" in message else ""
-        raise ConfigError(f"{source.where(f'{section}.{key}' if key else section)}: {message}") from None
-
-
-def _reject_unknown(raw: dict, known: dict, prefix: str, source: _Source) -> None:
-    for key, value in raw.items():
-        dotted = f"{prefix}.{key}"
-        if key not in known:
-            raise ConfigError(f"{source.where(dotted)}: unknown key '{dotted}'{_suggest(str(key), list(known))}")
-        if isinstance(value, dict) and isinstance(known[key], dict):
-            _reject_unknown(value, known[key], dotted, source)
-
-
-def _build_section(cls: type, raw: Any, name: str, source: _Source):
+def _build_section(name: str, raw: Any, source: _Source):
+    cls, style = _SECTIONS[name]
     if not isinstance(raw, dict):
         raise ConfigError(f"{source.where(name)}: '{name}' must be a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for key, value in raw.items():
-        dotted = f"{name}.{key}"
-        if key not in hints:
-            raise ConfigError(f"{source.where(dotted)}: unknown key '{dotted}'{_suggest(str(key), names)}")
-        values[key] = _coerce(value, hints[key], dotted, source)
-    return cls(**values)
-
-
-def _coerce(value: Any, hint: Any, key: str, source: _Source) -> Any:
-    """Check ``value`` against a field's type; convert only int -> float and list -> tuple."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):  # X | None
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key, source)
-    if origin is Literal:
-        if isinstance(value, bool) and "on" in args and "off" in args:
-            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off (yes/no, true/false) as a boolean
-        if value not in args:
-            raise ConfigError(f"{source.where(key)}: key '{key}' must be one of "
-                              f"{', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise _type_error(key, f"a list of {len(args)} numbers", value, source)
-        return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise _type_error(key, "true or false", value, source)
-        return value
-    if hint is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise _type_error(key, "an integer", value, source)
-        return value
-    if hint is float:
-        # PyYAML reads "1e-8" (no dot) as a string; accept it as the number it means.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise _type_error(key, "a number", value, source)
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise _type_error(key, "a string", value, source)
-        return value
-    raise TypeError(f"config field '{key}' has a type the loader does not handle: {hint}")
-
-
-def _type_error(key: str, expected: str, value: Any, source: _Source) -> ConfigError:
-    got = "null" if value is None else f"{type(value).__name__} {value!r}"
-    return ConfigError(f"{source.where(key)}: key '{key}' must be {expected}, got {got}")
-
-
-def _check_values(cfg: Config, source: _Source) -> None:
-    """Values that have the right type but cannot work."""
-    t, o = cfg.train, cfg.optim
-    positive = {
-        "train.batch_size": t.batch_size, "train.unroll_steps": t.unroll_steps, "train.n_epochs": t.n_epochs,
-        "train.n_negative_samples_batch": t.n_negative_samples_batch, "train.log_every_steps": t.log_every_steps,
-        "train.checkpoint_every_steps": t.checkpoint_every_steps, "train.keep_checkpoints": t.keep_checkpoints,
-        "train.n_train_tokens": t.n_train_tokens, "train.max_steps": t.max_steps,
-        "train.checkpoint_every_minutes": t.checkpoint_every_minutes, "optim.lr": o.lr,
-        "optim.max_grad_norm": o.max_grad_norm,
-    }
-    for key, value in positive.items():
-        if value is not None and value <= 0:
-            raise ConfigError(f"{source.where(key)}: key '{key}' must be > 0, got {value}")
-    non_negative = {"train.seed": t.seed, "optim.adam_eps": o.adam_eps, "optim.warmup_steps": o.warmup_steps,
-                    "optim.weight_decay": o.weight_decay, "optim.initial_accumulator_value": o.initial_accumulator_value}
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{source.where(key)}: key '{key}' must be >= 0, got {value}")
-    from bilm.modules.lstm import LSTM_IMPLS  # here: the list lives with the implementations (imports torch)
-    if t.lstm_impl not in LSTM_IMPLS:
-        raise ConfigError(f"{source.where('train.lstm_impl')}: key 'train.lstm_impl' must be one of "
-                          f"{', '.join(map(repr, LSTM_IMPLS))}, got {t.lstm_impl!r}")
-    if not 0.0 <= t.dropout < 1.0:
-        raise ConfigError(f"{source.where('train.dropout')}: key 'train.dropout' must be in [0, 1), got {t.dropout}")
-    if not all(0.0 <= b < 1.0 for b in o.adam_betas):
-        raise ConfigError(f"{source.where('optim.adam_betas')}: key 'optim.adam_betas' must be in [0, 1), "
-                          f"got {list(o.adam_betas)}")
-
-
-def _section_to_dict(section) -> dict:
-    out = dataclasses.asdict(section)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+    try:
+        return load(cls, raw, root=name, style=style, numeric_strings=True)
+    except SchemaError as e:
+        raise ConfigError(f"{source.where(e.key)}: {e}") from None
 
 
 # ----- overrides and source lines -----
@@ -354,8 +263,3 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None)
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
-
-
-def _suggest(key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
