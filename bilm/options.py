@@ -13,11 +13,11 @@ training settings) and refused in a config.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Literal
 
 from bilm.chars import DEFAULT_MAX_CHARACTERS, N_CHARACTERS
+from bilm.errors import read_json
 from bilm.schema import OMIT, FieldError, SchemaError, dump, load
 
 
@@ -117,14 +117,7 @@ class BiLMOptions:
 
     @classmethod
     def from_file(cls, path: str) -> "BiLMOptions":
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise OptionsError(f"{path}: not valid JSON ({e})") from None
-        except UnicodeDecodeError as e:
-            raise OptionsError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-        return cls.from_dict(raw, where=str(path))
+        return cls.from_dict(read_json(path, OptionsError), where=str(path))
 
     def to_dict(self) -> dict:
         """The published options.json."""

@@ -184,11 +184,8 @@ class TextPipeline:
         path = os.path.join(directory, TOKENIZER_FILE)
         if not os.path.exists(path):
             return None
-        try:
-            with open(path, encoding="utf-8") as f:
-                spec = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        from bilm.errors import read_json
+        spec = read_json(path)
         if not isinstance(spec, dict) or spec.get("format") != TOKENIZER_FORMAT:
             raise ValueError(f"{path}: not a bilm tokenizer description (key 'format' should be {TOKENIZER_FORMAT!r})")
         proto = None

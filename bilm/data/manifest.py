@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 
+from bilm.errors import read_json
+
 MANIFEST_FORMAT = "bilm-data"
 # The version this bilm writes and the newest it reads. Raise it when a change to the file
 # would make an older bilm misread it; a manifest without "format_version" is version 1.
@@ -39,13 +41,7 @@ def load_manifest(path: str | os.PathLike) -> dict:
     stores them relative to its own directory); ``manifest["dir"]`` is that directory.
     """
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     version = manifest.get("format_version", 1)
