@@ -148,7 +148,7 @@ class Trainer:
         mark("forward")
         grad_norm = self.strategy.step(loss * self.loss_scale, mark)
         self.steps_done += 1
-        perplexity = {d: torch.exp(losses[d].mean.detach().clamp(max=50.0)) for d in DIRECTIONS}
+        perplexity = {d: torch.exp(losses[d].mean.detach().double().clamp(max=50.0)) for d in DIRECTIONS}
         return StepResult(loss.detach(), perplexity, grad_norm.detach(), timings)
 
     def _set_learning_rate(self) -> None:
