@@ -256,6 +256,7 @@ def _truncate_metrics(path: str, last_step: int) -> None:
 def train(cfg: Config, data: str, out_dir: str, resume: bool = False, vocab_file: Optional[str] = None,
           init: Optional[dict[str, Optional[str]]] = None, progress: bool = True) -> dict:
     """Train and checkpoint into ``out_dir``; returns a summary (rank 0's view)."""
+    check_config(cfg)  # before anything is written
     env = init_distributed(cfg.train.device)
     # Rank 0 holds the run directory for the whole run, before anything is written into it.
     lock = RunLock(out_dir).acquire() if env.is_main else None

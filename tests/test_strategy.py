@@ -133,3 +133,10 @@ def test_unreadable_deepspeed_config_names_the_key_and_file(tmp_path):
     with pytest.raises(ConfigError, match=f"train.deepspeed_config: cannot read {missing}"):
         check_config(tiny_config("train.strategy=deepspeed", "train.sparse_softmax=false",
                                  f"train.deepspeed_config={missing}"))
+
+
+def test_rejected_strategy_config_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="train.sparse_softmax"):
+        train(tiny_config("train.strategy=deepspeed"), TRAIN_DATA, str(out), vocab_file=TRAIN_VOCAB, progress=False)
+    assert not out.exists()
