@@ -233,7 +233,7 @@ class Bench:
                "corpus_bytes": record["bytes"], "sentences": record["sentences"]}
         if reused:  # the figures of the run that wrote it
             row.update(wall_s=record["seconds"], peak_rss_largest=None, peak_rss_all=None)
-            row["notes"] = f"reused ({record['seconds']:.0f} s to write); {record['bytes'] / 2**30:.2f} GiB"
+            row["notes"] = f"reused (written in {record['seconds']:.1f} s); {record['bytes'] / 2**30:.2f} GiB"
         else:
             row["notes"] = f"{record['bytes'] / 2**30:.2f} GiB in {a.files} files"
         return row
@@ -278,7 +278,8 @@ class Bench:
         return {**result, **r, "tokens": r["tokens"], "tokens_per_s": r["tokens_per_s"],
                 "notes": f"first batch {r['first_batch_s']:.2f} s ({r['shards_encoded_first']} of {r['shards']} "
                          f"shards encoded), vocab {r['vocab_size']:,} read in {r['vocab_s']:.2f} s; "
-                         f"{r['shards_encoded']} shards encoded in {r['steady_s']:.0f} s"}
+                         f"{r['shards_encoded']} shards encoded in {r['steady_s']:.0f} s; RSS after imports "
+                         f"{_mb(r['rss_after_imports'])}, after the vocabulary {_mb(r['rss_after_vocab'])}"}
 
     def train(self, tokens: int, size_dir: str) -> dict:
         a = self.args
@@ -305,7 +306,8 @@ class Bench:
                 "notes": f"batch {batch}x20, {steps} steps, step {step:.2f} s (median after the first); "
                          f"model {_gib(sizes['model_bytes'])} (softmax {_gib(sizes['softmax_bytes'])}) + "
                          f"Adagrad {_gib(sizes['optimizer_bytes'])} + dense grads "
-                         f"{_gib(sizes['dense_grad_bytes'])} = {_gib(expected)} expected"}
+                         f"{_gib(sizes['dense_grad_bytes'])} = {_gib(expected)}, plus about 0.2 GiB of "
+                         "Python and torch, the reader and activations"}
 
     def run_dir(self, size_dir: str) -> str:
         path = os.path.join(size_dir, "run")
@@ -390,6 +392,7 @@ def reader_child(spec: dict) -> None:
     from bilm.data import LMDataset
     from bilm.vocab import Vocabulary
     import_s = time.perf_counter() - started
+    rss_imports = _memory_kb(os.getpid())[0] * 1024
 
     encoded = []
     encode_shard = bilm.data.encode_shard
@@ -404,6 +407,7 @@ def reader_child(spec: dict) -> None:
     start = time.perf_counter()
     vocab = Vocabulary.from_file(spec["vocab"])
     vocab_s = time.perf_counter() - start
+    rss_vocab = _memory_kb(os.getpid())[0] * 1024
     start = time.perf_counter()
     dataset = LMDataset(spec["manifest"], vocab, spec["batch_size"], spec["unroll_steps"], mode="train", seed=0,
                         rank=0, world_size=1, char_inputs=True)
@@ -418,7 +422,8 @@ def reader_child(spec: dict) -> None:
     print(json.dumps({"import_s": import_s, "vocab_s": vocab_s, "vocab_size": len(vocab), "first_batch_s": first_s,
                       "shards": len(dataset.shards), "shards_encoded_first": shards_first,
                       "shards_encoded": len(encoded), "tokens": tokens, "steady_s": steady_s,
-                      "cpu_s": time.process_time() - cpu_start, "tokens_per_s": tokens / steady_s}))
+                      "cpu_s": time.process_time() - cpu_start, "tokens_per_s": tokens / steady_s,
+                      "rss_after_imports": rss_imports, "rss_after_vocab": rss_vocab}))
 
 
 # ---------------------------------------------------------------- report
@@ -485,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-batch", type=int, default=128)
     p.add_argument("--interval", type=float, default=0.2, help="memory sampling interval, seconds")
     p.add_argument("--stage-timeout", type=float, help="kill a stage after this many seconds")
+    p.add_argument("--clean", action="store_true",
+                   help="delete a size's prepared data, run and exports once its stages are done (corpora are kept)")
     p.add_argument("--out-json", nargs="?", const="", metavar="PATH",
                    help="also write every figure as JSON (default path benchmarks/results/scale-<date>.json)")
     args = p.parse_args(argv)
@@ -518,6 +525,13 @@ def main(argv: list[str] | None = None) -> int:
             if "error" not in row:
                 print(f"    {row['wall_s']:.1f} s, peak RSS {_mb(row.get('peak_rss_largest'))} largest, "
                       f"{_mb(row.get('peak_rss_all'))} all; {row.get('notes', '')}", file=sys.stderr, flush=True)
+        if args.clean:
+            for name in ("prepared", "run", "export", "export-softmax", "token-embeddings.hdf5"):
+                target = os.path.join(size_dir, name)
+                if os.path.isdir(target):
+                    shutil.rmtree(target)
+                elif os.path.exists(target):
+                    os.remove(target)
     threads = bench.env.get("OMP_NUM_THREADS", "unset")
     header = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
               f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB, OMP_NUM_THREADS={threads}; "
