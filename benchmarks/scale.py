@@ -32,6 +32,10 @@ token (the full softmax, both directions), so the default 100k tokens take tens 
 two cores, and dump-token-embeddings about 53 MFLOP per vocabulary token (the char CNN); lower
 --eval-tokens for a quicker look at evaluate's memory.
 
+Disk: about 6.8 bytes a token for the corpus and as much again for the prepared shards (800M
+tokens: 5.4 GB each), plus a checkpoint of model and Adagrad state (4 GB at 793k words) and the
+exports; ``--clean`` deletes all but the corpus of a size once its stages are done.
+
 The table (markdown) is printed at the end; ``--out-json [PATH]`` also writes every figure
 (default path benchmarks/results/scale-<date>.json).
 """
@@ -256,7 +260,7 @@ class Bench:
                 "distinct_tokens": m["distinct_train_tokens"], "train_shards": len(m["train"]["shards"]),
                 "heldout_tokens": m["n_heldout_tokens"],
                 "notes": f"vocab {m['vocab_size']:,} (of {m['distinct_train_tokens']:,} types); "
-                         f"{len(m['train']['shards'])} shards; heldout {m['n_heldout_tokens']:,} tokens"}
+                         f"{len(m['train']['shards'])} train shards; heldout {m['n_heldout_tokens']:,} tokens"}
 
     def manifest(self, size_dir: str) -> str:
         path = os.path.join(size_dir, "prepared", "manifest.json")
