@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     from bilm.malloc import keep_freed_memory
-    keep_freed_memory()  # as the bilm command does for train, evaluate and embed
+    keep_freed_memory()  # as the bilm command does for train and embed
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])

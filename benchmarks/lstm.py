@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top ops of the exact path")
     args = parser.parse_args()
     from bilm.malloc import keep_freed_memory
-    keep_freed_memory()  # as the bilm command does for train, evaluate and embed
+    keep_freed_memory()  # as the bilm command does for train and embed
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

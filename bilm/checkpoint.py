@@ -19,6 +19,7 @@ import shutil
 import socket
 import time
 import warnings
+import zipfile
 from typing import Any, Optional
 
 import torch
@@ -130,11 +131,16 @@ def remove_stale_temporaries(directory: str) -> list[str]:
     return stale
 
 
-def load_checkpoint(path: str, map_location: Any = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint's payload. ``mmap``: its tensors map the file instead of being read into
+    memory, so those never used (the optimizer state, for evaluate and export) cost nothing and
+    the rest are read on first use (pages of the file: a writer renames a new file into place,
+    never rewrites one, so the mapping stays valid)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    mmap = mmap and zipfile.is_zipfile(path)  # only torch.save's (default) zip format maps
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        payload = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:  # truncated zip, bad pickle, ...: all mean "unreadable"
         raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt ({type(e).__name__}: {e})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -145,14 +151,14 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict[str, Any]:
     return payload
 
 
-def load_latest_valid(directory: str, map_location: Any = "cpu",
-                      set_aside_corrupt: bool = False) -> tuple[Optional[str], Optional[dict]]:
+def load_latest_valid(directory: str, map_location: Any = "cpu", set_aside_corrupt: bool = False,
+                      mmap: bool = False) -> tuple[Optional[str], Optional[dict]]:
     """The newest checkpoint that loads; unreadable ones are reported and skipped. With
     ``set_aside_corrupt`` (one process, holding the run lock) they are renamed ``*.corrupt``,
     so that pruning neither counts nor keeps them."""
     for path in reversed(list_checkpoints(directory)):
         try:
-            return path, load_checkpoint(path, map_location)
+            return path, load_checkpoint(path, map_location, mmap)
         except FileNotFoundError:
             continue  # set aside by another rank meanwhile
         except CheckpointError as e:
@@ -177,8 +183,11 @@ def prune_checkpoints(directory: str, keep: int) -> list[str]:
     return removed
 
 
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict`` whose error lists the mismatched keys and shapes and names the file."""
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                     assign: bool = False) -> None:
+    """``load_state_dict`` whose error lists the mismatched keys and shapes and names the file.
+    ``assign``: the model takes the given tensors instead of copying them (for a model built on
+    the meta device: no second copy of the weights)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -193,4 +202,4 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         if mismatched:
             lines.append("  shape mismatches: " + "; ".join(mismatched))
         raise CheckpointError("\n".join(lines))
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=assign)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bilm.chars import CharIdMapper
+from bilm.chars import CharIdMapper, char_id_table
 from bilm.modules.bilm import BidirectionalLM, RowStates
 from bilm.published import model_files
 from bilm.vocab import read_tokens
@@ -231,18 +231,23 @@ class ElmoEmbedder:
 def dump_token_embeddings(vocab_file: str, options_file: str, weight_file: str, output_file: str,
                           batch_size: int = 512, device: str = "cpu", progress: bool = True) -> int:
     """Write the context-independent token vectors of every vocab token (bilm-tf's
-    ``dump_token_embeddings``): dataset ``embedding`` (n_tokens, projection_dim), vocab order."""
+    ``dump_token_embeddings``): dataset ``embedding`` (n_tokens, projection_dim), vocab order.
+
+    Batch by batch into the file: memory does not grow with the vocabulary (an 800k-word table
+    is 1.6 GB), nor are the tokens' char ids cached (each token is seen once)."""
     tokens = read_tokens(vocab_file)
     model = load_bilm(options_file, weight_file).to(device)
-    mapper = CharIdMapper(model.options.char_cnn.max_characters_per_token)
-    table = np.zeros((len(tokens), model.options.projection_dim), dtype=np.float32)
-    for start in tqdm(range(0, len(tokens), batch_size), desc="tokens", disable=not progress):
-        chunk = tokens[start : start + batch_size]
-        rows = mapper.rows(chunk)
-        char_ids = torch.from_numpy(mapper.table[rows]).to(device)
-        table[start : start + len(chunk)] = model.embed_tokens(char_ids).cpu().numpy()
+    max_characters = model.options.char_cnn.max_characters_per_token
     tmp = f"{output_file}.tmp{os.getpid()}"
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("embedding", data=table)
-    os.replace(tmp, output_file)
+    try:
+        with h5py.File(tmp, "w") as f:
+            table = f.create_dataset("embedding", shape=(len(tokens), model.options.projection_dim), dtype="float32")
+            for start in tqdm(range(0, len(tokens), batch_size), desc="tokens", disable=not progress):
+                chunk = tokens[start : start + batch_size]
+                char_ids = torch.from_numpy(char_id_table(chunk, max_characters)).to(device)
+                table[start : start + len(chunk)] = model.embed_tokens(char_ids).cpu().numpy()
+        os.replace(tmp, output_file)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return len(tokens)
