@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from bilm import data as bilm_data
+from bilm.data import shards as bilm_shards
 from bilm.data import LMDataset
 from bilm.vocab import Vocabulary
 from data_tools import inputs as data_inputs
@@ -91,13 +91,13 @@ def test_first_batch_encodes_one_shard_not_all(tmp_path, monkeypatch):
     n_shards = 40
     record = write_corpus(str(tmp_path), 40 * 3000, 2003, n_files=n_shards, seed=2, log=None)
     encoded = []
-    encode_shard = bilm_data.encode_shard
+    encode_shard = bilm_shards.encode_shard
 
     def counting(path, *args, **kwargs):
         encoded.append(path)
         return encode_shard(path, *args, **kwargs)
 
-    monkeypatch.setattr(bilm_data, "encode_shard", counting)  # what the shard cache calls
+    monkeypatch.setattr(bilm_shards, "encode_shard", counting)  # what the shard cache calls
     vocab = Vocabulary.from_file(os.path.join(str(tmp_path), record["vocab"]))
     for mode in ("train", "eval"):
         encoded.clear()
