@@ -392,21 +392,21 @@ def checkpoint_sizes(directory: str) -> dict:
 def reader_child(spec: dict) -> None:
     """The reader stage, in its own process: prints one JSON object."""
     started = time.perf_counter()
-    import bilm.data
+    import bilm.data.shards
     from bilm.data import LMDataset
     from bilm.vocab import Vocabulary
     import_s = time.perf_counter() - started
     rss_imports = _memory_kb(os.getpid())[0] * 1024
 
     encoded = []
-    encode_shard = bilm.data.encode_shard
+    encode_shard = bilm.data.shards.encode_shard
 
     def counting_encode_shard(path, *args, **kwargs):
         result = encode_shard(path, *args, **kwargs)
         encoded.append(path)
         return result
 
-    bilm.data.encode_shard = counting_encode_shard  # the shard cache calls it by this name
+    bilm.data.shards.encode_shard = counting_encode_shard  # the shard cache calls it by this name
 
     start = time.perf_counter()
     vocab = Vocabulary.from_file(spec["vocab"])
