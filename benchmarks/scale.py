@@ -61,7 +61,6 @@ import corpus as corpus_module  # noqa: E402  (benchmarks/corpus.py)
 
 STAGES = ("corpus", "prepare", "reader", "train", "evaluate", "export", "export+softmax", "dump")
 CONFIG = os.path.join(ROOT, "configs", "elmo_original.yaml")
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 # ---------------------------------------------------------------- measuring a process tree

@@ -197,7 +197,6 @@ def _one_layer_as_stack(name: str) -> str:
     return re.sub(r"^(RNN_\d+/RNN)/LSTMCell/", r"\1/MultiRNNCell/Cell0/LSTMCell/", name)
 
 
-SOFTMAX_WEIGHT, SOFTMAX_BIAS = "softmax/W", "softmax/b"
 _ACCUMULATOR = "/Adagrad"
 
 
@@ -243,6 +242,7 @@ def load_bilmtf_state(model, optimizer, weights: dict[str, np.ndarray], accumula
 
     import torch
 
+    from bilm.pretrained import SOFTMAX_BIAS, SOFTMAX_WEIGHT
     from bilm.weights import WeightFileError, load_weight_arrays
 
     load_weight_arrays(model.bilm, weights, source, ignore=(SOFTMAX_WEIGHT, SOFTMAX_BIAS))

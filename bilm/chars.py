@@ -86,9 +86,9 @@ class CharIdMapper:
 
     @classmethod
     def from_vocab_file(cls, path: str, max_characters_per_token: int = DEFAULT_MAX_CHARACTERS) -> "CharIdMapper":
-        """Preload the cache with every token of a vocab file (one token per line)."""
-        with open(path, encoding="utf-8") as f:
-            return cls(max_characters_per_token, (line.rstrip("\n").split("\t")[0] for line in f if line.strip()))
+        """Preload the cache with every token of a vocab file (one token per line, checked)."""
+        from bilm.vocab import read_tokens
+        return cls(max_characters_per_token, read_tokens(path))
 
     def __len__(self) -> int:
         return self._n_rows - 1

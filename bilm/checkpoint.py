@@ -113,8 +113,8 @@ def _free_space(directory: str) -> str:
         free = shutil.disk_usage(directory).free
     except OSError:
         return "unknown"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if free < 1024 or unit == "TB":
+    for unit in ("B", "KB", "MB", "GB"):
+        if free < 1024:
             return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
         free /= 1024
     return f"{free:.1f} TB"

@@ -13,21 +13,15 @@ import sys
 log = logging.getLogger("bilm")
 
 
-class MainRankOnly(logging.Filter):
-    """Passes records only in the process of rank 0 (``RANK`` as torchrun sets it; 0 without torchrun)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return os.environ.get("RANK", "0") == "0"
-
-
 def setup_logging(level: int = logging.INFO) -> None:
-    """Messages to stdout, bare, from rank 0 (once per process)."""
-    if any(isinstance(h, logging.StreamHandler) and getattr(h, "_bilm", False) for h in log.handlers):
+    """Messages to stdout, bare, from rank 0 (``RANK`` as torchrun sets it; 0 without torchrun);
+    once per process."""
+    if log.handlers:
         return
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    handler.addFilter(MainRankOnly())
-    handler._bilm = True
+    main_rank = os.environ.get("RANK", "0") == "0"
+    handler.addFilter(lambda record: main_rank)
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False

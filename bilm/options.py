@@ -22,7 +22,8 @@ from bilm.schema import OMIT, FieldError, SchemaError, dump, load
 
 
 class OptionsError(SchemaError):
-    """A missing or mistyped key in options.json or a config's model section."""
+    """A missing or mistyped key in an options.json (``from_dict``/``from_file``; a config's model
+    section reports through ``bilm.config.ConfigError``)."""
 
 
 @dataclass

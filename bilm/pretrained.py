@@ -52,7 +52,8 @@ def model_from_checkpoint(path: str) -> Trained:
     if vocab is None:
         raise CheckpointError(f"{found}: checkpoint has no vocabulary")
     with torch.device("meta"):
-        model = LanguageModel(cfg.model, len(vocab), dropout=0.0, lstm_impl=cfg.train.lstm_impl, sparse_softmax=False)
+        model = LanguageModel(cfg.model, len(vocab), dropout=0.0, lstm_impl=cfg.train.lstm_impl,
+                          lstm_compile=cfg.train.lstm_compile, sparse_softmax=False)
     load_model_state(model, {k: v.float() if v.is_floating_point() else v for k, v in payload["model"].items()},
                      found, assign=True)
     pipeline = payload.get("text_pipeline")

@@ -82,11 +82,6 @@ def offline() -> bool:
     return os.environ.get("BILM_OFFLINE", "") not in ("", "0")
 
 
-def is_model_reference(value: Optional[str]) -> bool:
-    """A registered name or a directory (not an options file): what ``resolve_model`` takes."""
-    return value is not None and (_key(value) in MODELS or os.path.isdir(value))
-
-
 def resolve_model(model: Optional[str] = None, progress: bool = True) -> tuple[str, str]:
     """(options.json, weights.hdf5) of a registered name (downloaded to the cache once) or of a directory."""
     model = DEFAULT_MODEL if model is None else model
@@ -174,7 +169,7 @@ def fetch(url: str, path: str, progress: bool = True, label: str = "", attempts:
                 reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
                 raise ModelUnavailable(f"cannot download {url}: {reason}; put the file at {path} by hand, "
                                        "or set BILM_OFFLINE=1 to use only the cache") from None
-    return True
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 class _Incomplete(Exception):

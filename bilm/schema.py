@@ -11,8 +11,9 @@ A settings class is a dataclass; each field states, once:
 
 Values of the right type that cannot work are refused by the class's ``__post_init__``, which
 raises ``FieldError(field, problem)``; ``load`` adds where the key is. ``load`` converts only
-int -> float and lists -> tuples, and with ``numeric_strings`` a numeric string -> float (for
-YAML: PyYAML reads ``1e-8`` as a string).
+int -> float, lists -> tuples, a YAML boolean -> 'on'/'off' for a Literal that offers them
+(YAML 1.1 reads a bare ``off`` as false), and with ``numeric_strings`` a numeric string -> float
+(for YAML: PyYAML reads ``1e-8`` as a string).
 
 Errors are ``SchemaError``; ``.key`` is the dotted key from the root, for finding its line in a
 file. They are phrased in one of bilm's two styles, as its messages always were:

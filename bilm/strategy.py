@@ -182,6 +182,8 @@ class LocalStrategy(Strategy):
         super().__init__(cfg, model, env)
         self.optimizer = build_optimizer(cfg, model)
         self.forward_module = model
+        self.params = list(model.parameters())
+        self.softmax_params = list(model.softmax.parameters())
         if env.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
             DDP._set_params_and_buffers_to_ignore_for_model(model, ["softmax.weight", "softmax.bias"])
@@ -191,9 +193,9 @@ class LocalStrategy(Strategy):
         loss.backward()
         mark("backward")
         if self.env.distributed:
-            all_reduce_gradients_(list(self.model.softmax.parameters()))
+            all_reduce_gradients_(self.softmax_params)
         mark("communication")
-        norm = clip_grad_norm_(list(self.model.parameters()), self.cfg.optim.max_grad_norm)
+        norm = clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         mark("optimizer")

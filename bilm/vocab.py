@@ -21,13 +21,6 @@ class VocabularyError(ValueError):
     """A malformed vocabulary; the message names the file and line."""
 
 
-def _utf8_lines(f, path: str) -> list[str]:
-    try:
-        return f.readlines()
-    except UnicodeDecodeError as e:
-        raise VocabularyError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-
-
 def read_tokens(path: str | os.PathLike) -> list[str]:
     """The tokens of a vocabulary file, one per line (a tab and anything after it ignored, as in
     ``vocab_counts``-style files), checked: UTF-8, no whitespace inside a token, blank lines only at
@@ -37,17 +30,19 @@ def read_tokens(path: str | os.PathLike) -> list[str]:
     tokens: list[str] = []
     blank_line = 0  # a blank line is only allowed at the end of the file
     with open(path, encoding="utf-8") as f:
-        lines = _utf8_lines(f, path)
-        for number, line in enumerate(lines, start=1):
-            token = line.rstrip("\r\n").split("\t", 1)[0]
-            if not token.strip():
-                blank_line = blank_line or number
-                continue
-            if blank_line:
-                raise VocabularyError(f"{path}, line {blank_line}: empty line inside the vocabulary")
-            if token != token.strip() or len(token.split()) != 1:
-                raise VocabularyError(f"{path}, line {number}: token {token!r} contains whitespace")
-            tokens.append(token)
+        try:
+            for number, line in enumerate(f, start=1):  # line by line: a vocabulary can have 800k lines
+                token = line.rstrip("\r\n").split("\t", 1)[0]
+                if not token.strip():
+                    blank_line = blank_line or number
+                    continue
+                if blank_line:
+                    raise VocabularyError(f"{path}, line {blank_line}: empty line inside the vocabulary")
+                if token != token.strip() or len(token.split()) != 1:
+                    raise VocabularyError(f"{path}, line {number}: token {token!r} contains whitespace")
+                tokens.append(token)
+        except UnicodeDecodeError as e:
+            raise VocabularyError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     return tokens
 
 

@@ -203,8 +203,12 @@ def test_rank_plan_whole_shards_or_strided_lines():
         ("a", 3, 5), ("b", 3, 5), ("c", 3, 5)]
 
 
-def test_rank_is_given_not_asked_of_torch_distributed(tiny):
+def test_rank_is_given_not_asked_of_torch_distributed(tiny, monkeypatch):
     shard, vocab = tiny
+    # A process group of 2 in which this is rank 1: the dataset must not ask it.
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
     dataset = LMDataset(shard, vocab, 2, 3)
     assert (dataset.rank, dataset.world_size) == (0, 1)
     with pytest.raises(ValueError, match="rank must be in"):
@@ -218,8 +222,9 @@ def test_dataloader_in_process_only(tmp_path):
     dataset = LMDataset(paths, vocab_path, 2, 5, mode="eval", max_characters_per_token=C)
     batches = list(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=0))
     assert len(batches) > 1 and all(batch_equal(x, y) for x, y in zip(batches, dataset, strict=True))
-    with pytest.raises(RuntimeError, match="cannot be split among 2 DataLoader workers"):
-        list(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2))
+    for workers in (1, 2):
+        with pytest.raises(RuntimeError, match=f"cannot be split among {workers} DataLoader workers"):
+            list(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers))
 
 
 def test_eval_predicts_every_token_once_with_final_partial_batch(tmp_path):
@@ -228,6 +233,7 @@ def test_eval_predicts_every_token_once_with_final_partial_batch(tmp_path):
     batches = list(dataset)
     n_predictions = sum(len(s) + 1 for s in sentences)
     for direction in ("forward", "backward"):
+        assert [b[direction]["all_valid"] for b in batches] == [bool(b[direction]["mask"].all()) for b in batches]
         assert sum(int(b[direction]["mask"].sum()) for b in batches) == n_predictions
         last = batches[-1][direction]
         assert not last["mask"].all()  # this corpus does not fill the last batch

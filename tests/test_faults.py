@@ -20,7 +20,7 @@ from bilm.checkpoint import LOCK_NAME, list_checkpoints, load_checkpoint
 from bilm.cli import main as bilm_main
 from bilm.train import train
 from conftest import OPTIONS, WEIGHTS
-from train_helpers import BILM_TF_TEST_MODEL, ROOT, TRAIN_DATA, TRAIN_VOCAB, tiny_config
+from train_helpers import BILM_TF_TEST_MODEL, ROOT, TRAIN_DATA, TRAIN_VOCAB, assert_same_trained_params, tiny_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
@@ -317,9 +317,7 @@ def test_two_nodes_on_one_machine_equal_one_process(tmp_path):
                 os.killpg(node.pid, signal.SIGKILL)
                 node.wait()
     assert all(node.returncode == 0 for node in nodes), outputs[0][-2000:] + outputs[1][-2000:]
-    a, b = torch.load(single), torch.load(double)
-    for key, value in a["params"].items():
-        assert torch.allclose(value, b["params"][key], atol=1e-5, rtol=0), key
+    assert_same_trained_params(single, double)
 
 
 # ----- bad inputs, every command -----

@@ -7,8 +7,10 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import h5py
 import numpy as np
 import pytest
+import torch
 
 from bilm import published
 from bilm.cli import main as bilm_main
@@ -183,4 +185,10 @@ def test_train_init_model_starts_from_the_published_weights(server, tmp_path):
                       "--init-model", "fixture", "--set", "train.max_steps=1", "--set", "train.device=cpu",
                       "--no-progress"]) == 0
     from bilm.pretrained import model_from_checkpoint
-    assert model_from_checkpoint(str(run)).config.model.lstm.projection_dim == 16  # the fixture's architecture
+    trained = model_from_checkpoint(str(run))
+    assert trained.config.model.char_cnn.n_highway == 2  # the fixture's architecture (tiny.yaml has 1)
+    # One step of Adagrad moves a weight by at most lr = 0.2: it started from the fixture's, not afresh.
+    with h5py.File(WEIGHTS) as f:
+        published = torch.from_numpy(f["char_embed"][...])
+    got = trained.model.bilm.token_encoder.char_embedding.weight.detach()[1:]
+    assert got.shape == published.shape and float((got - published).abs().max()) <= 0.2 + 1e-6

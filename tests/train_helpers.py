@@ -26,3 +26,16 @@ def tiny_config(*overrides: str, word_inputs: bool = False):
     if word_inputs:
         cfg.model.char_cnn = None
     return cfg
+
+
+def assert_same_trained_params(single_path: str, multi_path: str) -> None:
+    """The parameters that ``dist_scripts/ddp_equivalence.py`` saved from one process and from
+    several ranks are equal, and training moved them well beyond the tolerance (so equality
+    means something)."""
+    import torch
+
+    a, b = torch.load(single_path), torch.load(multi_path)
+    for key, value in a["params"].items():
+        assert torch.allclose(value, b["params"][key], atol=1e-5, rtol=0), key
+    moved = max((a["params"][k] - a["initial"][k]).abs().max().item() for k in a["params"])
+    assert moved > 1e-2

@@ -102,14 +102,15 @@ class LMDataset(IterableDataset):
         self._pending_state: dict | None = None
 
     def __getstate__(self) -> dict:
-        # A DataLoader worker gets the dataset pickled (spawn): not the encoded shards of a live iteration.
+        # Pickled (e.g. to copy a config): never the encoded shards of a live iteration.
         return {**self.__dict__, "_live": None}
 
     def __iter__(self) -> Iterator[dict]:
         """This rank's batches, from the state given to ``load_state_dict`` if any, else from the beginning."""
         info = get_worker_info()
-        if info is not None and info.num_workers > 1:
-            # Each worker would produce the whole of this rank's batches (see the class docstring).
+        if info is not None:
+            # Each worker would produce the whole of this rank's batches (see the class docstring), and
+            # even one worker would keep the position out of the state_dict a checkpoint saves.
             raise RuntimeError(f"LMDataset cannot be split among {info.num_workers} DataLoader workers: "
                                "iterate it in the training process (num_workers=0)")
         if self._live is not None:

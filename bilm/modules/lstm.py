@@ -413,7 +413,7 @@ class LstmWithProjection(nn.Module):
     def _cell(self, z: torch.Tensor, c_prev: torch.Tensor) -> State:
         """The reference step, written as the semantics read (TF's LSTMCell): z (B, 4C) the
         pre-activations, FORGET_BIAS added here in every step."""
-        i, j, f, o = _split_gates(z)
+        i, j, f, o = z.chunk(4, dim=-1)  # TF's order, spelled out: the exact path's helpers are what this checks
         c = torch.sigmoid(f + FORGET_BIAS) * c_prev + torch.sigmoid(i) * torch.tanh(j)
         c = _clip(c, self.cell_clip)
         h = torch.sigmoid(o) * torch.tanh(c)

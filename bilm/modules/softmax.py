@@ -124,7 +124,7 @@ class SoftmaxLayer(nn.Module):
 
     ``sparse=True`` makes the gradients of ``weight`` and ``bias`` sparse COO tensors
     holding only the rows a step used (give them to ``torch.optim.Adagrad`` or
-    ``torch.optim.SparseAdam``, and to this module's ``clip_grad_norm_`` and
+    ``torch.optim.SparseAdam``, and to ``bilm.gradients``' ``clip_grad_norm_`` and
     ``all_reduce_gradients_``); ``sparse=False`` gives ordinary dense gradients.
     """
 
