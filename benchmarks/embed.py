@@ -28,6 +28,7 @@ from bilm import ElmoEmbedder
 from bilm.modules.bilm import BidirectionalLM
 from bilm.options import BiLMOptions, CharCNNOptions, LstmOptions
 from bilm.weights import save_weights
+from machine import cpu_model  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 ORIGINAL_FILTERS = [[1, 32], [2, 32], [3, 64], [4, 128], [5, 256], [6, 512], [7, 1024]]
 
@@ -61,17 +62,6 @@ def random_sentences(n: int, length: int, seed: int = 0) -> list[list[str]]:
     vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 10)))
              for _ in range(5000)]
     return [[rng.choice(vocab) for _ in range(length)] for _ in range(n)]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def time_pass(embedder: ElmoEmbedder, sentences: list[list[str]], batch_size: int, device: torch.device) -> float:
@@ -120,7 +110,7 @@ def main() -> None:
                 for impl, embedder in embedders.items():
                     best[impl] = min(best[impl], time_pass(embedder, sentences, args.batch_size, device))
             where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                     else f"{cpu_name()}, {torch.get_num_threads()} threads")
+                     else f"{cpu_model()}, {torch.get_num_threads()} threads")
             print(f"{'small' if args.small else 'original'}-size ELMo on {device_name} ({where}), torch {torch.__version__}; "
                   f"{args.sentences} sentences x {args.tokens} tokens, batch {args.batch_size}, best of {args.rounds}; "
                   f"load average {os.getloadavg()[0]:.2f}")

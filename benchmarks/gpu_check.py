@@ -35,6 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
 VOCAB_1B = 793_471
 TRAIN_VARIANTS = {  # name -> (lstm_impl, precision, compiled LSTM step, clips)
@@ -76,7 +77,7 @@ def _peak_gb(device):
 def part_environment(smoke: bool) -> dict:
     import torch
     out = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-           "cpu": _cpu_model(), "gpu": None, "driver": None}
+           "cpu": cpu_model(), "gpu": None, "driver": None}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         out.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
@@ -221,14 +222,6 @@ def run_part(name: str, smoke: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------- the driver
-
-def _cpu_model() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        return re.search(r"Model name:\s*(.*)", text).group(1).strip()
-    except Exception:  # no lscpu: what Python knows
-        return platform.processor() or platform.machine()
-
 
 def _spawn(name: str, smoke: bool, limit: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--part", name] + (["--smoke"] if smoke else [])

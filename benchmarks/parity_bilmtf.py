@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -34,6 +33,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
 # The configuration of the comparison, in bilm-tf's options and in bilm's --set keys.
 FILTERS = [[1, 32], [2, 32], [3, 64], [4, 128], [5, 256], [6, 512], [7, 1024]]
@@ -143,16 +144,6 @@ def run_bilm(a, seed: int, manifest: str, heldout: str) -> dict:
     return result
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = re.search(r"Model name:\s*(.*)", out).group(1).strip()
-        cores = re.search(r"^CPU\(s\):\s*(\d+)", out, re.M).group(1)
-        return f"{model}, {cores} cores"
-    except Exception:  # lscpu missing: say what Python knows
-        return platform.processor() or platform.machine()
-
-
 def spread(values: list[float]) -> str:
     """Median (robust to the odd diverged run) and every seed's value."""
     if len(values) == 1:
@@ -237,7 +228,7 @@ def main() -> None:
                  f"{diverged(bl)} of {len(bl)}" if bl else "-"))
     print(f"\n{a.batches} batches of {a.batch_size} x {a.unroll}, LSTM 2 x {a.lstm_dim}/{a.projection_dim}, "
           f"char CNN 2048 filters + 2 highway, {a.negatives} negatives, Adagrad 0.2, clip 10, dropout {a.dropout}; "
-          f"seeds {a.seeds}; {cpu_name()}" + (f"; bilm with {' '.join(a.bilm_set)}" if a.bilm_set else ""))
+          f"seeds {a.seeds}; {cpu_model()}, {os.cpu_count()} cores" + (f"; bilm with {' '.join(a.bilm_set)}" if a.bilm_set else ""))
     print(f"add-one unigram heldout perplexity (for scale): {unigram:.1f}")
     if tf and bl:
         median = lambda runs, key: statistics.median(r["bilm_eval"][key] for r in runs)

@@ -45,7 +45,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -58,6 +57,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(1, ROOT)
 import corpus as corpus_module  # noqa: E402  (benchmarks/corpus.py)
+from machine import machine_line  # noqa: E402  (benchmarks/machine.py)
 
 STAGES = ("corpus", "prepare", "reader", "train", "evaluate", "export", "export+softmax", "dump")
 CONFIG = os.path.join(ROOT, "configs", "elmo_original.yaml")
@@ -536,8 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                 elif os.path.exists(target):
                     os.remove(target)
     threads = bench.env.get("OMP_NUM_THREADS", "unset")
-    header = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-              f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB, OMP_NUM_THREADS={threads}; "
+    header = (f"{machine_line()}, OMP_NUM_THREADS={threads}; "
               f"vocabulary {args.vocab_size:,}; {started}")
     text = table(rows)
     print(f"\n{header}\n\n{text}")

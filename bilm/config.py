@@ -22,6 +22,7 @@ plain form saved with every checkpoint; the round trip is exact.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -164,8 +165,11 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    """Write the resolved config; whole or not at all (a reader never sees half a file)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, default_flow_style=None)
+    os.replace(tmp, path)
 
 
 # ----- building and checking -----

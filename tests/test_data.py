@@ -291,7 +291,7 @@ def test_resume_mid_epoch_reproduces_the_remaining_batches(tmp_path, mode, per_s
 
     def dataset():
         return LMDataset(paths, vocab_path, 3, 4, mode=mode, per_sentence=per_sentence, seed=11,
-                         max_characters_per_token=C, max_cached_tokens=0)  # cache off: reloads too
+                         max_characters_per_token=C, max_cache_bytes=0)  # cache off: reloads too
 
     it = iter(dataset())
     n_total = 60
@@ -430,7 +430,7 @@ def test_both_packers_share_the_packer_interface(tiny):
     shard, vocab = tiny
     vocab = Vocabulary.from_file(vocab)
     plan = rank_plan([shard], 0, 1)
-    cache = ShardCache(plan, vocab, C, 1000, char_ids=True)
+    cache = ShardCache(plan, vocab, C, 1 << 20, char_ids=True)
 
     def stream(direction):
         return SentenceStream(plan, cache, seed=0, direction=direction, shuffle=False, infinite=False)
@@ -451,6 +451,35 @@ def test_both_packers_share_the_packer_interface(tiny):
         # "a b c" + "d" (4 inputs: 2 windows of 3), then "e a" + "zz" (1 window).
         expected = [True, False, True] if isinstance(packer, SentencePacker) else [False] * len(layouts)
         assert [p.reset_state for p in layouts] == expected
+    cache.close()
+
+
+def test_shard_cache_budget_counts_char_tables(tmp_path):
+    """With many distinct words, a shard's char table outweighs its ids (at the 1B Word
+    Benchmark's 793k words: 60 MB against 22 a shard); the budget must count it, or the cache
+    holds several times the memory it was given."""
+    words = [f"w{i:05d}" for i in range(400)]  # every word once: a table row per position
+    paths = [write(tmp_path / f"s{k}.txt", "\n".join(" ".join(words[j:j + 20]) for j in range(0, 400, 20)) + "\n")
+             for k in range(2)]
+    vocab = Vocabulary(["<S>", "</S>", "<UNK>"] + words)
+    cache = ShardCache(rank_plan(paths, 0, 1), vocab, 50, max_bytes=0, char_ids=True)
+    one = cache.get(0)
+    ids_bytes = one.token_ids.nbytes + one.char_rows.nbytes
+    assert one.char_table.nbytes > 10 * ids_bytes and one.nbytes >= ids_bytes + one.char_table.nbytes
+    # A budget of 1.5 shards: ample for two shards' ids, too small for two shards.
+    cache = ShardCache(rank_plan(paths, 0, 1), vocab, 50, max_bytes=int(1.5 * one.nbytes), char_ids=True)
+    cache.get(0)
+    cache.get(1)
+    cache.release({1})
+    assert cache.nbytes == one.nbytes  # shard 0 dropped, shard 1 (in use) kept
+    cache.get(0)
+    cache.release({0, 1})
+    assert cache.nbytes == 2 * one.nbytes  # shards in use stay whatever the budget
+    cache = ShardCache(rank_plan(paths, 0, 1), vocab, 50, max_bytes=2 * one.nbytes, char_ids=True)
+    cache.get(0)
+    cache.get(1)
+    cache.release(set())
+    assert cache.nbytes == 2 * one.nbytes  # both fit: neither is encoded again
     cache.close()
 
 

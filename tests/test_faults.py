@@ -169,10 +169,11 @@ def test_second_run_on_the_same_directory_refuses_at_once(tmp_path):
 def _check_second_run_refused(first, run):
     lock = run / LOCK_NAME
     deadline = time.time() + 60
-    while not (lock.exists() and "pid" in lock.read_text()) and time.time() < deadline:
+    config = run / "config.yaml"  # written by the first run once it holds the lock
+    while not (lock.exists() and "pid" in lock.read_text() and config.exists()) and time.time() < deadline:
         time.sleep(0.1)
     assert first.poll() is None, "the first run ended before the second could start"
-    config_before = (run / "config.yaml").read_bytes() if (run / "config.yaml").exists() else None
+    config_before = config.read_bytes()
     started = time.time()
     second = subprocess.run(_bilm(*_train_args(run, "train.max_steps=400")), env=ENV, capture_output=True,
                             text=True, timeout=120)
@@ -183,7 +184,7 @@ def _check_second_run_refused(first, run):
     assert f"host {socket.gethostname()}" in err and "in use by another bilm train" in err
     out, errors = first.communicate(timeout=300)
     assert first.returncode == 0, errors
-    assert config_before is None or (run / "config.yaml").read_bytes() == config_before
+    assert config.read_bytes() == config_before  # the second run's different settings were not written
     assert sorted(_losses(str(run))) == list(range(10, 401, 10))  # every step once, from the first run only
 
 

@@ -49,8 +49,8 @@ class LMDataset(IterableDataset):
     its ``rank``, the default is one process); with fewer shards than ranks, each rank takes
     every R-th line instead. One process must produce a rank's batches in order (each row
     continues in the next batch), so the dataset cannot be split among DataLoader workers.
-    Encoded shards stay cached up to ``max_cached_tokens`` positions per rank (about 8
-    bytes each, plus a char table per shard).
+    Encoded shards stay cached up to ``max_cache_bytes`` per rank (token ids, char tables
+    and offsets; the shards being read are kept whatever their size).
     """
 
     def __init__(self, source: str | os.PathLike | Sequence[str | os.PathLike],
@@ -58,7 +58,7 @@ class LMDataset(IterableDataset):
                  max_characters_per_token: int = DEFAULT_MAX_CHARACTERS, char_inputs: bool = True,
                  mode: str = "train", split: str | None = None, per_sentence: bool = False,
                  seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool | None = None, max_cached_tokens: int = 20_000_000):
+                 shuffle: bool | None = None, max_cache_bytes: int = 256 * 2**20):
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
         if split not in (None, "train", "heldout"):
@@ -97,7 +97,7 @@ class LMDataset(IterableDataset):
         self.char_inputs, self.mode, self.per_sentence = char_inputs, mode, per_sentence
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle = (mode == "train") if shuffle is None else shuffle
-        self.max_cached_tokens = max_cached_tokens
+        self.max_cache_bytes = max_cache_bytes
         self._live: _Batches | None = None
         self._pending_state: dict | None = None
 
@@ -170,7 +170,7 @@ class _Batches:
         self._config = dataset._config()
         plan = rank_plan(dataset.shards, dataset.rank, dataset.world_size)
         self._cache = ShardCache(plan, dataset.vocab, dataset.max_characters_per_token,
-                                 dataset.max_cached_tokens, dataset.char_inputs)
+                                 dataset.max_cache_bytes, dataset.char_inputs)
         infinite = dataset.mode == "train"
         B, T = dataset.batch_size, dataset.unroll_steps
         self.n_batches = 0
@@ -213,10 +213,8 @@ class _Batches:
         token_ids = np.zeros(B * T, dtype=np.int64)
         next_ids = np.zeros(B * T, dtype=np.int64)
         mask = np.zeros(B * T, dtype=bool)
-        # Rows of the shards' char tables (row 0 of each is the all-zero mask row), gathered once
-        # at the end: one table in the usual case, the shards' tables stacked when a batch spans two.
-        char_rows = np.zeros(B * T, dtype=np.int64)
-        char_tables: list[np.ndarray] = [np.zeros((1, C), dtype=np.int32)]  # replaced by the shards' tables
+        # Rows left zero are the all-zero char ids of masked positions.
+        char_ids = np.zeros((B * T, C) if self._ds.char_inputs else (0, C), dtype=np.int32)
         if segments:
             flat = np.fromiter(chain.from_iterable(segments), dtype=np.int64, count=5 * len(segments))
             rows, cols, srcs, lengths, keys = flat.reshape(-1, 5).T
@@ -226,20 +224,16 @@ class _Batches:
             mask[out] = True
             shard_keys = np.unique(keys)
             key_of = np.repeat(keys, lengths) if len(shard_keys) > 1 else None
-            char_tables, first_row = [], 0
             for key in shard_keys.tolist():
                 shard = self._cache.get(key)
                 o, s = (out, src) if key_of is None else (out[key_of == key], src[key_of == key])
                 token_ids[o] = shard.token_ids[s]
                 next_ids[o] = shard.token_ids[s + sign]
                 if self._ds.char_inputs:
-                    char_rows[o] = shard.char_rows[s] + first_row
-                    char_tables.append(shard.char_table)
-                    first_row += len(shard.char_table)
+                    char_ids[o] = shard.char_table[shard.char_rows[s]]
         direction = {"token_ids": torch.from_numpy(token_ids.reshape(B, T))}
         if self._ds.char_inputs:
-            table = char_tables[0] if len(char_tables) == 1 else np.concatenate(char_tables)
-            direction["char_ids"] = torch.from_numpy(table[char_rows].reshape(B, T, C))
+            direction["char_ids"] = torch.from_numpy(char_ids.reshape(B, T, C))
         direction["next_token_ids"] = torch.from_numpy(next_ids.reshape(B, T))
         direction["mask"] = torch.from_numpy(mask.reshape(B, T))
         direction["all_valid"] = bool(mask.all())  # known here, on the CPU: the model need not ask the device
