@@ -29,6 +29,7 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from bilm.errors import not_utf8
 from bilm.options import BiLMOptions
 from bilm.schema import FieldError, SchemaError, Style, dump, load, suggest
 
@@ -130,8 +131,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(not_utf8(path)) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from bilm.chars import CharIdMapper, char_id_table
+from bilm.errors import not_utf8
 from bilm.modules.bilm import BidirectionalLM, RowStates
 from bilm.published import model_files
 from bilm.vocab import read_tokens
@@ -197,8 +198,8 @@ class ElmoEmbedder:
         try:
             with open(input_file, encoding="utf-8") as f:
                 lines = [line.rstrip("\n") for line in f]
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{input_file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except UnicodeDecodeError:
+            raise ValueError(not_utf8(input_file)) from None
         tokenized = [line.split() for line in lines] if pretokenized else self.tokenize_lines(lines)
         if pretokenized or self.text_pipeline is None or self.text_pipeline.tokenizer == "whitespace":
             warn_suspicious_lines(self.text_pipeline or TextPipeline(), ((i + 1, t) for i, t in enumerate(tokenized)),

@@ -9,6 +9,19 @@ class RunDirectoryLocked(RuntimeError):
     """Another process is training into the same run directory."""
 
 
+def not_utf8(path) -> str:
+    """``PATH, line N: not UTF-8 text (...)`` for a file that failed to decode. The bad bytes are
+    found again line by line: a text-mode reader's error only knows its offset within the chunk it
+    was decoding (a newline byte is never part of a multi-byte character, so lines decode alone)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"{path}, line {number}: not UTF-8 text (byte {e.start + 1} of the line: {e.reason})"
+    return f"{path}: not UTF-8 text"
+
+
 def read_json(path: str, error: type[Exception] = ValueError):
     """The JSON value in ``path``; a file that is not UTF-8 JSON raises ``error`` naming the file and
     where it goes wrong (``OSError`` from opening passes through: the CLI reports it as one line)."""
@@ -19,5 +32,5 @@ def read_json(path: str, error: type[Exception] = ValueError):
             return json.load(f)
     except json.JSONDecodeError as e:
         raise error(f"{path}: not valid JSON ({e})") from None
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except UnicodeDecodeError:
+        raise error(not_utf8(path)) from None

@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from bilm.chars import BOS_TOKEN, EOS_TOKEN, UNK_TOKEN
+from bilm.errors import not_utf8
 
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
 
@@ -41,8 +42,8 @@ def read_tokens(path: str | os.PathLike) -> list[str]:
                 if token != token.strip() or len(token.split()) != 1:
                     raise VocabularyError(f"{path}, line {number}: token {token!r} contains whitespace")
                 tokens.append(token)
-        except UnicodeDecodeError as e:
-            raise VocabularyError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except UnicodeDecodeError:
+            raise VocabularyError(not_utf8(path)) from None
     return tokens
 
 

@@ -41,3 +41,25 @@ def test_errors_name_file_and_line(tmp_path, text, line, words):
         Vocabulary.from_file(path)
     message = str(error.value)
     assert path in message and f"line {line}" in message and words in message
+
+
+def test_bytes_that_are_not_utf8_are_named_by_line_far_into_a_file(tmp_path):
+    """A text-mode reader decodes in chunks, so its error's offset is within a chunk: the
+    message must name the line of the bad bytes, here well past the first chunk."""
+    from bilm.config import ConfigError, load_config
+    from bilm.errors import read_json
+
+    words = [f"word{i}" for i in range(5000)]
+    raw = ("<S>\n</S>\n<UNK>\n" + "\n".join(words[:2999]) + "\n").encode() + "caf\xe9\n".encode("latin-1")
+    path = tmp_path / "vocab.txt"
+    path.write_bytes(raw + "\n".join(words[3000:]).encode() + b"\n")
+    with pytest.raises(VocabularyError, match=r"vocab\.txt, line 3003: not UTF-8 text \(byte 4 of the line"):
+        Vocabulary.from_file(str(path))
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"# comment\n" * 2000 + b"train:\n  seed: \xff\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml, line 2002: not UTF-8 text \(byte 9 of the line"):
+        load_config(config)
+    options = tmp_path / "options.json"
+    options.write_bytes(b'{\n"a": "\xc3"\n}\n')
+    with pytest.raises(ValueError, match=r"options\.json, line 2: not UTF-8 text \(byte 7 of the line"):
+        read_json(str(options))
