@@ -210,6 +210,12 @@ class LocalStrategy(Strategy):
                 warnings.warn(f"{path} holds no optimizer state (written under DeepSpeed): the optimizer starts afresh")
             return
         self.optimizer.load_state_dict(payload["optimizer"])
+        # State left on the CPU is still a view of the (memory-mapped) checkpoint file: copy it, so the
+        # mapping goes with the payload and a pruned checkpoint's disk space is freed.
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                    state[key] = value.clone()
 
 
 class DeepSpeedStrategy(Strategy):

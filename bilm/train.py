@@ -168,7 +168,7 @@ class Trainer:
             dataset.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         self.generator.set_state(state["generator"])
-        self.state = map_state(state["lstm_state"], lambda t: t.to(self.env.device))
+        self.state = map_state(state["lstm_state"], lambda t: t.to(self.env.device, copy=True))  # not a view of the file
 
 
 # ---------------------------------------------------------------- the loop
@@ -304,16 +304,19 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv)
     step = 0
     if resume:
         # Rank 0 looks first and sets unreadable checkpoints aside; then the others find the same one.
-        path, payload = load_latest_valid(ckpt_dir, set_aside_corrupt=True) if env.is_main else (None, None)
+        # The file is mapped, not read (ranks on a node share its pages); what is kept is copied out
+        # and the payload dropped, so neither a second copy of the weights nor the mapping outlives this.
+        path, payload = load_latest_valid(ckpt_dir, set_aside_corrupt=True, mmap=True) if env.is_main else (None, None)
         if env.distributed:
             torch.distributed.barrier()
             if not env.is_main:
-                path, payload = load_latest_valid(ckpt_dir)
+                path, payload = load_latest_valid(ckpt_dir, mmap=True)
         if payload is not None:
             step = _restore(trainer, dataset, payload, path, env)
             log.info(f"resumed from {path} (step {step})")
         else:
             log.info(f"no checkpoint in {ckpt_dir}; starting from scratch")
+        del payload
 
     stop = {"signal": 0}
 
