@@ -16,6 +16,7 @@ written once into ``--work`` and reused by later runs. Then, per corpus size:
     train       bilm train --config configs/elmo_original.yaml with the full vocabulary on the
                 CPU, --train-steps steps of --train-batch x 20 (a smaller batch than the config's
                 128); step time from metrics.jsonl; the checkpoint's model and Adagrad bytes
+    resume      bilm train --resume of that run for one more step: memory while restoring
     evaluate    bilm evaluate (full softmax over the vocabulary) on the heldout split
     export      bilm export; export+softmax: the same with --include-softmax
     dump        bilm dump-token-embeddings of the full vocabulary
@@ -59,7 +60,7 @@ sys.path.insert(1, ROOT)
 import corpus as corpus_module  # noqa: E402  (benchmarks/corpus.py)
 from machine import machine_line  # noqa: E402  (benchmarks/machine.py)
 
-STAGES = ("corpus", "prepare", "reader", "train", "evaluate", "export", "export+softmax", "dump")
+STAGES = ("corpus", "prepare", "reader", "train", "resume", "evaluate", "export", "export+softmax", "dump")
 CONFIG = os.path.join(ROOT, "configs", "elmo_original.yaml")
 
 
@@ -90,9 +91,10 @@ def _tree(root: int) -> list[int]:
     return pids
 
 
-def _memory_kb(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of a process in kB; zeros once it is gone."""
-    rss = hwm = 0
+def _memory_kb(pid: int) -> tuple[int, int, int]:
+    """(VmRSS, VmHWM, RssAnon) of a process in kB; zeros once it is gone. RssAnon leaves out
+    pages of mapped files (a memory-mapped checkpoint), which the kernel can drop and read again."""
+    rss = hwm = anon = 0
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
@@ -100,9 +102,11 @@ def _memory_kb(pid: int) -> tuple[int, int]:
                     rss = int(line.split()[1])
                 elif line.startswith(b"VmHWM:"):
                     hwm = int(line.split()[1])
+                elif line.startswith(b"RssAnon:"):
+                    anon = int(line.split()[1])
     except OSError:
         pass
-    return rss, hwm
+    return rss, hwm, anon
 
 
 class TreeSampler(threading.Thread):
@@ -111,7 +115,7 @@ class TreeSampler(threading.Thread):
     def __init__(self, root: int, interval: float):
         super().__init__(daemon=True)
         self.root, self.interval = root, interval
-        self.peak_largest_kb = self.peak_all_kb = 0
+        self.peak_largest_kb = self.peak_all_kb = self.peak_anon_kb = 0
         self.max_processes = 0
         self.timeline: list[tuple[float, int]] = []  # (seconds since start, RSS of all in kB)
         self._done = threading.Event()
@@ -122,9 +126,10 @@ class TreeSampler(threading.Thread):
             total = 0
             pids = _tree(self.root)
             for pid in pids:
-                rss, hwm = _memory_kb(pid)
+                rss, hwm, anon = _memory_kb(pid)
                 total += rss
                 self.peak_largest_kb = max(self.peak_largest_kb, rss, hwm)
+                self.peak_anon_kb = max(self.peak_anon_kb, anon)  # sampled: a brief peak may be missed
             self.peak_all_kb = max(self.peak_all_kb, total)
             self.timeline.append((time.perf_counter() - started, total))
             self.max_processes = max(self.max_processes, len(pids))
@@ -163,6 +168,7 @@ def run_measured(cmd: list[str], log_path: str, env: dict, interval: float, time
             # the sum at any moment is at least the largest process: a stage shorter than one
             # sampling interval still gets a sound figure
             "peak_rss_all": max(sampler.peak_all_kb, largest_kb) * 1024,
+            "peak_anon_largest_sampled": sampler.peak_anon_kb * 1024,
             "maxrss_wait4": usage.ru_maxrss * 1024, "processes": sampler.max_processes,
             "cpu_s": usage.ru_utime + usage.ru_stime, "output": output, "log": log_path,
             "rss_timeline": _downsample(sampler.timeline, 200)}
@@ -311,6 +317,28 @@ class Bench:
                          f"Adagrad {_gib(sizes['optimizer_bytes'])} + dense grads "
                          f"{_gib(sizes['dense_grad_bytes'])} = {_gib(expected)}, plus about 0.2 GiB of "
                          "Python and torch, the reader and activations"}
+
+    def resume(self, tokens: int, size_dir: str) -> dict:
+        """One more step of the train stage's run, resumed from its checkpoint (model, Adagrad state
+        and data position), as a preempted run restarts."""
+        a = self.args
+        out = self.run_dir(size_dir)
+        steps = a.train_steps + 1
+        cmd = _bilm("train", "--config", CONFIG, "--data", self.manifest(size_dir),
+                    "--vocab", self.model_vocab(tokens, size_dir), "--out", out, "--device", "cpu", "--no-progress",
+                    "--resume", "--set", f"train.max_steps={steps}", "--set", f"train.batch_size={a.train_batch}",
+                    "--set", "train.log_every_steps=1", "--set", f"train.checkpoint_every_steps={steps}",
+                    "--set", "train.checkpoint_every_minutes=100000", "--set", "train.keep_checkpoints=1")
+        result = self.run(cmd, "resume", size_dir)
+        if f"(step {a.train_steps})" not in result["output"]:
+            raise StageFailed(f"resume did not resume from step {a.train_steps} (log {result['log']})")
+        sizes = checkpoint_sizes(os.path.join(out, "checkpoints"))
+        kept = sizes["model_bytes"] + sizes["optimizer_bytes"] + sizes["dense_grad_bytes"]
+        return {**result, "tokens": a.train_batch * 20, **sizes, "expected_bytes": kept,
+                "notes": f"from step {a.train_steps} to {steps}; peak anonymous memory (sampled) "
+                         f"{_gib(result['peak_anon_largest_sampled'])} against {_gib(kept)} of model, Adagrad and "
+                         f"grads; the rest of the RSS is pages of the mapped {_gib(sizes['checkpoint_file_bytes'])} "
+                         "checkpoint file"}
 
     def run_dir(self, size_dir: str) -> str:
         path = os.path.join(size_dir, "run")
@@ -507,8 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.work, exist_ok=True)
     bench = Bench(args)
     methods = {"corpus": bench.corpus, "prepare": bench.prepare, "reader": bench.reader, "train": bench.train,
-               "evaluate": bench.evaluate, "export": bench.export, "export+softmax": bench.export_softmax,
-               "dump": bench.dump}
+               "resume": bench.resume, "evaluate": bench.evaluate, "export": bench.export,
+               "export+softmax": bench.export_softmax, "dump": bench.dump}
     rows: list[dict] = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     for tokens in sizes:
