@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 from bilm import __version__
 from bilm.errors import RunDirectoryLocked
+from bilm.precision import PRECISIONS
 
 EXIT_STOPPED_BY_SIGNAL = 143  # bilm train stopped by SIGTERM after writing a checkpoint (continue with --resume)
 
@@ -45,7 +46,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> Callable:
                    help="--input is already tokenized: split each line on whitespace instead of the model's tokenizer")
     p.add_argument("--out", "--output", dest="output", required=True, help="HDF5 file to write")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32, or bf16 (faster where the CPU or GPU has bf16 units; vectors stay float32)")
     p.add_argument("--layers", choices=["all", "top", "average"], default="all",
                    help="all: (n_layers, n_tokens, dim) per sentence; top: the top layer; average: mean of layers")
@@ -159,7 +160,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Callable:
     p.add_argument("--unroll", type=int, help="time steps per batch (default: the training config's); "
                                              "does not change the result")
     p.add_argument("--per-sentence", action="store_true", help="reset LSTM states at every sentence")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32, or bf16 autocast (faster where there are bf16 units; the softmax runs in fp32)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -18,6 +18,7 @@ from torch import nn
 from bilm.chars import EOS_TOKEN, BOS_TOKEN, CharIdMapper
 from bilm.modules.bilm import RowStates
 from bilm.modules.scalar_mix import ScalarMix
+from bilm.precision import autocast, check_precision
 from bilm.published import model_files
 from bilm.weights import load_bilm
 
@@ -40,9 +41,7 @@ class Elmo(nn.Module):
         ``scalar_mix_parameters``: fixed, untrained mixing weights (AllenNLP's meaning).
         ``precision="bf16"`` runs the biLM under bf16 autocast (the representations are float32)."""
         super().__init__()
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-        self.precision = precision
+        self.precision = check_precision(precision)
         if vocab_to_cache is not None:
             raise ValueError("vocab_to_cache is not supported: the char CNN runs once per distinct token of a "
                              "batch already; for a precomputed cache use ElmoEmbedder(token_embedding_file=...)")
@@ -85,7 +84,7 @@ class Elmo(nn.Module):
         with_boundaries[torch.arange(batch_size), lengths + 1] = self._eos.to(char_ids.dtype)
         full_mask = with_boundaries[..., 0] > 0
         state = self._states.get(batch_size) if self.stateful else None
-        with torch.autocast(char_ids.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with autocast(char_ids.device, self.precision):
             layers, new_state = self.bilm(with_boundaries, full_mask, state)
         layers = [layer.float() for layer in layers]
         if self.stateful:

@@ -12,7 +12,6 @@ sentence always gets the same vectors.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from bilm.chars import CharIdMapper, char_id_table
 from bilm.errors import not_utf8
 from bilm.modules.bilm import BidirectionalLM, RowStates
+from bilm.precision import autocast, check_precision
 from bilm.published import model_files
 from bilm.vocab import read_tokens
 from bilm.weights import WeightFileError, load_bilm
@@ -54,9 +54,7 @@ class ElmoEmbedder:
 
         ``precision``: "fp32", or "bf16" (autocast: matrix multiplies in bfloat16, the LSTM cell
         state in fp32; vectors are returned as float32 either way)."""
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-        self.precision = precision
+        self.precision = check_precision(precision)
         options_file, weight_file = model_files(options_file, weight_file)
         if cuda_device is not None:
             device = cuda_device
@@ -134,7 +132,7 @@ class ElmoEmbedder:
         """One float32 array (n_layers + 1, n_tokens, 2 * projection_dim) per sentence."""
         if len(sentences) == 0:
             return []
-        with self._autocast():
+        with autocast(self.device, self.precision):
             tokens, mask = self._token_vectors(sentences)
             state = self._states.get(len(sentences)) if self.stateful else None
             layers, new_state = self.model.contextualize(tokens, mask, state)
@@ -142,11 +140,6 @@ class ElmoEmbedder:
             self._states.update(new_state, len(sentences))
         stacked = torch.stack(layers, dim=1).float().cpu().numpy()  # (B, L, T + 2, D)
         return [stacked[i, :, 1 : len(s) + 1].copy() for i, s in enumerate(sentences)]
-
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def embed_sentence(self, tokens: Sequence[str]) -> np.ndarray:
         return self.embed_batch([tokens])[0]

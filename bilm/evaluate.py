@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from bilm.data import LMDataset, resolve_shards
 from bilm.distributed import all_reduce_sum, init_distributed, shutdown
+from bilm.precision import autocast, check_precision
 from bilm.pretrained import model_from_checkpoint
 from bilm.model import DIRECTIONS, LanguageModel, reset_state_rows
 from bilm.train import to_device
@@ -62,6 +63,7 @@ def evaluate(checkpoint: str, data: str, batch_size: Optional[int] = None, unrol
     """Perplexity of a checkpoint on ``data``: a manifest.json (its heldout shards, tokenized by ``bilm
     prepare``), or raw text files, which get the model's own text pipeline (as ``prepare`` applied it to
     the training data) unless ``pretokenized`` (then: whitespace-split, as given)."""
+    check_precision(precision)
     env = init_distributed(device)
     try:
         model, cfg, vocab_tokens, found, pipeline = model_from_checkpoint(checkpoint)
@@ -78,7 +80,7 @@ def evaluate(checkpoint: str, data: str, batch_size: Optional[int] = None, unrol
                                 unroll_steps or cfg.train.unroll_steps, mode="eval", per_sentence=per_sentence,
                                 rank=env.rank, world_size=env.world_size, char_inputs=char_cnn is not None,
                                 max_characters_per_token=char_cnn.max_characters_per_token if char_cnn else 50)
-            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with autocast(env.device, precision):
                 sums = perplexity(model, dataset, env.device, progress and env.is_main)
         keys = sorted(sums)
         totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], env)))

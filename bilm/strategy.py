@@ -16,7 +16,6 @@ its JSON would override one, ``check_config`` rejects the pair and names both.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import socket
@@ -31,6 +30,7 @@ from bilm.checkpoint import deepspeed_dir
 from bilm.config import Config, ConfigError
 from bilm.distributed import DistEnv
 from bilm.gradients import all_reduce_gradients_, clip_grad_norm_
+from bilm.precision import autocast as precision_autocast
 
 Mark = Callable[[str], None]  # called after each phase of a step, with its name (for timings)
 
@@ -152,9 +152,7 @@ class Strategy:
         self.cfg, self.model, self.env = cfg, model, env
 
     def autocast(self):
-        if self.cfg.train.precision == "bf16":  # the LSTM cell state and the softmax stay fp32
-            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return precision_autocast(self.env.device, self.cfg.train.precision)
 
     def step(self, loss: torch.Tensor, mark: Mark) -> torch.Tensor:
         raise NotImplementedError

@@ -57,3 +57,29 @@ def test_evaluate_bf16_perplexity_is_close(tmp_path):
     assert bf16["precision"] == "bf16"
     assert bf16["average_perplexity"] == pytest.approx(fp32["average_perplexity"], rel=1e-2)
     assert bf16["average_perplexity"] != fp32["average_perplexity"]
+
+
+def test_precision_means_the_same_everywhere(tmp_path):
+    """One helper: an unknown precision is refused by every entry point before any work, and
+    "fp32" is fp32 even inside a caller's bf16 autocast."""
+    from bilm.precision import autocast
+
+    with pytest.raises(ValueError, match="precision must be one of 'fp32', 'bf16', got 'fp16'"):
+        ElmoEmbedder(OPTIONS, WEIGHTS, precision="fp16")
+    with pytest.raises(ValueError, match="got 'fp16'"):
+        Elmo(OPTIONS, WEIGHTS, 1, precision="fp16")
+    with pytest.raises(ValueError, match="got 'fp16'"):
+        evaluate(str(tmp_path / "no-run"), TRAIN_DATA, precision="fp16", progress=False)
+    a = torch.randn(4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (a @ a).dtype == torch.bfloat16
+        with autocast("cpu", "fp32"):
+            assert (a @ a).dtype == torch.float32
+    with autocast(torch.device("cpu"), "bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+    # The embedder under a caller's autocast still computes in fp32 when asked to.
+    embedder = ElmoEmbedder(OPTIONS, WEIGHTS)
+    expected = embedder.embed_sentence(SENTENCES[0])
+    embedder = ElmoEmbedder(OPTIONS, WEIGHTS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        np.testing.assert_array_equal(embedder.embed_sentence(SENTENCES[0]), expected)
