@@ -302,11 +302,8 @@ def import_bilmtf(save_dir: str, vocab_file: str, out_dir: str, overrides: Seque
                          f"{options['n_tokens_vocab']}: give the vocab the run was trained with")
 
     ckpt_dir = os.path.join(out_dir, "checkpoints")
-    lock = RunLock(out_dir).acquire()  # not while a bilm train writes into the same directory
-    try:
+    with RunLock(out_dir):  # not while a bilm train writes into the same directory
         return _write_import(cfg, vocab, weights, accumulators, step, prefix, out_dir, ckpt_dir, force)
-    finally:
-        lock.release()
 
 
 def _write_import(cfg, vocab, weights, accumulators, step, prefix, out_dir, ckpt_dir, force) -> dict:

@@ -75,6 +75,12 @@ class RunLock:
             self._file.close()  # closing drops the flock
             self._file = None
 
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
 
 def checkpoint_path(directory: str, step: int) -> str:
     return os.path.join(directory, f"step-{step:08d}.pt")

@@ -93,14 +93,13 @@ class Elmo(nn.Module):
         for mix in self.scalar_mixes:
             mixed = mix(layers, full_mask)  # layer norm statistics over the boundaries too, as AllenNLP
             if not self.keep_sentence_boundaries:
-                mixed = _without_boundaries(mixed, lengths)
+                mixed = _without_boundaries(mixed, mask)
             representations.append(self.dropout(mixed).reshape(*leading, *mixed.shape[1:]))
         out_mask = full_mask if self.keep_sentence_boundaries else mask
         return {"elmo_representations": representations, "mask": out_mask.reshape(*leading, out_mask.shape[-1])}
 
 
-def _without_boundaries(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """(B, T + 2, D) with <S> and </S> around each sentence -> (B, T, D), zero past each length."""
-    inner = x[:, 1:-1]
-    keep = torch.arange(inner.shape[1], device=x.device).unsqueeze(0) < lengths.unsqueeze(1)
-    return inner * keep.unsqueeze(-1).to(inner.dtype)
+def _without_boundaries(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T + 2, D) with <S> and </S> around each sentence -> (B, T, D), zero where the input
+    ``mask`` (B, T) is False: past each sentence, as ``batch_to_ids`` left-aligns them."""
+    return x[:, 1:-1] * mask.unsqueeze(-1).to(x.dtype)

@@ -10,24 +10,13 @@ import torch
 from bilm import ElmoEmbedder
 from bilm.embedder import dump_token_embeddings
 from bilm.weights import WeightFileError
-from conftest import MODEL_DIR, OPTIONS, WEIGHTS
+from conftest import MODEL_DIR, OPTIONS, WEIGHTS, tf_embedding_batches
 
 TOLERANCE = 1e-5
 
 
-def _fixture_batches():
-    with open(os.path.join(MODEL_DIR, "lm_embeddings_sentences.json")) as f:
-        lists = json.load(f)
-    expected = []
-    for k in range(3):
-        with h5py.File(os.path.join(MODEL_DIR, f"lm_embeddings_{k}.hdf5")) as f:
-            expected.append([np.concatenate([f[str(i)][0], f[str(i)][1]], axis=-1) for i in range(10)])
-    for i in range(10):
-        yield [lists[k][i].split() for k in range(3)], [expected[k][i] for k in range(3)]
-
-
 def _check_fixture(embedder):
-    for sentences, expected in _fixture_batches():
+    for sentences, expected in tf_embedding_batches():
         got = embedder.embed_batch(sentences)
         for row, (vectors, want) in enumerate(zip(got, expected)):
             assert vectors.dtype == np.float32

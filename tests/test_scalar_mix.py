@@ -5,7 +5,7 @@ import torch
 
 from bilm.elmo import Elmo, batch_to_ids
 from bilm.modules.scalar_mix import ScalarMix
-from conftest import OPTIONS, WEIGHTS
+from conftest import OPTIONS, WEIGHTS, tf_embedding_batches
 
 SENTENCES = [["The", "first", "sentence", "."], ["The", "second"], ["Third"]]
 SETTINGS = [([0.1, 0.3, 0.5], 1.1), ([0.2, 0.4, 0.6], 0.88)]  # bilm-tf's test values
@@ -80,25 +80,13 @@ def test_elmo_matches_embedder_top_layer():
 def test_elmo_defaults_are_stateful_and_match_bilm_tf_batch_after_batch():
     """AllenNLP's Elmo is stateful: with its defaults, batch after batch, the top layer equals what
     bilm-tf's stateful inference computed for the fixture (10 batches of 3 sentences)."""
-    import json
-    import os
-
-    import h5py
-
-    from conftest import MODEL_DIR
-
     elmo = Elmo(OPTIONS, WEIGHTS, 1, dropout=0.0, scalar_mix_parameters=[-1e9, -1e9, 0.0])  # top layer only
     assert elmo.stateful
-    with open(os.path.join(MODEL_DIR, "lm_embeddings_sentences.json")) as f:
-        lists = json.load(f)
-    files = [h5py.File(os.path.join(MODEL_DIR, f"lm_embeddings_{k}.hdf5")) for k in range(3)]
     worst = 0.0
-    for i in range(10):
-        sentences = [lists[k][i].split() for k in range(3)]
+    for sentences, expected in tf_embedding_batches():
         with torch.no_grad():
             out = elmo(batch_to_ids(sentences))["elmo_representations"][0]
-        for k, s in enumerate(sentences):
-            want = np.concatenate([files[k][str(i)][0], files[k][str(i)][1]], axis=-1)
+        for k, (s, want) in enumerate(zip(sentences, expected)):
             worst = max(worst, float(np.abs(out[k, : len(s)].numpy() - want).max()))
     assert worst <= 1e-5, worst
     assert not any(p.requires_grad for p in elmo.scalar_mixes[0].parameters())  # fixed parameters are not trained
