@@ -157,10 +157,21 @@ def _prepare_output_dir(out: str, force: bool, protected: list[str]) -> list[str
             if _inside(path, os.path.join(out, name)):
                 raise PrepareError(f"--force would delete the input {path!r}; move it out of {out!r}")
     for name in ours:
-        target = os.path.join(out, name)
-        shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+        _remove(os.path.join(out, name))
     os.makedirs(out, exist_ok=True)
     return ours
+
+
+def _remove(path: str, ignore_errors: bool = False) -> None:
+    """Delete a file or a directory tree, if it exists."""
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+    elif os.path.lexists(path):
+        try:
+            os.remove(path)
+        except OSError:
+            if not ignore_errors:
+                raise
 
 
 def prepare(args: argparse.Namespace) -> dict:
@@ -182,11 +193,7 @@ def prepare(args: argparse.Namespace) -> dict:
     except BaseException:
         # Leave no half-made outputs behind: a rerun must not need --force.
         for name in OUTPUT_NAMES:
-            target = os.path.join(out, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target, ignore_errors=True)
-            elif os.path.exists(target):
-                os.remove(target)
+            _remove(os.path.join(out, name), ignore_errors=True)
         if not out_existed and os.path.isdir(out) and not os.listdir(out):
             os.rmdir(out)
         raise
