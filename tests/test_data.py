@@ -455,8 +455,8 @@ def test_both_packers_share_the_packer_interface(tiny):
 
 
 def test_shard_cache_budget_counts_char_tables(tmp_path):
-    """With many distinct words, a shard's char table outweighs its ids (at the 1B Word
-    Benchmark's 793k words: 60 MB against 22 a shard); the budget must count it, or the cache
+    """With many distinct words, a shard's char table outweighs its ids (a 10M-token shard of
+    the 1B-Word-like corpus: 73 MB in int32 against 11); the budget must count it, or the cache
     holds several times the memory it was given."""
     words = [f"w{i:05d}" for i in range(400)]  # every word once: a table row per position
     paths = [write(tmp_path / f"s{k}.txt", "\n".join(" ".join(words[j:j + 20]) for j in range(0, 400, 20)) + "\n")
@@ -465,7 +465,7 @@ def test_shard_cache_budget_counts_char_tables(tmp_path):
     cache = ShardCache(rank_plan(paths, 0, 1), vocab, 50, max_bytes=0, char_ids=True)
     one = cache.get(0)
     ids_bytes = one.token_ids.nbytes + one.char_rows.nbytes
-    assert one.char_table.nbytes > 10 * ids_bytes and one.nbytes >= ids_bytes + one.char_table.nbytes
+    assert one.char_table.nbytes > 5 * ids_bytes and one.nbytes >= ids_bytes + one.char_table.nbytes
     # A budget of 1.5 shards: ample for two shards' ids, too small for two shards.
     cache = ShardCache(rank_plan(paths, 0, 1), vocab, 50, max_bytes=int(1.5 * one.nbytes), char_ids=True)
     cache.get(0)
