@@ -34,7 +34,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
+from machine import machine_line  # noqa: E402  (benchmarks/machine.py)
 
 # The configuration of the comparison, in bilm-tf's options and in bilm's --set keys.
 FILTERS = [[1, 32], [2, 32], [3, 64], [4, 128], [5, 256], [6, 512], [7, 1024]]
@@ -228,7 +228,7 @@ def main() -> None:
                  f"{diverged(bl)} of {len(bl)}" if bl else "-"))
     print(f"\n{a.batches} batches of {a.batch_size} x {a.unroll}, LSTM 2 x {a.lstm_dim}/{a.projection_dim}, "
           f"char CNN 2048 filters + 2 highway, {a.negatives} negatives, Adagrad 0.2, clip 10, dropout {a.dropout}; "
-          f"seeds {a.seeds}; {cpu_model()}, {os.cpu_count()} cores" + (f"; bilm with {' '.join(a.bilm_set)}" if a.bilm_set else ""))
+          f"seeds {a.seeds}; {machine_line()}" + (f"; bilm with {' '.join(a.bilm_set)}" if a.bilm_set else ""))
     print(f"add-one unigram heldout perplexity (for scale): {unigram:.1f}")
     if tf and bl:
         median = lambda runs, key: statistics.median(r["bilm_eval"][key] for r in runs)

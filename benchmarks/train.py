@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -25,6 +24,7 @@ from bilm.chars import CharIdMapper  # noqa: E402
 from bilm.config import load_config  # noqa: E402
 from bilm.distributed import init_distributed, shutdown  # noqa: E402
 from bilm.train import Trainer  # noqa: E402
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py; the script's folder is on sys.path)
 
 
 def synthetic_batches(n: int, batch_size: int, unroll: int, vocab_size: int, char_inputs: bool, seed: int = 0):
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     from bilm.malloc import keep_freed_memory
-    keep_freed_memory()  # as the bilm command does for train, evaluate and embed
+    keep_freed_memory()  # as the bilm command does for train and embed
 
     env = init_distributed(args.device)
     impls = args.impls.split(",")
@@ -88,7 +88,7 @@ def main() -> None:
         results[impl] = run(cfg, args.vocab_size, args.steps, args.warmup, env)
     if env.is_main:
         device = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else \
-            f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+            f"CPU {cpu_model()}, {torch.get_num_threads()} threads"
         print(f"config {args.config}  batch {cfg.train.batch_size} x unroll {cfg.train.unroll_steps} x ranks "
               f"{env.world_size}  vocab {args.vocab_size}  negatives {cfg.train.n_negative_samples_batch}  "
               f"precision {cfg.train.precision}  device {device}  torch {torch.__version__}")
