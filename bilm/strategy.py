@@ -7,7 +7,8 @@ per-strategy branches:
     optimizer          whose ``param_groups`` carry the learning rate
     autocast()         bf16 autocast when ``train.precision`` is bf16, under every strategy
     step(loss, mark)   backward, gradient communication, clip to ``optim.max_grad_norm``,
-                       optimizer step; returns the norm before clipping as a tensor (no host sync)
+                       optimizer step; returns the norm before clipping as a tensor (no host sync,
+                       but for the sparse softmax's all-gather under DDP, which needs each rank's row count)
     save / load        the optimizer state, in the checkpoint payload or beside it
     prune              drop the state of checkpoints that were pruned
 
@@ -16,6 +17,7 @@ its JSON would override one, ``check_config`` rejects the pair and names both.
 """
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import socket
@@ -65,7 +67,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     what bilm decides. A file that sets what a bilm key decides is rejected, naming both."""
     path = cfg.train.deepspeed_config
     if path is None:
-        ds = dict(DEFAULT_DEEPSPEED_CONFIG)
+        ds = copy.deepcopy(DEFAULT_DEEPSPEED_CONFIG)  # DeepSpeed may write into the nested dicts
         where = "the default DeepSpeed config"
     else:
         try:
@@ -85,7 +87,6 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     if clip is not None and float(clip) != float(cfg.optim.max_grad_norm):
         raise ConfigError(f"{where}: 'gradient_clipping' ({clip}) conflicts with optim.max_grad_norm "
                           f"({cfg.optim.max_grad_norm}); remove it and set optim.max_grad_norm")
-    ds = dict(ds)
     ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=world_size,
               gradient_clipping=cfg.optim.max_grad_norm)
     ds.setdefault("zero_allow_untested_optimizer", True)  # bilm's Adagrad
@@ -125,6 +126,11 @@ class _MultiOptimizer:
     @property
     def param_groups(self):
         return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self):
+        """Per-parameter state of both (the inner dicts are theirs: changing one changes it there)."""
+        return {p: s for o in self.optimizers for p, s in o.state.items()}
 
     def step(self):
         for o in self.optimizers:

@@ -3,7 +3,7 @@
 One process per device under torchrun. ``Trainer.step`` is one optimizer step; how the
 gradients are communicated, clipped and applied (plain/DDP with a sparse softmax, or
 DeepSpeed ZeRO) is the strategy's business (``bilm.strategy``), so the loop in ``train``
-reads the same for all: data, step, log (the only place that waits for the device),
+reads the same for all: data, step, log (where the loop reads figures back from the device),
 checkpoint, stop.
 """
 from __future__ import annotations
@@ -37,6 +37,9 @@ from data_tools.normalize import TextPipeline
 
 # Adagrad's sparse update builds COO tensors from indices it made itself; the note is noise.
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+
+# Under torchrun, ranks agree on SIGTERM and the checkpoint clock at least this often (an all-reduce).
+STOP_CHECK_STEPS = 10
 
 
 # ---------------------------------------------------------------- setup helpers
@@ -351,11 +354,13 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv)
                 window_start, window_steps = time.perf_counter(), 0
 
             # Checkpoint and stop: rank 0's clock and anyone's SIGTERM decide. With several ranks they
-            # must agree, which takes an all-reduce (a wait for every rank): once per log interval.
+            # must agree, which takes an all-reduce (a wait for every rank): at log steps and every
+            # STOP_CHECK_STEPS, so a preempted run stops within a few steps whatever the log interval.
             due_by_time = env.is_main and (time.time() - last_checkpoint_time) >= 60 * t.checkpoint_every_minutes
             signal_seen, time_due = float(stop["signal"]), float(due_by_time)
             if env.distributed:
-                signal_seen, time_due = all_reduce_max([signal_seen, time_due], env) if log_now else (0.0, 0.0)
+                agree_now = log_now or step % STOP_CHECK_STEPS == 0
+                signal_seen, time_due = all_reduce_max([signal_seen, time_due], env) if agree_now else (0.0, 0.0)
             if step % t.checkpoint_every_steps == 0 or time_due or signal_seen or step == total_steps:
                 _save(trainer, dataset, cfg, step, ckpt_dir, env, text_pipeline)
                 last_checkpoint_time = time.time()

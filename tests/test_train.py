@@ -57,7 +57,8 @@ def test_resume_is_exact(tmp_path):
         assert part_losses[step] == pytest.approx(full_losses[step], abs=1e-6), step
 
 
-def test_resume_keeps_neither_a_copy_nor_a_mapping_of_the_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adagrad", "adam"])  # adam + sparse softmax: two optimizers
+def test_resume_keeps_neither_a_copy_nor_a_mapping_of_the_checkpoint(tmp_path, monkeypatch, optimizer):
     """Resuming maps the checkpoint file; once restored, the run holds neither the payload's weights
     (a second copy of the model for the whole run: 1.9 GiB at 793k words) nor the mapping (which
     would also keep a pruned checkpoint's disk space)."""
@@ -66,7 +67,7 @@ def test_resume_keeps_neither_a_copy_nor_a_mapping_of_the_checkpoint(tmp_path, m
 
     import bilm.train as bilm_train
 
-    overrides = ("train.checkpoint_every_steps=2", "train.log_every_steps=1")
+    overrides = ("train.checkpoint_every_steps=2", "train.log_every_steps=1", f"optim.name={optimizer}")
     run = tmp_path / "run"
     train(tiny_config(*overrides, "train.max_steps=2"), TRAIN_DATA, str(run), vocab_file=TRAIN_VOCAB, progress=False)
     payload_tensors, at_first_step = [], []
