@@ -203,12 +203,6 @@ def _last_json(output: str) -> dict:
     return json.loads(output[start + 1 if start >= 0 else output.index("{"):])
 
 
-def _size(path: str) -> int:
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
