@@ -128,7 +128,7 @@ class TreeSampler(threading.Thread):
             for pid in pids:
                 rss, hwm, anon = _memory_kb(pid)
                 total += rss
-                self.peak_largest_kb = max(self.peak_largest_kb, rss, hwm)
+                self.peak_largest_kb = max(self.peak_largest_kb, hwm)  # VmHWM >= VmRSS
                 self.peak_anon_kb = max(self.peak_anon_kb, anon)  # sampled: a brief peak may be missed
             self.peak_all_kb = max(self.peak_all_kb, total)
             self.timeline.append((time.perf_counter() - started, total))
@@ -278,7 +278,7 @@ class Bench:
                 "batch_size": a.reader_batch, "unroll_steps": 20, "seconds": a.reader_seconds}
         result = self.run([sys.executable, os.path.abspath(__file__), "_reader", json.dumps(spec)], "reader", size_dir)
         r = _last_json(result["output"])
-        return {**result, **r, "tokens": r["tokens"], "tokens_per_s": r["tokens_per_s"],
+        return {**result, **r,
                 "notes": f"first batch {r['first_batch_s']:.2f} s ({r['shards_encoded_first']} of {r['shards']} "
                          f"shards encoded), vocab {r['vocab_size']:,} read in {r['vocab_s']:.2f} s; "
                          f"{r['shards_encoded']} shards encoded in {r['steady_s']:.0f} s; RSS after imports "

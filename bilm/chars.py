@@ -43,8 +43,10 @@ def token_to_char_ids(token: str, max_characters_per_token: int = DEFAULT_MAX_CH
     return ids + 1
 
 
-def char_id_table(tokens: Sequence[str], max_characters_per_token: int = DEFAULT_MAX_CHARACTERS) -> np.ndarray:
-    """Shifted char ids of many tokens at once, (len(tokens), max_characters_per_token) int32.
+def char_id_table(tokens: Sequence[str], max_characters_per_token: int = DEFAULT_MAX_CHARACTERS,
+                  dtype: type = np.int32) -> np.ndarray:
+    """Shifted char ids of many tokens at once, (len(tokens), max_characters_per_token) ``dtype``
+    (int32; int16 holds them too, every id being below 262).
 
     Row ``i`` equals ``token_to_char_ids(tokens[i])``; built with numpy from the concatenated
     UTF-8 bytes instead of one small array per token.
@@ -54,12 +56,12 @@ def char_id_table(tokens: Sequence[str], max_characters_per_token: int = DEFAULT
     n, width = len(tokens), max_characters_per_token
     encoded = [t.encode("utf-8", "ignore")[: width - 2] for t in tokens]
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=n)
-    table = np.full((n, width), PAD_CHAR + 1, dtype=np.int32)
+    table = np.full((n, width), PAD_CHAR + 1, dtype=dtype)
     table[:, 0] = BOW_CHAR + 1
     flat = np.frombuffer(b"".join(encoded), dtype=np.uint8)
     rows = np.repeat(np.arange(n), lengths)
     cols = 1 + np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    table[rows, cols] = flat.astype(np.int32) + 1
+    table[rows, cols] = flat.astype(dtype) + 1
     table[np.arange(n), lengths + 1] = EOW_CHAR + 1
     for i, token in enumerate(tokens):
         if token == BOS_TOKEN or token == EOS_TOKEN:

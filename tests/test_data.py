@@ -455,9 +455,9 @@ def test_both_packers_share_the_packer_interface(tiny):
 
 
 def test_shard_cache_budget_counts_char_tables(tmp_path):
-    """With many distinct words, a shard's char table outweighs its ids (a 10M-token shard of
-    the 1B-Word-like corpus: 73 MB in int32 against 11); the budget must count it, or the cache
-    holds several times the memory it was given."""
+    """With many distinct words, a shard's char table outweighs its ids (a 2.9M-position shard
+    of the 1B-Word-like corpus: 382k distinct words, 36 MB of int16 table against 22 MB of ids
+    and rows); the budget must count it, or the cache holds several times the memory it was given."""
     words = [f"w{i:05d}" for i in range(400)]  # every word once: a table row per position
     paths = [write(tmp_path / f"s{k}.txt", "\n".join(" ".join(words[j:j + 20]) for j in range(0, 400, 20)) + "\n")
              for k in range(2)]

@@ -226,7 +226,11 @@ class _Batches:
             key_of = np.repeat(keys, lengths) if len(shard_keys) > 1 else None
             for key in shard_keys.tolist():
                 shard = self._cache.get(key)
-                o, s = (out, src) if key_of is None else (out[key_of == key], src[key_of == key])
+                if key_of is None:
+                    o, s = out, src
+                else:
+                    selected = key_of == key
+                    o, s = out[selected], src[selected]
                 token_ids[o] = shard.token_ids[s]
                 next_ids[o] = shard.token_ids[s + sign]
                 if self._ds.char_inputs:

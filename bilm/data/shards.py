@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bilm.chars import BOS_TOKEN, DEFAULT_MAX_CHARACTERS, EOS_TOKEN, char_id_table, token_to_char_ids
+from bilm.chars import BOS_TOKEN, DEFAULT_MAX_CHARACTERS, EOS_TOKEN, char_id_table
 from bilm.vocab import Vocabulary
 from data_tools.inputs import resolve_inputs
 
@@ -45,7 +45,7 @@ class EncodedShard:
     """
     path: str
     token_ids: np.ndarray  # int32 (n_positions,) vocabulary ids, OOV = <UNK>
-    char_rows: np.ndarray  # int32 (n_positions,) rows of char_table
+    char_rows: np.ndarray  # int32 (n_positions,) rows of char_table; empty without char ids
     char_table: np.ndarray  # int16 (n_rows, max_characters_per_token): <S>, </S>, then words (ids < 262)
     starts: list[int]  # n_sentences + 1 offsets
 
@@ -63,7 +63,7 @@ def encode_shard(path: str, vocab: Vocabulary, max_characters_per_token: int = D
                  line_offset: int = 0, line_stride: int = 1, chunk_lines: int = 1 << 16,
                  char_ids: bool = True) -> EncodedShard:
     """Encode lines ``line_offset, line_offset + line_stride, ...`` of ``path``; blank lines are
-    skipped. Without ``char_ids`` the char table only has the two boundary rows."""
+    skipped. Without ``char_ids`` the char table only has the two boundary rows and ``char_rows`` is empty."""
     # token -> row in this shard's table of distinct tokens; a missing token gets the next row.
     index: defaultdict[str, int] = defaultdict(count().__next__)
     words: list[np.ndarray] = []
@@ -80,12 +80,9 @@ def encode_shard(path: str, vocab: Vocabulary, max_characters_per_token: int = D
     sentence_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     sentence_lengths = sentence_lengths[sentence_lengths > 0]
 
-    char_table = np.zeros((_FIRST_WORD_ROW + (len(distinct) if char_ids else 0), max_characters_per_token),
-                          dtype=np.int16)  # half the cache of int32: the table dominates it
-    char_table[_BOS_ROW] = token_to_char_ids(BOS_TOKEN, max_characters_per_token)
-    char_table[_EOS_ROW] = token_to_char_ids(EOS_TOKEN, max_characters_per_token)
-    if char_ids:
-        char_table[_FIRST_WORD_ROW:] = char_id_table(distinct, max_characters_per_token)
+    # int16: half the cache of int32 (the table dominates it), built as int16 (no int32 temporary).
+    char_table = char_id_table([BOS_TOKEN, EOS_TOKEN] + (distinct if char_ids else []), max_characters_per_token,
+                               dtype=np.int16)
     vocab_ids = vocab.encode(distinct).astype(np.int32)
 
     starts = np.zeros(len(sentence_lengths) + 1, dtype=np.int64)
@@ -98,10 +95,11 @@ def encode_shard(path: str, vocab: Vocabulary, max_characters_per_token: int = D
     token_ids[is_word] = vocab_ids[word_rows]
     token_ids[first] = vocab.bos_id
     token_ids[last] = vocab.eos_id
-    char_rows = np.empty(len(is_word), dtype=np.int32)
-    char_rows[is_word] = word_rows + _FIRST_WORD_ROW
-    char_rows[first] = _BOS_ROW
-    char_rows[last] = _EOS_ROW
+    char_rows = np.empty(len(is_word) if char_ids else 0, dtype=np.int32)  # unused without char ids
+    if char_ids:
+        char_rows[is_word] = word_rows + _FIRST_WORD_ROW
+        char_rows[first] = _BOS_ROW
+        char_rows[last] = _EOS_ROW
     return EncodedShard(path, token_ids, char_rows, char_table, starts.tolist())
 
 
