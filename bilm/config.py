@@ -10,8 +10,8 @@ A config file has three sections::
 
 All three are read by the one schema reader, ``bilm.schema.load``. The ``model:`` section is
 read as an options.json is: a missing key means what it means in the published file (the
-dataclass defaults in ``bilm.options``; the presets in configs/ write every key but
-``n_characters``), and its errors are phrased as options.json errors are. Unlike options.json,
+dataclass defaults in ``bilm.options``; the presets in configs/ write every char-CNN and LSTM
+key but ``n_characters``), and its errors are phrased as options.json errors are. Unlike options.json,
 unknown keys are refused, and, as in every section, a numeric string where a number is
 expected is read as that number (PyYAML reads ``1e-8`` as a string).
 
@@ -168,9 +168,14 @@ def config_to_dict(cfg: Config) -> dict:
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config; whole or not at all (a reader never sees half a file)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, default_flow_style=None)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, default_flow_style=None)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 # ----- building and checking -----

@@ -123,6 +123,6 @@ class BiLMOptions:
     def to_dict(self) -> dict:
         """The published options.json."""
         out = dump(self)
-        if self.char_cnn is not None:
-            out["char_cnn"] = self.char_cnn.to_dict()
+        if "char_cnn" in out:
+            out["char_cnn"]["n_characters"] = N_CHARACTERS  # as CharCNNOptions.to_dict says
         return out
