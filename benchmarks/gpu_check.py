@@ -139,10 +139,6 @@ def part_train(smoke: bool, variant: str) -> dict:
     from train import run  # benchmarks/train.py
     impl, precision, compile_mode, clips = TRAIN_VARIANTS[variant]
     device = _device()
-    if impl == "cudnn" and device.type != "cuda":
-        return {"skipped": "cudnn needs CUDA"}
-    if compile_mode == "on" and smoke:
-        return {"skipped": "compiling takes about 40 s on a CPU; tests/test_lstm.py covers it (BILM_TEST_COMPILE=1)"}
     cfg = _train_config(smoke, impl, precision, clips, compile_mode)
     _reset_peak(device)
     steps, warmup = (3, 1) if smoke else (15, 5)
@@ -246,6 +242,17 @@ def run_part(name: str, smoke: bool) -> dict:
 
 # ----------------------------------------------------------------------------- the driver
 
+def _skip_reason(name: str, smoke: bool, environment: dict):
+    """Why a part is not worth a process here (None: run it); environment is that part's result."""
+    if name.startswith("train:"):
+        impl, _, compile_mode, _ = TRAIN_VARIANTS[name.split(":", 1)[1]]
+        if impl == "cudnn" and not environment.get("gpu"):
+            return "cudnn needs CUDA"
+        if compile_mode == "on" and smoke:
+            return "compiling takes about 40 s on a CPU; tests/test_lstm.py covers it (BILM_TEST_COMPILE=1)"
+    return None
+
+
 def _spawn(name: str, smoke: bool, limit: float) -> tuple[dict, str]:
     """Run one part in a child process (its own session, so a part out of time is ended with
     everything it started, pytest or compile workers included). Returns (result, output)."""
@@ -343,8 +350,8 @@ def main(argv=None) -> dict:
         print("RESULT " + json.dumps(run_part(a.part, a.smoke)), flush=True)
         return {}
 
-    def chosen(name: str) -> bool:
-        if not a.only:
+    def chosen(name: str) -> bool:  # environment always: the file names and the skips need it
+        if not a.only or name == "environment":
             return name in PARTS
         return name in a.only or (name in PARTS and name.split(":")[0] in a.only)
 
@@ -364,12 +371,12 @@ def main(argv=None) -> dict:
         # Time an earlier part left unused passes on: each part ends by the sum of the limits so far.
         deadline += SMOKE_LIMIT if a.smoke else limit
         budget = deadline - (time.perf_counter() - start)
-        print(f"gpu-check: {name} (up to {budget:.0f} s) ...", file=sys.stderr, flush=True)
-        results["parts"][name], logs[name] = _spawn(name, a.smoke, budget)
+        skip = _skip_reason(name, a.smoke, results["environment"])
+        print(f"gpu-check: {name} " + (f"skipped: {skip}" if skip else f"(up to {budget:.0f} s) ..."),
+              file=sys.stderr, flush=True)
+        results["parts"][name], logs[name] = ({"skipped": skip}, "") if skip else _spawn(name, a.smoke, budget)
         if name == "environment":
             results["environment"] = results["parts"][name]
-        stem = _write(results, logs, out_dir)
-    if not results["parts"]:
         stem = _write(results, logs, out_dir)
     print(_table(results))
     print(f"wrote {stem}.md, .json and .log ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
