@@ -261,9 +261,14 @@ def _skip_reason(name: str, smoke: bool, environment: dict):
 
 
 def _spawn(name: str, smoke: bool, limit: float) -> tuple[dict, str]:
-    """Run one part in a child process (its own session, so a part out of time is ended with
-    everything it started, pytest or compile workers included). Returns (result, output)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--part", name] + (["--smoke"] if smoke else [])
+    """Run one part in a child process. Returns (result, output)."""
+    return _run_limited([sys.executable, os.path.abspath(__file__), "--part", name] + (["--smoke"] if smoke else []),
+                        limit)
+
+
+def _run_limited(cmd: list[str], limit: float) -> tuple[dict, str]:
+    """Run cmd, which prints RESULT <json>, in its own session, so that at its limit it is ended
+    with everything it started (pytest, compile workers). Returns (result or error, output)."""
     start = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                              start_new_session=True)
@@ -273,23 +278,25 @@ def _spawn(name: str, smoke: bool, limit: float) -> tuple[dict, str]:
     except subprocess.TimeoutExpired:
         timed_out = True
     finally:
-        if child.poll() is None or timed_out:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.pid, signal.SIGKILL)
+        # The whole group, always: a part out of time, and whatever a finished part left behind
+        # (compile workers, pytest) that would hold the GPU or the pipes.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
     if timed_out:
         try:
             stdout, stderr = child.communicate(timeout=10)
         except subprocess.TimeoutExpired:  # something outside the group still holds the pipes
+            child.kill()
             stdout, stderr = "", "(no output: the pipes stayed open)"
     seconds = round(time.perf_counter() - start, 1)
     output = f"$ {' '.join(cmd)}\n{stdout}{stderr}"
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if child.returncode == 0 and lines:  # done, even if what it left behind held the pipes past the limit
+        return {**json.loads(lines[-1][len("RESULT "):]), "seconds": seconds}, output
     if timed_out:
         return {"error": f"ran past its {limit:.0f} s limit", "seconds": seconds}, output
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    if child.returncode != 0 or not lines:
-        tail = (stderr or stdout).strip().splitlines()[-3:]
-        return {"error": f"exit {child.returncode}: {' | '.join(tail)[:400]}", "seconds": seconds}, output
-    return {**json.loads(lines[-1][len("RESULT "):]), "seconds": seconds}, output
+    tail = (stderr or stdout).strip().splitlines()[-3:]
+    return {"error": f"exit {child.returncode}: {' | '.join(tail)[:400]}", "seconds": seconds}, output
 
 
 def _table(results: dict) -> str:

@@ -184,3 +184,18 @@ def test_limits_fit_the_gpu_session_and_make_runs_the_same_command():
     # One command, nothing built or installed first: the README's command with the caller's directory.
     assert [shlex.split(line) for line in done.stdout.strip().splitlines()] == [
         shlex.split(COMMAND.replace('"$OUT"', '"/tmp/gpu out"'))]
+
+
+def test_a_part_past_its_limit_is_ended_with_what_it_started(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    part = ("import subprocess, sys, time; p = subprocess.Popen(['sleep', '60']); "
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); print('RESULT {{}}' if sys.argv[1] == 'done' else '', flush=True); "
+            "sys.argv[1] == 'done' or time.sleep(60)")
+    for mode in ("hangs", "done"):  # done: the part printed its result, a process it left holds the pipes
+        result, output = gpu_check._run_limited([sys.executable, "-c", part, mode], limit=3)
+        assert ("error" in result) == (mode == "hangs"), (result, output)
+        if mode == "hangs":
+            assert result["error"] == "ran past its 3 s limit"
+        assert result["seconds"] < 20
+        grandchild = Path(f"/proc/{pid_file.read_text()}/stat")
+        assert not grandchild.exists() or grandchild.read_text().split()[2] == "Z"  # gone (or a zombie)
