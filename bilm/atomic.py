@@ -31,11 +31,11 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def _fsync(path: str) -> None:
-    """Flush a file, or a directory's files and the directory itself, to disk."""
-    if os.path.isdir(path):
+def fsync_path(path: str, recursive: bool = True) -> None:
+    """Flush a file, or a directory (its names; with ``recursive`` its files too), to disk."""
+    if recursive and os.path.isdir(path):
         for name in os.listdir(path):
-            _fsync(os.path.join(path, name))
+            fsync_path(os.path.join(path, name))
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -78,13 +78,13 @@ def atomic_path(path: str) -> Iterator[str]:
     _remove(tmp)
     try:
         yield tmp
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
     try:
-        _fsync(directory)  # the rename itself reaches the disk
+        fsync_path(directory, recursive=False)  # the rename itself reaches the disk
     except OSError:
         pass
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bilm.atomic import atomic_open
 from bilm.checkpoint import (CheckpointWriteError, RunLock, check_resume, checkpoint_path, load_latest_valid,
                              load_model_state, numpy_rng_from_plain, numpy_rng_to_plain, prune_checkpoints,
                              remove_stale_temporaries, save_checkpoint)
@@ -252,10 +253,8 @@ def _truncate_metrics(path: str, last_step: int) -> None:
                     kept.append(line)
             except (ValueError, KeyError, TypeError):
                 pass  # a line cut short by a kill
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         f.writelines(kept)
-    os.replace(tmp, path)
 
 
 def train(cfg: Config, data: str, out_dir: str, resume: bool = False, vocab_file: Optional[str] = None,

@@ -115,6 +115,12 @@ class TextPipeline:
         if self.tokenizer == "sentencepiece" and not self.sp_model_proto:
             raise ValueError("a sentencepiece pipeline needs its model")
         self._impl: Optional[Tokenizer] = None
+        if self.tokenizer == "sentencepiece":  # parsed now: a damaged model fails where its file is known
+            try:
+                self._impl = SentencePieceTokenizer(model_proto=self.sp_model_proto)
+            except Exception as e:  # sentencepiece raises RuntimeError for bytes it cannot parse
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"not a SentencePiece model ({reason})") from None
 
     @property
     def _tokenizer(self) -> Tokenizer:
@@ -163,8 +169,12 @@ class TextPipeline:
         if tokenizer.get("type") == "sentencepiece":
             with open(tokenizer["model"], "rb") as f:
                 proto = f.read()
-        return cls(tokenizer.get("type", "whitespace"), bool(normalization.get("nfkc", False)),
-                   int(normalization.get("max_tokens_per_line", 0)), proto)
+        try:
+            return cls(tokenizer.get("type", "whitespace"), bool(normalization.get("nfkc", False)),
+                       int(normalization.get("max_tokens_per_line", 0)), proto)
+        except (ValueError, TypeError) as e:
+            where = tokenizer.get("model") if proto is not None else f"{manifest.get('dir', '')}/manifest.json"
+            raise ValueError(f"{where}: {e}") from None
 
     def save(self, directory: str) -> list[str]:
         """Write ``tokenizer.json`` (and ``sentencepiece.model``) into ``directory``; returns the names."""
@@ -194,14 +204,17 @@ class TextPipeline:
             try:
                 with open(model, "rb") as f:
                     proto = f.read()
-            except OSError as e:
-                raise FileNotFoundError(f"{path} names the SentencePiece model {model}, which cannot be read "
-                                        f"({e.strerror})") from None
+            except (OSError, TypeError) as e:
+                raise FileNotFoundError(f"{path} names the SentencePiece model {model!r}, which cannot be read "
+                                        f"({getattr(e, 'strerror', None) or e})") from None
+            if not proto:
+                raise ValueError(f"{model}: empty file (the SentencePiece model {path} names)")
         try:
             return cls(spec.get("tokenizer", "whitespace"), bool(spec.get("nfkc", False)),
                        int(spec.get("max_tokens_per_line", 0)), proto)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        except (ValueError, TypeError) as e:
+            where = model if proto is not None and str(e).startswith("not a SentencePiece") else path
+            raise ValueError(f"{where}: {e}") from None
 
     # ----- input checks -----
     def suspicious(self, tokens: list[str], max_characters: int = 50) -> Optional[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+from bilm.atomic import atomic_open
 from bilm.errors import read_json
 
 MANIFEST_FORMAT = "bilm-data"
@@ -27,10 +28,9 @@ def write_manifest(path: str | os.PathLike, fields: dict) -> dict:
     """
     path = os.fspath(path)
     manifest = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, **fields}
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         json.dump(manifest, f, indent=2, ensure_ascii=False)
         f.write("\n")
-    os.replace(path + ".tmp", path)
     return manifest
 
 

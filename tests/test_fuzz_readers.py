@@ -1,0 +1,214 @@
+"""Every reader of a file a user hands bilm, fed truncated, random and mutated bytes (hypothesis).
+
+Each case must end in the reader's result or in one line naming the file, of a type the command
+line prints as one line (ValueError, OSError and their kin), within a time bound: never another
+exception type (a traceback), a hang or a crash. Example counts are modest and derandomized, so
+the file runs in seconds and the same cases every time."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bilm.checkpoint import save_checkpoint
+from bilm.config import config_to_dict, load_config
+from bilm.data.manifest import load_manifest
+from bilm.data.shards import encode_shard
+from bilm.errors import RunDirectoryLocked
+from bilm.model import LanguageModel
+from bilm.options import BiLMOptions
+from bilm.pretrained import SOFTMAX_BIAS, SOFTMAX_WEIGHT, load_pretrained, model_from_checkpoint
+from bilm.vocab import Vocabulary
+from bilm.weights import load_bilm
+from conftest import OPTIONS, WEIGHTS
+from data_tools.normalize import SP_MODEL_FILE, TOKENIZER_FILE, TextPipeline
+from train_helpers import TINY, TRAIN_DATA, TRAIN_VOCAB, tiny_config
+
+# What bilm.cli.main prints as "bilm CMD: error: ..." without a traceback.
+USER_ERRORS = (ValueError, OSError, RunDirectoryLocked)
+SECONDS_PER_CASE = 10  # a hang is anything slower (SIGALRM interrupts it)
+FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                       HealthCheck.data_too_large])
+
+
+def _variants(seed: bytes):
+    """Truncated, random, or mutated (bytes overwritten, a span deleted, a span duplicated) ``seed``."""
+    n = len(seed)
+    truncated = st.integers(0, max(n - 1, 0)).map(lambda k: seed[:k])
+    random_bytes = st.binary(max_size=512)
+
+    def mutate(edits):
+        data = bytearray(seed)
+        for kind, position, value in edits:
+            if not data:
+                break
+            i = position % len(data)
+            if kind == 0:
+                data[i] = value
+            elif kind == 1:
+                del data[i:i + value]
+            else:
+                data[i:i] = data[i:i + value]
+        return bytes(data)
+
+    edit = st.tuples(st.integers(0, 2), st.integers(0, max(n, 1) * 4), st.integers(0, 255))
+    mutated = st.lists(edit, min_size=1, max_size=8).map(mutate)
+    return st.one_of(truncated, random_bytes, mutated)
+
+
+def _check(read, path: str, data: bytes, names: str | None = None) -> None:
+    """Write ``data`` to ``path`` and read it: a result, or one line naming the file, in time."""
+    with open(path, "wb") as f:
+        f.write(data)
+
+    def too_slow(signum, frame):
+        raise TimeoutError(f"reading {path} took over {SECONDS_PER_CASE} s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(SECONDS_PER_CASE)
+    start = time.monotonic()
+    try:
+        read(path)
+    except TimeoutError:
+        raise
+    except USER_ERRORS as e:
+        message = str(e)
+        assert "\n" not in message.strip(), f"{type(e).__name__} of more than one line: {message!r}"
+        assert (names or path) in message, f"{type(e).__name__} does not name the file: {message!r}"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - start < SECONDS_PER_CASE
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    """One valid file of each kind, the starting point of the mutations."""
+    d = tmp_path_factory.mktemp("seeds")
+    cfg = tiny_config("model.lstm.dim=8", "model.lstm.projection_dim=4")
+    vocab = Vocabulary.from_file(TRAIN_VOCAB)
+    torch.manual_seed(0)
+    model = LanguageModel(cfg.model, len(vocab), sparse_softmax=False)
+    save_checkpoint({"step": 1, "config": config_to_dict(cfg), "model": model.state_dict(), "optimizer": None,
+                     "vocab": vocab.tokens, "text_pipeline": TextPipeline().to_state()}, str(d / "step-00000001.pt"))
+    with h5py.File(d / "softmax.hdf5", "w") as f:
+        f.create_dataset(SOFTMAX_WEIGHT, data=np.zeros((len(vocab), 4), np.float32))
+        f.create_dataset(SOFTMAX_BIAS, data=np.zeros(len(vocab), np.float32))
+    manifest = {"format": "bilm-data", "format_version": 1, "vocab": "vocab.txt",
+                "train": {"shards": ["train/shard-00000.txt"]}, "heldout": {"shards": []},
+                "tokenizer": {"type": "whitespace"}, "normalization": {"nfkc": False}}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    import sentencepiece
+    sentencepiece.SentencePieceTrainer.train(input=TRAIN_DATA, model_prefix=str(d / "sp"), vocab_size=40,
+                                             normalization_rule_name="identity", minloglevel=3)
+    TextPipeline("sentencepiece", sp_model_proto=_read_bytes(str(d / "sp.model"))).save(str(d))
+    return _Seeds({"checkpoint": _read_bytes(str(d / "step-00000001.pt")), "softmax": _read_bytes(str(d / "softmax.hdf5")),
+            "manifest": _read_bytes(str(d / "manifest.json")), "tokenizer": _read_bytes(str(d / TOKENIZER_FILE)),
+            "sp_model": _read_bytes(str(d / SP_MODEL_FILE)), "options": _read_bytes(OPTIONS),
+            "weights": _read_bytes(WEIGHTS), "vocab": _read_bytes(TRAIN_VOCAB), "shard": _read_bytes(TRAIN_DATA),
+            "config": _read_bytes(TINY), "cfg": cfg, "vocab_tokens": vocab.tokens})
+
+
+class _Seeds(dict):
+    def __repr__(self) -> str:  # hypothesis prints the arguments of a failing case: not the seed bytes
+        return "seeds"
+
+
+def _case(seeds, name):
+    return _variants(seeds[name])
+
+
+# The seeds come from a module fixture, so each test draws its bytes through st.data().
+
+@FUZZ
+@given(data=st.data())
+def test_options_json(seeds, tmp_path, data):
+    _check(BiLMOptions.from_file, str(tmp_path / "options.json"), data.draw(_case(seeds, "options")))
+
+
+@FUZZ
+@given(data=st.data())
+def test_weights_hdf5(seeds, tmp_path, data):
+    _check(lambda p: load_bilm(OPTIONS, p), str(tmp_path / "weights.hdf5"), data.draw(_case(seeds, "weights")))
+
+
+@FUZZ
+@given(data=st.data())
+def test_softmax_hdf5(seeds, tmp_path, data):
+    cfg = seeds["cfg"]
+    model = LanguageModel(cfg.model, len(seeds["vocab_tokens"]), sparse_softmax=False)
+    weights = tmp_path / "weights.hdf5"
+    if not weights.exists():
+        from bilm.weights import save_weights
+        save_weights(model.bilm, str(weights))
+    _check(lambda p: load_pretrained(model, str(weights), softmax_file=p), str(tmp_path / "softmax.hdf5"),
+           data.draw(_case(seeds, "softmax")))
+
+
+@FUZZ
+@given(data=st.data())
+def test_vocab_txt(seeds, tmp_path, data):
+    _check(Vocabulary.from_file, str(tmp_path / "vocab.txt"), data.draw(_case(seeds, "vocab")))
+
+
+@FUZZ
+@given(data=st.data())
+def test_manifest_json(seeds, tmp_path, data):
+    def read(path):
+        manifest = load_manifest(path)
+        TextPipeline.from_manifest(manifest)  # what train reads of it besides the shard lists
+
+    _check(read, str(tmp_path / "manifest.json"), data.draw(_case(seeds, "manifest")))
+
+
+@FUZZ
+@given(data=st.data())
+def test_tokenizer_json(seeds, tmp_path, data):
+    (tmp_path / SP_MODEL_FILE).write_bytes(seeds["sp_model"])
+    _check(lambda p: TextPipeline.load(os.path.dirname(p)), str(tmp_path / TOKENIZER_FILE),
+           data.draw(_case(seeds, "tokenizer")))
+
+
+@FUZZ
+@given(data=st.data())
+def test_sentencepiece_model(seeds, tmp_path, data):
+    (tmp_path / TOKENIZER_FILE).write_bytes(seeds["tokenizer"])
+
+    def read(path):
+        pipeline = TextPipeline.load(os.path.dirname(path))
+        pipeline.tokenize("the cat sat on the mat")
+
+    _check(read, str(tmp_path / SP_MODEL_FILE), data.draw(_case(seeds, "sp_model")))
+
+
+@FUZZ
+@given(data=st.data())
+def test_shard(seeds, tmp_path, data):
+    vocab = Vocabulary(seeds["vocab_tokens"])
+    _check(lambda p: encode_shard(p, vocab), str(tmp_path / "shard-00000.txt"), data.draw(_case(seeds, "shard")))
+
+
+@FUZZ
+@given(data=st.data())
+def test_config_yaml(seeds, tmp_path, data):
+    _check(load_config, str(tmp_path / "config.yaml"), data.draw(_case(seeds, "config")))
+
+
+@settings(FUZZ, max_examples=40)
+@given(data=st.data())
+def test_checkpoint(seeds, tmp_path, data):
+    _check(model_from_checkpoint, str(tmp_path / "step-00000001.pt"), data.draw(_case(seeds, "checkpoint")))
