@@ -244,8 +244,8 @@ def _prepare_into(args: argparse.Namespace, out: str, inputs: list[str], removed
     counts, heldout_counts = counts.as_dict(), heldout_counts.as_dict()
     vocab = build_vocab(counts, n_train_sentences, args.min_count, args.max_vocab)
     for name, write in (("vocab.txt", write_vocab), ("vocab_counts.tsv", write_counts)):
-        with atomic_path(os.path.join(out, name)) as tmp:
-            write(tmp, vocab.entries)
+        with atomic_path(os.path.join(out, name)) as partial:
+            write(partial, vocab.entries)
     vocab_tokens = {token for token, _ in vocab.entries}
     max_bytes = args.max_characters_per_token - 2
     long_types, long_occurrences, long_examples = long_tokens(counts, max_bytes)
