@@ -212,3 +212,44 @@ def test_config_yaml(seeds, tmp_path, data):
 @given(data=st.data())
 def test_checkpoint(seeds, tmp_path, data):
     _check(model_from_checkpoint, str(tmp_path / "step-00000001.pt"), data.draw(_case(seeds, "checkpoint")))
+
+
+# ----- a damaged or missing shard met during training -----
+
+def test_a_damaged_or_missing_shard_stops_training_with_one_line_and_the_checkpoints_intact(tmp_path, capsys):
+    from bilm.checkpoint import list_checkpoints, load_checkpoint
+    from bilm.cli import main as bilm_main
+    from test_faults import _train_args
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (data / name).write_bytes(_read_bytes(TRAIN_DATA))
+    (data / "vocab.txt").write_bytes(_read_bytes(TRAIN_VOCAB))
+    (data / "manifest.json").write_text(json.dumps({"format": "bilm-data", "format_version": 1, "vocab": "vocab.txt",
+                                                    "train": {"shards": ["a.txt", "b.txt"]}, "heldout": {"shards": []}}))
+    run = tmp_path / "run"
+
+    def train_args(steps):
+        argv = _train_args(run, f"train.max_steps={steps}", "train.checkpoint_every_steps=1", "train.keep_checkpoints=50")
+        i = argv.index("--vocab")
+        del argv[i:i + 2]  # the manifest names it
+        argv[argv.index("--data") + 1] = str(data / "manifest.json")
+        return argv
+
+    assert bilm_main(train_args(2)) == 0
+    capsys.readouterr()
+    damaged = data / "b.txt"
+    text = _read_bytes(str(damaged))
+    damaged.write_bytes(text[:300] + b"\xff\xfe\x00\x00" + text[300:])  # bytes no prepare writes
+    for fault in ("damaged", "missing"):
+        if fault == "missing":
+            damaged.unlink()
+        before = {p: _read_bytes(p) for p in list_checkpoints(str(run / "checkpoints"))}
+        assert bilm_main(train_args(500) + ["--resume"]) == 1, fault
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err and str(damaged) in err, err
+        after = list_checkpoints(str(run / "checkpoints"))
+        assert all(_read_bytes(p) == before[p] for p in before)  # nothing already written lost
+        load_checkpoint(after[-1])  # the newest one loads
+    assert len(after) > 2  # the damaged shard was met during training, after further checkpoints
