@@ -257,6 +257,25 @@ def _refuse_unsafe(path: str) -> None:
                             "was loaded; get the file again from a source you trust")
 
 
+# What DeepSpeed's own optimizer files name besides the safe set (ZeRO 1/2, fp32/bf16 here). DeepSpeed
+# reads them with the unsafe loader, so bilm looks at their pickles first (``check_deepspeed_state``).
+_DEEPSPEED_GLOBALS = re.compile(r"deepspeed\.utils\.tensor_fragment\.fragment_address"
+                                r"|deepspeed\.runtime\.fp16\.loss_scaler\.(Dynamic)?LossScaler"
+                                r"|deepspeed\.runtime\.zero\.config\.ZeroStageEnum")
+
+
+def check_deepspeed_state(directory: str) -> None:
+    """Refuse (``CheckpointRefused``) DeepSpeed state files whose pickles would call anything but the
+    few DeepSpeed classes it writes; read from the files' opcodes, nothing run."""
+    for path in sorted(glob.glob(os.path.join(directory, "*.pt"))):
+        names = [n for n in _unsafe_globals(path) if not _DEEPSPEED_GLOBALS.fullmatch(n)]
+        if names:
+            raise CheckpointRefused(f"{path}: refused: DeepSpeed would load it with Python's unsafe unpickler, and "
+                                    f"it would call {', '.join(sorted(names)[:5])}, which DeepSpeed does not write "
+                                    "(this file could run code). Nothing was loaded; get the run again from a "
+                                    "source you trust")
+
+
 def convert_checkpoint(path: str, out: Optional[str] = None) -> str:
     """Rewrite a format-1 checkpoint (numpy RNG states) as format 2; returns the path written.
 

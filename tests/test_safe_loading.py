@@ -187,3 +187,14 @@ def test_resume_refuses_another_text_pipeline():
     changed = {**ours, "optim": {**ours["optim"], "name": "adam"}}
     with pytest.raises(CheckpointError, match="optim.name: checkpoint 'adagrad' vs this run 'adam'"):
         check_resume(payload, "ck.pt", changed, payload["vocab"], "v.txt", None)
+
+
+def test_deepspeed_state_that_would_run_code_is_refused_before_deepspeed_reads_it(tmp_path):
+    from bilm.checkpoint import check_deepspeed_state
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer_state_dict": {"state": {}, "step": torch.tensor(1.0)}}, tmp_path / "optim_states.pt")
+    check_deepspeed_state(str(tmp_path))  # plain state passes
+    torch.save({"x": _RunsShell(marker)}, tmp_path / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointRefused, match=r"mp_rank_00_model_states.pt: refused: .*posix.system"):
+        check_deepspeed_state(str(tmp_path))
+    assert not marker.exists()
