@@ -372,7 +372,8 @@ def check_resume(payload: dict, path: str, config: dict, vocab: list[str], vocab
     if saved_vocab is not None and list(saved_vocab) != list(vocab):
         def describe(tokens):
             return f"{len(tokens)} tokens, sha256 {_digest(chr(10).join(tokens).encode('utf-8', 'surrogatepass'))}"
-        first = next((i for i, (a, b) in enumerate(zip(saved_vocab, vocab)) if a != b), min(len(saved_vocab), len(vocab)))
+        first = next((i for i, (a, b) in enumerate(zip(saved_vocab, vocab)) if a != b),
+                     min(len(saved_vocab), len(vocab)))
         refused.append(f"vocabulary: checkpoint {describe(saved_vocab)} vs {vocab_source} {describe(vocab)} "
                        f"(first difference at line {first + 1})")
     saved_pipeline = payload.get("text_pipeline")

@@ -114,7 +114,8 @@ def _open(path: str, mode: str = "r") -> h5py.File:
     try:
         return h5py.File(path, mode)
     except OSError as e:
-        raise WeightFileError(f"{path} is not a readable HDF5 file ({str(e).splitlines()[0] if str(e) else e!r})") from None
+        reason = str(e).splitlines()[0] if str(e) else repr(e)
+        raise WeightFileError(f"{path} is not a readable HDF5 file ({reason})") from None
 
 
 @contextmanager

@@ -27,7 +27,7 @@ from bilm.model import LanguageModel
 from bilm.options import BiLMOptions
 from bilm.pretrained import SOFTMAX_BIAS, SOFTMAX_WEIGHT, load_pretrained, model_from_checkpoint
 from bilm.vocab import Vocabulary
-from bilm.weights import load_bilm
+from bilm.weights import load_bilm, save_weights
 from conftest import OPTIONS, WEIGHTS
 from data_tools.normalize import SP_MODEL_FILE, TOKENIZER_FILE, TextPipeline
 from train_helpers import TINY, TRAIN_DATA, TRAIN_VOCAB, tiny_config
@@ -35,7 +35,7 @@ from train_helpers import TINY, TRAIN_DATA, TRAIN_VOCAB, tiny_config
 # What bilm.cli.main prints as "bilm CMD: error: ..." without a traceback.
 USER_ERRORS = (ValueError, OSError, RunDirectoryLocked)
 SECONDS_PER_CASE = 10  # a hang is anything slower (SIGALRM interrupts it)
-FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
 
@@ -116,7 +116,8 @@ def seeds(tmp_path_factory):
     sentencepiece.SentencePieceTrainer.train(input=TRAIN_DATA, model_prefix=str(d / "sp"), vocab_size=40,
                                              normalization_rule_name="identity", minloglevel=3)
     TextPipeline("sentencepiece", sp_model_proto=_read_bytes(str(d / "sp.model"))).save(str(d))
-    return _Seeds({"checkpoint": _read_bytes(str(d / "step-00000001.pt")), "softmax": _read_bytes(str(d / "softmax.hdf5")),
+    return _Seeds({"checkpoint": _read_bytes(str(d / "step-00000001.pt")),
+                   "softmax": _read_bytes(str(d / "softmax.hdf5")),
             "manifest": _read_bytes(str(d / "manifest.json")), "tokenizer": _read_bytes(str(d / TOKENIZER_FILE)),
             "sp_model": _read_bytes(str(d / SP_MODEL_FILE)), "options": _read_bytes(OPTIONS),
             "weights": _read_bytes(WEIGHTS), "vocab": _read_bytes(TRAIN_VOCAB), "shard": _read_bytes(TRAIN_DATA),
@@ -128,90 +129,54 @@ class _Seeds(dict):
         return "seeds"
 
 
-def _case(seeds, name):
-    return _variants(seeds[name])
+def _softmax_reader(seeds, tmp_path):
+    model = LanguageModel(seeds["cfg"].model, len(seeds["vocab_tokens"]), sparse_softmax=False)
+    weights = str(tmp_path / "weights.hdf5")
+    save_weights(model.bilm, weights)
+    return lambda path: load_pretrained(model, weights, softmax_file=path)
 
 
-# The seeds come from a module fixture, so each test draws its bytes through st.data().
-
-@FUZZ
-@given(data=st.data())
-def test_options_json(seeds, tmp_path, data):
-    _check(BiLMOptions.from_file, str(tmp_path / "options.json"), data.draw(_case(seeds, "options")))
-
-
-@FUZZ
-@given(data=st.data())
-def test_weights_hdf5(seeds, tmp_path, data):
-    _check(lambda p: load_bilm(OPTIONS, p), str(tmp_path / "weights.hdf5"), data.draw(_case(seeds, "weights")))
-
-
-@FUZZ
-@given(data=st.data())
-def test_softmax_hdf5(seeds, tmp_path, data):
-    cfg = seeds["cfg"]
-    model = LanguageModel(cfg.model, len(seeds["vocab_tokens"]), sparse_softmax=False)
-    weights = tmp_path / "weights.hdf5"
-    if not weights.exists():
-        from bilm.weights import save_weights
-        save_weights(model.bilm, str(weights))
-    _check(lambda p: load_pretrained(model, str(weights), softmax_file=p), str(tmp_path / "softmax.hdf5"),
-           data.draw(_case(seeds, "softmax")))
-
-
-@FUZZ
-@given(data=st.data())
-def test_vocab_txt(seeds, tmp_path, data):
-    _check(Vocabulary.from_file, str(tmp_path / "vocab.txt"), data.draw(_case(seeds, "vocab")))
-
-
-@FUZZ
-@given(data=st.data())
-def test_manifest_json(seeds, tmp_path, data):
+def _manifest_reader(seeds, tmp_path):
     def read(path):
-        manifest = load_manifest(path)
-        TextPipeline.from_manifest(manifest)  # what train reads of it besides the shard lists
-
-    _check(read, str(tmp_path / "manifest.json"), data.draw(_case(seeds, "manifest")))
+        TextPipeline.from_manifest(load_manifest(path))  # what train reads of it besides the shard lists
+    return read
 
 
-@FUZZ
-@given(data=st.data())
-def test_tokenizer_json(seeds, tmp_path, data):
+def _tokenizer_reader(seeds, tmp_path):
     (tmp_path / SP_MODEL_FILE).write_bytes(seeds["sp_model"])
-    _check(lambda p: TextPipeline.load(os.path.dirname(p)), str(tmp_path / TOKENIZER_FILE),
-           data.draw(_case(seeds, "tokenizer")))
+    return lambda path: TextPipeline.load(os.path.dirname(path))
 
 
-@FUZZ
-@given(data=st.data())
-def test_sentencepiece_model(seeds, tmp_path, data):
+def _sp_model_reader(seeds, tmp_path):
     (tmp_path / TOKENIZER_FILE).write_bytes(seeds["tokenizer"])
-
-    def read(path):
-        pipeline = TextPipeline.load(os.path.dirname(path))
-        pipeline.tokenize("the cat sat on the mat")
-
-    _check(read, str(tmp_path / SP_MODEL_FILE), data.draw(_case(seeds, "sp_model")))
+    return lambda path: TextPipeline.load(os.path.dirname(path)).tokenize("the cat sat on the mat")
 
 
+# seed -> (the file's name, a reader of such a file given the seeds and a directory)
+READERS = {
+    "options": ("options.json", lambda seeds, tmp_path: BiLMOptions.from_file),
+    "weights": ("weights.hdf5", lambda seeds, tmp_path: lambda path: load_bilm(OPTIONS, path)),
+    "softmax": ("softmax.hdf5", _softmax_reader),
+    "vocab": ("vocab.txt", lambda seeds, tmp_path: Vocabulary.from_file),
+    "manifest": ("manifest.json", _manifest_reader),
+    "tokenizer": (TOKENIZER_FILE, _tokenizer_reader),
+    "sp_model": (SP_MODEL_FILE, _sp_model_reader),
+    "shard": ("shard-00000.txt",
+              lambda seeds, tmp_path: lambda path: encode_shard(path, Vocabulary(seeds["vocab_tokens"]))),
+    "config": ("config.yaml", lambda seeds, tmp_path: load_config),
+    "checkpoint": ("step-00000001.pt", lambda seeds, tmp_path: model_from_checkpoint),  # what evaluate and export read
+}
+
+
+@pytest.mark.parametrize("kind", list(READERS))
 @FUZZ
 @given(data=st.data())
-def test_shard(seeds, tmp_path, data):
-    vocab = Vocabulary(seeds["vocab_tokens"])
-    _check(lambda p: encode_shard(p, vocab), str(tmp_path / "shard-00000.txt"), data.draw(_case(seeds, "shard")))
-
-
-@FUZZ
-@given(data=st.data())
-def test_config_yaml(seeds, tmp_path, data):
-    _check(load_config, str(tmp_path / "config.yaml"), data.draw(_case(seeds, "config")))
-
-
-@settings(FUZZ, max_examples=40)
-@given(data=st.data())
-def test_checkpoint(seeds, tmp_path, data):
-    _check(model_from_checkpoint, str(tmp_path / "step-00000001.pt"), data.draw(_case(seeds, "checkpoint")))
+def test_reader(seeds, tmp_path, kind, data):
+    """The seeds come from a module fixture, so the bytes are drawn inside the test (st.data())."""
+    name, make_reader = READERS[kind]
+    case = tmp_path / kind
+    case.mkdir(exist_ok=True)
+    _check(make_reader(seeds, case), str(case / name), data.draw(_variants(seeds[kind])))
 
 
 # ----- a damaged or missing shard met during training -----
@@ -226,12 +191,14 @@ def test_a_damaged_or_missing_shard_stops_training_with_one_line_and_the_checkpo
     for name in ("a.txt", "b.txt"):
         (data / name).write_bytes(_read_bytes(TRAIN_DATA))
     (data / "vocab.txt").write_bytes(_read_bytes(TRAIN_VOCAB))
-    (data / "manifest.json").write_text(json.dumps({"format": "bilm-data", "format_version": 1, "vocab": "vocab.txt",
-                                                    "train": {"shards": ["a.txt", "b.txt"]}, "heldout": {"shards": []}}))
+    manifest = {"format": "bilm-data", "format_version": 1, "vocab": "vocab.txt",
+                "train": {"shards": ["a.txt", "b.txt"]}, "heldout": {"shards": []}}
+    (data / "manifest.json").write_text(json.dumps(manifest))
     run = tmp_path / "run"
 
     def train_args(steps):
-        argv = _train_args(run, f"train.max_steps={steps}", "train.checkpoint_every_steps=1", "train.keep_checkpoints=50")
+        argv = _train_args(run, f"train.max_steps={steps}", "train.checkpoint_every_steps=1",
+                           "train.keep_checkpoints=50")
         i = argv.index("--vocab")
         del argv[i:i + 2]  # the manifest names it
         argv[argv.index("--data") + 1] = str(data / "manifest.json")
