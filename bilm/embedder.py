@@ -30,7 +30,7 @@ from bilm.modules.bilm import BidirectionalLM, RowStates
 from bilm.precision import autocast, check_precision
 from bilm.published import model_files
 from bilm.vocab import read_tokens
-from bilm.weights import WeightFileError, load_bilm
+from bilm.weights import WeightFileError, load_bilm, reading
 from data_tools.normalize import TextPipeline, warn_suspicious_lines
 
 OUTPUT_FORMATS = ("all", "top", "average")
@@ -88,12 +88,15 @@ class ElmoEmbedder:
         vectors as char mode for every token."""
         tokens = read_tokens(vocab_file)
         try:
-            with h5py.File(path, "r") as f:
-                if "embedding" not in f:
-                    raise WeightFileError(f"{path}: missing dataset 'embedding'")
-                table = f["embedding"][...]
+            f = h5py.File(path, "r")
         except OSError as e:
             raise WeightFileError(f"{path} is not a readable HDF5 file ({e})") from None
+        with f, reading(path):
+            if "embedding" not in f:
+                raise WeightFileError(f"{path}: missing dataset 'embedding'")
+            table = f["embedding"][...]
+            if not np.issubdtype(table.dtype, np.number):
+                raise WeightFileError(f"{path}: dataset 'embedding' holds {table.dtype}, not numbers")
         dim = self.model.options.projection_dim
         if table.shape != (len(tokens), dim):
             raise WeightFileError(f"{path}: dataset 'embedding' has shape {table.shape}, expected "

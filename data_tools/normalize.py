@@ -163,17 +163,27 @@ class TextPipeline:
     @classmethod
     def from_manifest(cls, manifest: dict) -> "TextPipeline":
         """The pipeline ``bilm prepare`` recorded (``bilm.data.load_manifest`` made its paths absolute)."""
+        source = manifest.get("path") or os.path.join(manifest.get("dir", ""), "manifest.json")
         tokenizer = manifest.get("tokenizer") or {"type": "whitespace"}
         normalization = manifest.get("normalization") or {}
+        if not isinstance(tokenizer, dict) or not isinstance(normalization, dict):
+            raise ValueError(f"{source}: keys 'tokenizer' and 'normalization' must be JSON objects")
         proto = None
         if tokenizer.get("type") == "sentencepiece":
-            with open(tokenizer["model"], "rb") as f:
-                proto = f.read()
+            model = tokenizer.get("model")
+            if not isinstance(model, str):
+                raise ValueError(f"{source}: key 'tokenizer.model' must name the SentencePiece model file")
+            try:
+                with open(model, "rb") as f:
+                    proto = f.read()
+            except OSError as e:
+                raise FileNotFoundError(f"{source} names the SentencePiece model {model}, which cannot be read "
+                                        f"({e.strerror or e})") from None
         try:
             return cls(tokenizer.get("type", "whitespace"), bool(normalization.get("nfkc", False)),
                        int(normalization.get("max_tokens_per_line", 0)), proto)
         except (ValueError, TypeError) as e:
-            where = tokenizer.get("model") if proto is not None else f"{manifest.get('dir', '')}/manifest.json"
+            where = tokenizer["model"] if proto is not None and str(e).startswith("not a SentencePiece") else source
             raise ValueError(f"{where}: {e}") from None
 
     def save(self, directory: str) -> list[str]:

@@ -22,6 +22,7 @@ from bilm.checkpoint import save_checkpoint
 from bilm.config import config_to_dict, load_config
 from bilm.data.manifest import load_manifest
 from bilm.data.shards import encode_shard
+from bilm.embedder import ElmoEmbedder, dump_token_embeddings
 from bilm.errors import RunDirectoryLocked
 from bilm.model import LanguageModel
 from bilm.options import BiLMOptions
@@ -116,8 +117,10 @@ def seeds(tmp_path_factory):
     sentencepiece.SentencePieceTrainer.train(input=TRAIN_DATA, model_prefix=str(d / "sp"), vocab_size=40,
                                              normalization_rule_name="identity", minloglevel=3)
     TextPipeline("sentencepiece", sp_model_proto=_read_bytes(str(d / "sp.model"))).save(str(d))
+    dump_token_embeddings(TRAIN_VOCAB, OPTIONS, WEIGHTS, str(d / "tokens.hdf5"), progress=False)
     return _Seeds({"checkpoint": _read_bytes(str(d / "step-00000001.pt")),
                    "softmax": _read_bytes(str(d / "softmax.hdf5")),
+                   "token_embeddings": _read_bytes(str(d / "tokens.hdf5")),
             "manifest": _read_bytes(str(d / "manifest.json")), "tokenizer": _read_bytes(str(d / TOKENIZER_FILE)),
             "sp_model": _read_bytes(str(d / SP_MODEL_FILE)), "options": _read_bytes(OPTIONS),
             "weights": _read_bytes(WEIGHTS), "vocab": _read_bytes(TRAIN_VOCAB), "shard": _read_bytes(TRAIN_DATA),
@@ -163,6 +166,8 @@ READERS = {
     "sp_model": (SP_MODEL_FILE, _sp_model_reader),
     "shard": ("shard-00000.txt",
               lambda seeds, tmp_path: lambda path: encode_shard(path, Vocabulary(seeds["vocab_tokens"]))),
+    "token_embeddings": ("tokens.hdf5", lambda seeds, tmp_path: lambda path: ElmoEmbedder(
+        OPTIONS, WEIGHTS, token_embedding_file=path, vocab_file=TRAIN_VOCAB)),
     "config": ("config.yaml", lambda seeds, tmp_path: load_config),
     "checkpoint": ("step-00000001.pt", lambda seeds, tmp_path: model_from_checkpoint),  # what evaluate and export read
 }
