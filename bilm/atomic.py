@@ -69,8 +69,9 @@ def remove_stale(path: str) -> list[str]:
 
 @contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """Yields the temporary name to write ``path`` under (a file, or a directory to fill); when the
-    block completes it is flushed to disk and renamed to ``path``; when it fails it is removed."""
+    """Yields the temporary name to write ``path`` under (a file, or a directory to fill, which can
+    replace only a missing or empty directory); when the block completes it is flushed to disk and
+    renamed to ``path``; when it fails it is removed."""
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
     tmp = temporary_name(path)
