@@ -47,9 +47,9 @@ def _options() -> dict:
         return json.load(f)
 
 
-def _batches() -> list[dict]:
-    """The fixture's batches in bilm.data's format (char ids shifted by one: 0 is our mask)."""
-    npz = np.load(os.path.join(FIXTURE, "batches.npz"))
+def _batches(name: str = "batches.npz") -> list[dict]:
+    """A fixture's batches in bilm.data's format (char ids shifted by one: 0 is our mask)."""
+    npz = np.load(os.path.join(FIXTURE, name))
     n = npz["token_ids"].shape[0]
     batches = []
     for i in range(n):
@@ -415,21 +415,6 @@ class FixedDropout:
         return x * torch.tensor(scale) * torch.from_numpy(mask.astype(np.float32))
 
 
-def _long_batches(case: str) -> list[dict]:
-    npz = np.load(os.path.join(LONG, case, "batches.npz"))
-    batches = []
-    for i in range(npz["token_ids"].shape[0]):
-        batch = {"reset_state": torch.zeros(npz["token_ids"].shape[1], dtype=torch.bool)}
-        for direction, suffix in (("forward", ""), ("backward", "_reverse")):
-            ids = torch.from_numpy(npz["token_ids" + suffix][i].astype(np.int64))
-            batch[direction] = {"token_ids": ids,
-                                "next_token_ids": torch.from_numpy(npz["next_token_id" + suffix][i].astype(np.int64)),
-                                "char_ids": torch.from_numpy(npz["tokens_characters" + suffix][i].astype(np.int64) + 1),
-                                "mask": torch.ones(ids.shape, dtype=torch.bool)}
-        batches.append(batch)
-    return batches
-
-
 def replay_long(case: str, monkeypatch, *overrides: str) -> tuple[Trainer, np.ndarray]:
     """bilm trains the case's 50 batches from bilm-tf's step-0 weights with TF's masks and candidates.
     Returns the trainer and the per-step losses (steps x [forward, backward])."""
@@ -457,7 +442,7 @@ def replay_long(case: str, monkeypatch, *overrides: str) -> tuple[Trainer, np.nd
     dropout = FixedDropout(_read_npz(os.path.join("long", case, "masks.npz")), options["lstm"]["n_layers"], lock_step)
     monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
     curve = []
-    for i, batch in enumerate(_long_batches(case)):
+    for i, batch in enumerate(_batches(os.path.join("long", case, "batches.npz"))):
         dropout.step = i
         result = trainer.step(batch)
         curve.append([math.log(float(result.perplexity[d])) for d in ("forward", "backward")])
