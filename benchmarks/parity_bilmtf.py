@@ -5,7 +5,7 @@
     python benchmarks/parity_bilmtf.py --grid --tf-python ... --peer-src ... [--seeds 0 1 2] [--batches 300]
     python benchmarks/parity_bilmtf.py --grid --smoke --tf-python ... --peer-src ...   # the grid's path, in minutes
 
-``--grid`` runs every configuration of ``GRID`` (LSTM 512 / 1024, 1 / 2 highway layers, two filter
+``--grid`` runs every configuration of ``grid()`` (LSTM 512 / 1024, 1 / 2 highway layers, two filter
 sets, WikiText-2's valid or test split to train on, the other held out), each seed, each tool, and
 prints one table: heldout perplexity (average, forward, backward; one evaluator for both), training
 tokens/s, and bilm / bilm-tf median ratios per configuration and direction, the worst one named; it
