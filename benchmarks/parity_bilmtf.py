@@ -10,7 +10,7 @@ sets, WikiText-2's valid or test split to train on, the other held out), each se
 prints one table: heldout perplexity (average, forward, backward; one evaluator for both), training
 tokens/s, and bilm / bilm-tf median ratios per configuration and direction, the worst one named; it
 also writes WORK/grid/results.json. ``--smoke`` shrinks every size (tiny LSTMs and char CNNs, 3
-batches of 4 x 5, data/sample's text, one seed) to check the whole path quickly; its figures mean nothing.
+batches of 4 x 5, 400 lines of data/sample's text, one seed) to check the whole path; its figures mean nothing.
 
 Neither TensorFlow nor bilm-tf is a dependency of bilm: give a Python that has tensorflow-cpu 2.15
 (+ numpy<2, h5py) and an unmodified bilm-tf tree (../shared/peers/README.md says how to make both).
@@ -82,8 +82,22 @@ def _tuple(filters: list) -> tuple:
     return tuple(tuple(f) for f in filters)
 
 
+SMOKE_LINES = 400  # lines of each data/sample text a smoke run reads
+
+
+def smoke_texts(work: str) -> str:
+    """The head of data/sample's train.txt and heldout.txt in ``work`` (the smoke runs' two "splits")."""
+    os.makedirs(work, exist_ok=True)
+    for name in ("train.txt", "heldout.txt"):
+        with open(os.path.join(ROOT, "data", "sample", name), encoding="utf-8") as f:
+            head = [line for _, line in zip(range(SMOKE_LINES), f)]
+        with open(os.path.join(work, name), "w", encoding="utf-8") as f:
+            f.writelines(head)
+    return work
+
+
 def smoke_arch(arch: Arch, sample_dir: str) -> Arch:
-    """The same configuration shrunk to seconds (tiny LSTM and CNN), on data/sample's text."""
+    """The same configuration shrunk to seconds (tiny LSTM and CNN), on ``smoke_texts``."""
     texts = [os.path.join(sample_dir, "train.txt"), os.path.join(sample_dir, "heldout.txt")]
     if arch.train_split != "valid":  # the other split trains: swap the texts as the grid swaps them
         texts.reverse()
@@ -289,9 +303,10 @@ def grid_table(results: dict[str, dict]) -> list[str]:
 
 def run_grid(a) -> None:
     archs = grid(a.corpus_dir)
-    if a.smoke:
-        archs = [smoke_arch(arch, os.path.join(ROOT, "data", "sample")) for arch in archs]
     base = os.path.join(a.work, "grid")
+    if a.smoke:
+        texts = smoke_texts(os.path.join(base, "smoke-text"))
+        archs = [smoke_arch(arch, texts) for arch in archs]
     results = {}
     for arch in archs:
         results[arch.name] = compare(a, arch, os.path.join(base, arch.name),
