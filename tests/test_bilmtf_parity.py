@@ -37,6 +37,7 @@ def _read_h5(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_npz(name: str) -> dict[str, np.ndarray]:
+    """A fixture file (a path under FIXTURE) as a dict of arrays."""
     with np.load(os.path.join(FIXTURE, name)) as f:
         return {k: f[k] for k in f.files}
 
@@ -46,9 +47,9 @@ def _options() -> dict:
         return json.load(f)
 
 
-def _batches() -> list[dict]:
-    """The fixture's batches in bilm.data's format (char ids shifted by one: 0 is our mask)."""
-    npz = np.load(os.path.join(FIXTURE, "batches.npz"))
+def _batches(name: str = "batches.npz") -> list[dict]:
+    """A fixture's batches in bilm.data's format (char ids shifted by one: 0 is our mask)."""
+    npz = np.load(os.path.join(FIXTURE, name))
     n = npz["token_ids"].shape[0]
     batches = []
     for i in range(n):
@@ -370,3 +371,106 @@ def test_imported_run_resumes_with_its_optimizer_state(tmp_path):
         assert torch.all(state_after[key]["sum"] >= state_before[key]["sum"] - 1e-6)
         assert float(state_after[key]["step"]) == 3.0
     assert any(float(state_before[k]["sum"].max()) > 1.0 for k in state_before)
+
+
+# ----- 50 steps with dropout and the sampled softmax, on other architectures (fixtures/bilmtf_training/long) -----
+
+LONG = os.path.join(FIXTURE, "long")
+LONG_CASES = ("proj_two_highway", "noproj_one_highway", "one_layer")
+UNROLL_LONG = 5  # make_long_fixture.UNROLL
+
+
+class FixedDropout:
+    """Stands in for ``torch.nn.functional.dropout`` during a replay: hands out, call by call, the masks
+    make_long_fixture.py fed TensorFlow's dropout ops, and applies them as TF does (x * scale * mask).
+
+    The masks are TF's: per direction, layer k's input (step, time, row, feature) and the top output
+    (step, row x time, feature). bilm drops a layer's input for all time steps at once, in lock step for
+    both directions (D, T, B, F) or one stack at a time (B, T, F), then the top output of each direction
+    (B, T, P); ``expect`` lists the calls of one step in that order."""
+
+    def __init__(self, masks: dict[str, np.ndarray], n_layers: int, lock_step: bool):
+        self.masks, self.step, self.calls = masks, 0, []
+        layers = [f"layer{k}" for k in range(n_layers)]
+        self.expect = ([("both", site) for site in layers] if lock_step else
+                       [(d, site) for d in ("forward", "backward") for site in layers])
+        self.expect += [("forward", "top"), ("backward", "top")]
+
+    def _mask(self, direction: str, site: str) -> np.ndarray:
+        m = self.masks[f"{direction}_{site}"][self.step]
+        if site == "top":
+            return m.reshape(m.shape[0] // UNROLL_LONG, UNROLL_LONG, m.shape[1])  # TF flattened (B, T) rows
+        return m.transpose(1, 0, 2)  # (T, B, F) -> (B, T, F)
+
+    def __call__(self, x, p=0.5, training=True, inplace=False):
+        assert training and not inplace
+        direction, site = self.expect[len(self.calls) % len(self.expect)]
+        self.calls.append((direction, site))
+        if direction == "both":
+            mask = np.stack([self.masks[f"{d}_{site}"][self.step] for d in ("forward", "backward")])
+        else:
+            mask = self._mask(direction, site)
+        assert tuple(x.shape) == mask.shape, (direction, site, tuple(x.shape), mask.shape)
+        scale = np.float32(1.0 / (1.0 - p))  # TF's dropout_v2: x * scale, then the mask
+        return x * torch.tensor(scale) * torch.from_numpy(mask.astype(np.float32))
+
+
+def replay_long(case: str, monkeypatch, *overrides: str) -> tuple[Trainer, np.ndarray]:
+    """bilm trains the case's 50 batches from bilm-tf's step-0 weights with TF's masks and candidates.
+    Returns the trainer and the per-step losses (steps x [forward, backward])."""
+    with open(os.path.join(LONG, case, "options.json")) as f:
+        options = json.load(f)
+    assert options["unroll_steps"] == UNROLL_LONG and options["dropout"] > 0 and options["sample_softmax"]
+    cfg = config_from_dict(config_from_bilmtf_options(options),
+                           overrides=["train.device=cpu", "train.sparse_softmax=true", *overrides])
+    trainer = Trainer(cfg, options["n_tokens_vocab"], DistEnv())
+    weights, _, step = split_tensors(_read_npz(os.path.join("long", case, "start.npz")))
+    load_bilmtf_state(trainer.model, None, weights, {}, step, "start.npz")  # step 0: accumulators 1.0
+    fixed = np.load(os.path.join(LONG, case, "candidates.npz"))
+    sampled = []
+
+    def sample(n_unique, generator=None, device=None):
+        step, direction = divmod(len(sampled), 2)  # forward, then backward, as bilm-tf's graph
+        sampled.append(n_unique)
+        name = ("forward", "backward")[direction]
+        ids = torch.from_numpy(fixed[name][step].astype(np.int64))
+        assert n_unique == len(ids)
+        return ids, int(fixed[f"{name}_tries"][step])
+
+    trainer.model.softmax.sampler.sample = sample
+    lock_step = trainer.cfg.train.lstm_impl == "exact"
+    dropout = FixedDropout(_read_npz(os.path.join("long", case, "masks.npz")), options["lstm"]["n_layers"], lock_step)
+    monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
+    curve = []
+    for i, batch in enumerate(_batches(os.path.join("long", case, "batches.npz"))):
+        dropout.step = i
+        result = trainer.step(batch)
+        curve.append([math.log(float(result.perplexity[d])) for d in ("forward", "backward")])
+    assert len(dropout.calls) == len(dropout.expect) * len(curve) and len(sampled) == 2 * len(curve)
+    return trainer, np.array(curve)
+
+
+@pytest.mark.parametrize("case,lstm_impl", [(case, "exact") for case in LONG_CASES] + [(LONG_CASES[0], "reference")])
+def test_fifty_steps_with_dropout_land_where_bilm_tf_landed(case, lstm_impl, tmp_path, monkeypatch):
+    """50 steps of bilm-tf's train() (dropout 0.2, sampled softmax, clip, carried states) on an
+    architecture the three-step fixture does not use, replayed from TF's step-0 weights: each direction's
+    loss at every step, and the forward LSTM, the backward LSTM and the shared layers at the end (they
+    moved up to 1.15; bilm lands within 5e-7). ``exact`` runs both directions in lock step, ``reference``
+    one stack after the other."""
+    trainer, curve = replay_long(case, monkeypatch, f"train.lstm_impl={lstm_impl}")
+    want_curve = np.load(os.path.join(LONG, case, "curve.npz"))
+    for k, direction in enumerate(("forward", "backward")):
+        np.testing.assert_allclose(curve[:, k], want_curve[direction], rtol=0, atol=1e-5,
+                                   err_msg=f"{direction} loss per step")
+    weights, accumulators = _as_published(trainer, tmp_path)
+    want_weights, want_accumulators, step = split_tensors(_read_npz(os.path.join("long", case, "end.npz")))
+    assert step == 50 and set(weights) == set(want_weights)
+    groups = {"forward LSTM": "RNN_0/", "backward LSTM": "RNN_1/", "shared": ""}
+    for group, prefix in groups.items():
+        names = [n for n in sorted(want_weights) if n.startswith(prefix) and
+                 (prefix or not n.startswith("RNN_"))]
+        assert names, group
+        for name in names:
+            np.testing.assert_allclose(weights[name], want_weights[name], rtol=0, atol=2e-6, err_msg=f"{group}: {name}")
+            np.testing.assert_allclose(accumulators[name], want_accumulators[name], rtol=5e-6, atol=0,
+                                       err_msg=f"{group}: {name} (Adagrad)")

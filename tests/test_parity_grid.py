@@ -1,0 +1,96 @@
+"""benchmarks/parity_bilmtf.py's grid mode, without training: what it compares and how it reports.
+
+The grid's runs take hours (``--grid``; ``--grid --smoke`` checks the whole path in minutes). These
+tests pin the cheap parts: the grid spans the axes issue 22 names, both tools are given the same
+configuration, and the table reports the worst ratio, per direction, with medians over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import parity_bilmtf as parity  # noqa: E402  (benchmarks/parity_bilmtf.py)
+
+from bilm.bilmtf import config_from_bilmtf_options  # noqa: E402
+from bilm.config import config_from_dict, load_config  # noqa: E402
+
+HARNESS = os.path.join(parity.SHARED, "peers", "harness", "bilmtf_train.py")
+
+
+def _args(**over) -> argparse.Namespace:
+    base = dict(batch_size=32, unroll=20, negatives=1024, dropout=0.1, batches=300, log_every=10, bilm_set=[])
+    return argparse.Namespace(**{**base, **over})
+
+
+def test_grid_spans_the_axes_of_the_issue():
+    archs = parity.grid("/corpus")
+    assert len(archs) >= 4 and len({a.name for a in archs}) == len(archs)
+    assert {a.lstm_dim for a in archs} == {512, 1024}
+    assert {a.n_highway for a in archs} == {1, 2}
+    assert len({a.filters for a in archs}) >= 2
+    assert {a.train_split for a in archs} == {"valid", "test"}
+    for a in archs:  # the split that trains is not the one held out
+        assert os.path.basename(a.train_text) == f"{a.train_split}.txt" and a.heldout_text != a.train_text
+    smoke = [parity.smoke_arch(a, "/sample") for a in archs]
+    assert all(s.lstm_dim < 64 and s.heldout_text != s.train_text for s in smoke)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        base[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
+@pytest.mark.skipif(not os.path.exists(HARNESS), reason="needs ../shared/peers/harness (set BILM_SHARED)")
+@pytest.mark.parametrize("smoke", [False, True])
+def test_both_tools_train_the_same_configuration(smoke):
+    """bilm's config (elmo_small.yaml + the grid's --set keys) equals what bilm-tf trains: the harness's
+    defaults merged with the grid's options, read as bilm reads an imported bilm-tf run."""
+    spec = importlib.util.spec_from_file_location("bilmtf_train", HARNESS)
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    a = _args(batch_size=4, unroll=5, negatives=32) if smoke else _args()
+    for arch in parity.grid("/corpus"):
+        arch = parity.smoke_arch(arch, "/sample") if smoke else arch
+        ours = load_config(os.path.join(ROOT, "configs", "elmo_small.yaml"), parity.bilm_overrides(a, arch, seed=3))
+        theirs = config_from_dict(config_from_bilmtf_options(
+            _merge(harness.default_options(1000), parity.bilmtf_options(a, arch))))
+        # Neither is architecture: n_characters says training (261) or prediction (262) and bilm's char
+        # embedding has the same rows for both; a char-CNN model takes its vocabulary size from the data.
+        theirs.model.char_cnn.n_characters, theirs.model.n_tokens_vocab = ours.model.char_cnn.n_characters, None
+        assert ours.model == theirs.model, arch.name
+        for key in ("batch_size", "unroll_steps", "dropout", "n_negative_samples_batch"):
+            assert getattr(ours.train, key) == getattr(theirs.train, key), (arch.name, key)
+        for key in ("name", "lr", "initial_accumulator_value", "max_grad_norm", "loss_scale", "warmup_steps"):
+            assert getattr(ours.optim, key) == getattr(theirs.optim, key), (arch.name, key)
+        assert ours.train.max_steps == a.batches and ours.train.seed == 3
+
+
+def _run(ppl: float, forward: float, backward: float, rate: float) -> dict:
+    return {"tokens_per_s": rate, "bilm_eval": {"ppl": ppl, "forward": forward, "backward": backward}}
+
+
+def test_grid_table_reports_median_ratios_and_the_worst_configuration():
+    results = {
+        "small": {"unigram": 900.0,
+                  "bilm-tf": {0: _run(617, 609, 627, 400), 1: _run(613, 624, 601, 420), 2: _run(651, 629, 674, 410)},
+                  "bilm": {0: _run(639, 655, 623, 600), 1: _run(649, 674, 625, 640), 2: _run(1506, 3368, 673, 620)}},
+        "large": {"unigram": 900.0,
+                  "bilm-tf": {0: _run(554, 573, 536, 370), 1: _run(4251, 30956, 584, 390)},
+                  "bilm": {0: _run(573, 569, 540, 630), 1: _run(624, 595, 580, 600)}},
+    }
+    lines = parity.grid_table(results)
+    text = "\n".join(lines)
+    ratios = parity.median_ratios(list(results["small"]["bilm-tf"].values()), list(results["small"]["bilm"].values()))
+    assert ratios["forward"] == pytest.approx(674 / 624)  # medians over seeds: one divergence moves neither
+    assert ratios["tokens_per_s"] == pytest.approx(620 / 410)
+    assert "| small | **bilm / bilm-tf** | **1.052** | **1.080** | **0.997** | 1.51 | |" in text
+    assert "| small | bilm | median 649.0 (seeds: 639.0, 649.0, 1506.0)" in text
+    assert text.count("1 of 3") == 1 and "| large | bilm-tf |" in text and "1 of 2 |" in text
+    assert lines[-1] == "worst median ratio: 1.080 (small, forward); goal <= 1.03 everywhere"
