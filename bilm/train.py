@@ -203,7 +203,7 @@ class _Logger:
     steps, heldout perplexity at evaluations) or an event of the divergence guard (``{"event":
     "divergence", ...}``, no ``step`` key). A run resumed from a checkpoint first drops what was
     logged after that checkpoint was written (it is logged again), so each step appears once;
-    a rollback does the same, keeping the dropped lines in ``metrics-rolled-back.jsonl``."""
+    a rollback does the same, moving the dropped step lines to ``metrics-rolled-back.jsonl``."""
 
     def __init__(self, out_dir: str, enabled: bool, resumed_step: int = 0, offset: Optional[int] = None):
         self.enabled, self.out_dir = enabled, out_dir
@@ -259,10 +259,13 @@ class _Logger:
             return
         self.metrics.close()
         removed = _truncate_metrics(self.path, step, offset)
-        if removed:
+        events = [line for line in removed if line.startswith('{"event"')]  # earlier firings stay in the record
+        if len(removed) > len(events):
             with open(os.path.join(self.out_dir, "metrics-rolled-back.jsonl"), "a", encoding="utf-8") as f:
-                f.writelines(removed)
+                f.writelines(line for line in removed if not line.startswith('{"event"'))
         self.metrics = open(self.path, "a", encoding="utf-8")
+        self.metrics.writelines(events)
+        self.metrics.flush()
         if self.writer is not None:
             self.writer.close()
             self._open_writer(step)
@@ -525,7 +528,7 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
             if save_now:
                 path = _save(trainer, dataset, cfg, step, ckpt_dir, env, text_pipeline,
                              _guard_payload(guard, heldout_result, logger),
-                             keep=_healthy_checkpoint(ckpt_dir, guard.state.healthy_step) if env.is_main else None)
+                             healthy_step=guard.state.healthy_step)
                 if best and env.is_main:
                     keep_as_best(path)
                 last_checkpoint_time = time.time()
@@ -606,9 +609,9 @@ def _rollback(trainer: Trainer, dataset: LMDataset, ckpt_dir: str, healthy_step:
 
 def _save(trainer: Trainer, dataset: LMDataset, cfg: Config, step: int, ckpt_dir: str, env: DistEnv,
           text_pipeline: Optional[TextPipeline] = None, extra: Optional[dict] = None,
-          name: Optional[str] = None, keep: Optional[str] = None) -> str:
+          name: Optional[str] = None, healthy_step: Optional[int] = None) -> str:
     """Write step ``step``'s checkpoint (rank 0, plus what the strategy keeps beside it on every rank)
-    and prune old ones but ``keep`` (the rollback target); returns its path. A failed write on any
+    and prune old ones but the rollback target (the newest at or before ``healthy_step``); returns its path. A failed write on any
     rank stops every rank with ``CheckpointWriteError``, the previous checkpoints intact. ``name``
     (without ``.pt``): a file outside the ``step-N.pt`` series, neither resumed from nor pruned."""
     rank_states = gather_objects(trainer.rank_state(dataset), env)
@@ -631,8 +634,9 @@ def _save(trainer: Trainer, dataset: LMDataset, cfg: Config, step: int, ckpt_dir
     if failed:
         raise CheckpointWriteError(error or f"another rank could not write the checkpoint of step {step}")
     if env.is_main and name is None:
+        target = _healthy_checkpoint(ckpt_dir, healthy_step)
         trainer.strategy.prune(ckpt_dir, prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints,
-                                                           protect=[keep] if keep else ()))
+                                                           protect=[target] if target else ()))
     if env.distributed:
         torch.distributed.barrier()
     return path
