@@ -315,3 +315,53 @@ def test_export_best_without_one_says_why(tmp_path, capsys):
     assert bilm_main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "x"), "--best"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no best.pt in" in err and "heldout data" in err
+
+
+# ----- under torchrun
+
+GUARD_RANKS = os.path.join(HERE, "dist_scripts", "guard_ranks.py")
+
+
+def _torchrun(n, *args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", GUARD_RANKS,
+           *map(str, args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.distributed
+def test_two_ranks_give_the_heldout_figure_of_one(tmp_path, corpus):
+    run = str(tmp_path / "run")
+    train(_config("train.max_steps=10", "train.eval_tokens=2000", "train.batch_size=3"), corpus, run, progress=False)
+    ckpt = list_checkpoints(os.path.join(run, "checkpoints"))[-1]
+    subprocess.run([sys.executable, GUARD_RANKS, "eval", ckpt, corpus, tmp_path / "one", tmp_path / "one.json"],
+                   check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    _torchrun(2, "eval", ckpt, corpus, tmp_path / "two", tmp_path / "two.json")
+    one, two = (json.load(open(tmp_path / f"{n}.json")) for n in ("one", "two"))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    for d in ("forward", "backward"):
+        assert one[d]["tokens"] == two[d]["tokens"] > 1000
+        # The same sentences, scored per sentence: only the order of the float sums differs.
+        assert two[d]["perplexity"] == pytest.approx(one[d]["perplexity"], rel=1e-6)
+
+
+@pytest.mark.distributed
+def test_a_rollback_under_torchrun_is_exact_on_every_rank(tmp_path, corpus):
+    sets = ["train.eval_every_steps=4", "train.checkpoint_every_steps=4", "train.keep_checkpoints=5",
+            "train.log_every_steps=1", "train.eval_tokens=600", "train.device=cpu"]
+
+    def argv(run, *more):
+        return _train_argv(run, corpus, *sets, *more)
+    # A: the second evaluation (step 8) blows up: every rank goes back to step 4, learning rate x 0.5.
+    _torchrun(2, "train", 2, *argv(tmp_path / "a", "train.max_steps=12"))
+    (event,) = _events(str(tmp_path / "a"))
+    assert (event["diverged_step"], event["to_step"]) == (8, 4)
+    # B: the same run stopped at step 4 and resumed with the learning rate 0.1.
+    _torchrun(2, "train", 0, *argv(tmp_path / "b", "train.max_steps=4"))
+    _torchrun(2, "train", 0, *argv(tmp_path / "b", "train.max_steps=12", "optim.lr=0.1"), "--resume")
+    final_a, final_b = (load_checkpoint(str(tmp_path / r / "checkpoints" / "step-00000012.pt")) for r in "ab")
+    for key in final_a["model"]:
+        assert torch.equal(final_a["model"][key], final_b["model"][key]), key
+    assert final_a["rank_states"][1]["data"] == final_b["rank_states"][1]["data"]
