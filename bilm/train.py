@@ -372,23 +372,21 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
             log.info(f"removed {stale}, left by an interrupted checkpoint write")
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
 
-    heldout = prepare_heldout(cfg, manifest, eval_data, out_dir, vocab, text_pipeline, env)
-    if heldout is None:
-        log.info(no_heldout_message(manifest, t.eval_tokens))
-    else:
-        every = f"every {t.eval_every_steps} steps"
-        unigram = (f"; add-one unigram perplexity of the training counts: forward {heldout.unigram['forward']:,.1f}, "
-                   f"backward {heldout.unigram['backward']:,.1f}") if heldout.unigram else \
-            "; no vocab_counts.tsv, so no unigram bound"
-        log.info(f"heldout perplexity {every} and at the end on {heldout.n_sentences:,} sentences "
-                 f"({heldout.n_tokens:,} tokens) of {heldout.source}, written to {heldout.path}{unigram}")
-    guard = DivergenceGuard(t.divergence_factor, heldout.unigram if heldout else None)
-
     trainer = Trainer(cfg, len(vocab), env, init)
     char_inputs = cfg.model.char_cnn is not None
     dataset = LMDataset(data, vocab, t.batch_size, t.unroll_steps, mode="train", seed=t.seed,
                         rank=env.rank, world_size=env.world_size, char_inputs=char_inputs,
                         max_characters_per_token=cfg.model.char_cnn.max_characters_per_token if char_inputs else 50)
+    heldout = prepare_heldout(cfg, manifest, eval_data, out_dir, vocab, text_pipeline, env)
+    if heldout is None:
+        log.info(no_heldout_message(manifest, t.eval_tokens))
+    else:
+        unigram = (f"; add-one unigram perplexity of the training counts: forward {heldout.unigram['forward']:,.1f}, "
+                   f"backward {heldout.unigram['backward']:,.1f}") if heldout.unigram else \
+            "; no vocab_counts.tsv, so no unigram bound"
+        log.info(f"heldout perplexity every {t.eval_every_steps} steps and at the end on {heldout.n_sentences:,} sentences "
+                 f"({heldout.n_tokens:,} tokens) of {heldout.source}, written to {heldout.path}{unigram}")
+    guard = DivergenceGuard(t.divergence_factor, heldout.unigram if heldout else None)
     step, metrics_offset = 0, None
     if resume:
         # Rank 0 looks first and sets unreadable checkpoints aside; then the others find the same one.
