@@ -58,12 +58,12 @@ def bilm_overrides(a, seed: int) -> list[str]:
             *a.bilm_set]
 
 
-def sh(cmd: list[str], log: str, env: dict | None = None) -> str:
+def sh(cmd: list[str], log: str, env: dict | None = None, ok: tuple[int, ...] = (0,)) -> str:
     print("  $ " + " ".join(cmd), flush=True)
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     text = open(log).read()
-    if proc.returncode != 0:
+    if proc.returncode not in ok:
         raise SystemExit(f"failed ({proc.returncode}); last lines of {log}:\n" + "\n".join(text.splitlines()[-15:]))
     return text
 
@@ -116,7 +116,10 @@ def run_bilmtf(a, seed: int, manifest: str, heldout: str, vocab: str) -> dict:
     return result
 
 
-def run_bilm(a, seed: int, manifest: str, heldout: str) -> dict:
+def run_bilm(a, seed: int, manifest: str, heldout: str, extra_args: tuple[str, ...] = (),
+             ok: tuple[int, ...] = (0,)) -> dict:
+    """One bilm training run and its evaluation; ``extra_args`` go to ``bilm train``, whose exit code
+    may be any of ``ok``."""
     out = os.path.join(a.work, f"bilm{'-' + a.tag if a.tag else ''}-seed{seed}")
     result_file = out + ".json"
     if os.path.exists(result_file):
@@ -124,17 +127,17 @@ def run_bilm(a, seed: int, manifest: str, heldout: str) -> dict:
     if os.path.exists(out):
         subprocess.run(["rm", "-rf", out], check=True)
     cmd = bilm_cmd("train", "--config", os.path.join(ROOT, "configs", "elmo_small.yaml"), "--data", manifest,
-                   "--out", out, "--no-progress")
+                   "--out", out, "--no-progress", *extra_args)
     for override in bilm_overrides(a, seed):
         cmd += ["--set", override]
     start = time.perf_counter()
-    sh(cmd, out + ".log")
+    sh(cmd, out + ".log", ok=ok)
     wall = time.perf_counter() - start
     # tokens/s after the warm-up, as the bilm-tf harness counts: each logged window's tokens over its time.
     import yaml
 
     t = yaml.safe_load(open(os.path.join(out, "config.yaml")))["train"]
-    windows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    windows = [w for w in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "tokens_per_second" in w]
     timed = [w for w in windows if w["step"] > a.warmup]
     tokens_per_window = t["batch_size"] * t["unroll_steps"] * t["log_every_steps"]
     seconds = sum(tokens_per_window / w["tokens_per_second"] for w in timed)

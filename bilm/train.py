@@ -467,8 +467,11 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
                 divergence = Divergence(bad_step, "the training loss or gradient norm is not finite", float("nan"))
             heldout_result, best = None, False
             if eval_by_steps and divergence is None and not signal_seen:
+                eval_start = time.perf_counter()
                 heldout_result = heldout.run(trainer.model, env)
-                values.update(heldout_figures(heldout_result))
+                eval_seconds = time.perf_counter() - eval_start
+                window_start += eval_seconds  # tokens/s is training's own
+                values.update(heldout_figures(heldout_result), **{"time/heldout_evaluation": eval_seconds})
                 ppl = {d: heldout_result[d]["perplexity"] for d in DIRECTIONS}
                 divergence = guard.check_heldout(step, ppl)
                 if divergence is None:

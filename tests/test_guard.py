@@ -365,3 +365,18 @@ def test_a_rollback_under_torchrun_is_exact_on_every_rank(tmp_path, corpus):
     for key in final_a["model"]:
         assert torch.equal(final_a["model"][key], final_b["model"][key]), key
     assert final_a["rank_states"][1]["data"] == final_b["rank_states"][1]["data"]
+
+
+# ----- the seeds x recipes benchmark (issue 21, item 4), in its smoke mode
+
+def test_divergence_benchmark_smoke_writes_the_table(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "divergence.py"), "--smoke", "--seeds", "0",
+                          "--recipes", "bilmtf", "rollback", "--work", str(tmp_path)], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    table = (tmp_path / "divergence.md").read_text()
+    assert "| recipe | seed | forward | backward | diverged | tokens/s | wall s | guard firings |" in table
+    assert "| bilmtf | 0 |" in table and "| rollback | 0 |" in table
+    runs = json.load(open(tmp_path / "divergence.json"))["runs"]
+    # No firing: the guard leaves the numbers alone, whether it only watches or may act.
+    assert runs["bilmtf"]["0"]["bilm_eval"] == runs["rollback"]["0"]["bilm_eval"]
