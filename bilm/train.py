@@ -384,8 +384,8 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
         unigram = (f"; add-one unigram perplexity of the training counts: forward {heldout.unigram['forward']:,.1f}, "
                    f"backward {heldout.unigram['backward']:,.1f}") if heldout.unigram else \
             "; no vocab_counts.tsv, so no unigram bound"
-        log.info(f"heldout perplexity every {t.eval_every_steps} steps and at the end on {heldout.n_sentences:,} sentences "
-                 f"({heldout.n_tokens:,} tokens) of {heldout.source}, written to {heldout.path}{unigram}")
+        log.info(f"heldout perplexity every {t.eval_every_steps} steps and at the end on {heldout.n_sentences:,} "
+                 f"sentences ({heldout.n_tokens:,} tokens) of {heldout.source}, written to {heldout.path}{unigram}")
     guard = DivergenceGuard(t.divergence_factor, heldout.unigram if heldout else None)
     step, metrics_offset = 0, None
     if resume:
@@ -612,8 +612,8 @@ def _save(trainer: Trainer, dataset: LMDataset, cfg: Config, step: int, ckpt_dir
           text_pipeline: Optional[TextPipeline] = None, extra: Optional[dict] = None,
           name: Optional[str] = None, healthy_step: Optional[int] = None) -> str:
     """Write step ``step``'s checkpoint (rank 0, plus what the strategy keeps beside it on every rank)
-    and prune old ones but the rollback target (the newest at or before ``healthy_step``); returns its path. A failed write on any
-    rank stops every rank with ``CheckpointWriteError``, the previous checkpoints intact. ``name``
+    and prune old ones but the rollback target (the newest at or before ``healthy_step``); returns its path.
+    A failed write on any rank stops every rank with ``CheckpointWriteError``, the previous checkpoints intact. ``name``
     (without ``.pt``): a file outside the ``step-N.pt`` series, neither resumed from nor pruned."""
     rank_states = gather_objects(trainer.rank_state(dataset), env)
     error: Optional[str] = None
