@@ -6,6 +6,7 @@ BILM := $(VENV)/bin/bilm
 # CPU build by default; on a GPU machine install your CUDA build of torch into .venv first.
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo_out
+GPU_OUT ?=  # gpu-check's output directory; empty: benchmarks/results (with SMOKE=1 a temporary one)
 
 .PHONY: demo test setup setup-dev clean gpu-check
 
@@ -37,10 +38,11 @@ demo: $(VENV)/.installed
 	$(BILM) embed --options $(DEMO_OUT)/export/options.json --weights $(DEMO_OUT)/export/weights.hdf5 --input data/sample/demo_sentences.txt --out $(DEMO_OUT)/sentences.hdf5 --force
 	$(PY) examples/nearest_neighbours.py --input data/sample/demo_sentences.txt --embeddings $(DEMO_OUT)/sentences.hdf5 --word bank
 
-# On a GPU machine: every GPU figure in one command (about 5 minutes), written to benchmarks/results/.
-# SMOKE=1: the same script with tiny shapes on the CPU, in seconds (make test runs it too).
-gpu-check: $(VENV)/.installed-dev
-	$(PY) benchmarks/gpu_check.py $(if $(SMOKE),--smoke,)
+# On a GPU machine: every GPU figure in one command (at most 7 minutes), written to GPU_OUT.
+# It runs with the interpreter it is given as it is (no venv, no install; bilm from this checkout):
+# make gpu-check PYTHON=python3 GPU_OUT=DIR. SMOKE=1: tiny shapes on the CPU (make test rehearses it).
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py$(if $(GPU_OUT), --out "$(GPU_OUT)",)$(if $(SMOKE), --smoke,)
 
 clean:
 	rm -rf $(DEMO_OUT)

@@ -392,7 +392,7 @@ def checkpoint_sizes(directory: str) -> dict:
     import torch
 
     path = sorted(glob.glob(os.path.join(directory, "step-*.pt")))[-1]
-    payload = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    payload = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # as bilm reads them
 
     def nbytes(obj) -> int:
         if isinstance(obj, torch.Tensor):

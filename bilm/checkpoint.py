@@ -7,6 +7,14 @@ RNG states, carried LSTM states). A write goes to ``step-N.pt.tmpPID`` first and
 renamed when complete: a killed write leaves the previous checkpoints intact, and its
 temporary file is removed at the next start. A checkpoint that does not load is renamed
 ``*.corrupt`` and reported, so pruning never counts it as one of the kept.
+
+Checkpoints are handed between people, so they are read with torch's safe unpickler
+(``weights_only=True``): the payload is plain data only (tensors, numbers, strings, bytes,
+lists, tuples, dicts), which ``save_checkpoint`` checks before writing. A file whose pickle
+asks for anything else (a function to call: it could run code) is refused unread. Format 1
+(bilm before the safe loader) held numpy RNG states: ``convert_checkpoint`` (``bilm
+convert-checkpoint``) rewrites such a file as format 2, reading it with only numpy's array
+constructors allowed besides the safe set.
 """
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ import errno
 import fcntl
 import glob
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -24,15 +33,46 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from bilm.atomic import atomic_path
 from bilm.errors import CheckpointWriteError, RunDirectoryLocked  # noqa: F401  (raised here, caught by the CLI)
 
 _NAME = re.compile(r"step-(\d+)\.pt$")
 REQUIRED_KEYS = ("format", "step", "config", "model")
-FORMAT = "bilm-checkpoint-1"
+# 2: plain data only, read with the safe unpickler. 1: numpy RNG states inside (convert_checkpoint).
+FORMAT = "bilm-checkpoint-2"
+OLD_FORMAT = "bilm-checkpoint-1"
+# A format-1 checkpoint loads safely when it holds no RNG states (import-bilm-tf's): accepted as is.
+READABLE_FORMATS = (FORMAT, OLD_FORMAT)
+# What format 1's numpy RNG states need from the unpickler beyond the safe set.
+_OLD_FORMAT_GLOBALS = re.compile(r"numpy\.(_core|core)\.multiarray\._reconstruct|numpy\.ndarray|numpy\.dtype"
+                                 r"|numpy\.dtypes\.\w+DType")
 
 
 class CheckpointError(ValueError):
     """An unreadable or incompatible checkpoint; the message names the file."""
+
+
+class CheckpointRefused(CheckpointError):
+    """A checkpoint that the safe loader will not read (it asks to call something); never skipped
+    in favour of an older one, never renamed: the user decides what to do with it."""
+
+
+def check_plain(value: Any, where: str = "payload") -> None:
+    """Raise TypeError naming the first value in ``value`` that the safe unpickler would refuse."""
+    if isinstance(value, (torch.Tensor, str, bytes, int, float, bool, type(None), torch.Size, torch.dtype,
+                          torch.device)):
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_plain(k, f"{where} key")
+            check_plain(v, f"{where}[{k!r}]")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_plain(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__name__}: a checkpoint holds only "
+                    "tensors and plain data")
 
 
 LOCK_NAME = ".bilm-train.lock"
@@ -104,16 +144,12 @@ def save_checkpoint(payload: dict[str, Any], path: str) -> None:
     ``CheckpointWriteError`` naming the path, the reason and the free space."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    payload = {**payload, "format": FORMAT}
+    check_plain(payload)  # what is written must be what the safe loader reads back
     try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(payload, f)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise CheckpointWriteError(f"cannot write checkpoint {path}: {reason} ({_free_space(directory)} free); "
                                    "the previous checkpoints are intact") from None
@@ -149,17 +185,215 @@ def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False) ->
     never rewrites one, so the mapping stays valid)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: a directory, not a checkpoint file")
     mmap = mmap and zipfile.is_zipfile(path)  # only torch.save's (default) zip format maps
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        _refuse_unsafe(path)
+        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt ({_first_line(e)})") from None
     except Exception as e:  # truncated zip, bad pickle, ...: all mean "unreadable"
-        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt ({type(e).__name__}: {e})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
+    return _checked(payload, path)
+
+
+def _checked(payload: Any, path: str) -> dict[str, Any]:
+    if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
         raise CheckpointError(f"{path}: not a bilm checkpoint")
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    if not isinstance(payload["config"], dict) or not isinstance(payload["model"], dict):
+        raise CheckpointError(f"{path}: checkpoint keys 'config' and 'model' must be dicts")
     return payload
+
+
+def _first_line(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)  # torch's long message: its one useful line
+    text = detail.group(1) if detail else text
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _unsafe_globals(path: str) -> list[str]:
+    """The functions and classes the file's pickle would import beyond the safe set (read, never run)."""
+    try:
+        if zipfile.is_zipfile(path):
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        return [n for n in _pickle_globals(path) if not n.startswith("torch.") and n != "collections.OrderedDict"]
+    except Exception:  # too damaged to list: then it is simply unreadable
+        return []
+
+
+def _pickle_globals(path: str, max_bytes: int = 1 << 20) -> list[str]:
+    """Names a plain pickle file (not torch's zip format) imports, from its opcodes alone."""
+    import io
+    import pickletools
+
+    with open(path, "rb") as f:
+        data = io.BytesIO(f.read(max_bytes))
+    names, strings = [], []
+    try:
+        while data.tell() < len(data.getbuffer()):  # torch's legacy format: several pickles in a row
+            for op, arg, _ in pickletools.genops(data):
+                if op.name in ("GLOBAL", "INST"):
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # the end of what was read, or damage: report what was seen
+        pass
+    return names
+
+
+def _refuse_unsafe(path: str) -> None:
+    """Raise ``CheckpointRefused`` when the safe loader failed because the file asks to call something."""
+    names = _unsafe_globals(path)
+    if not names:
+        return
+    if all(_OLD_FORMAT_GLOBALS.fullmatch(n) for n in names):
+        raise CheckpointRefused(f"{path}: written by an older bilm (checkpoint format 1, numpy RNG states), which "
+                                f"the safe loader does not read; convert it once: bilm convert-checkpoint {path}")
+    raise CheckpointRefused(f"{path}: refused: loading it would call {', '.join(sorted(names)[:5])} (a bilm "
+                            "checkpoint holds only tensors and plain data; this file could run code). Nothing "
+                            "was loaded; get the file again from a source you trust")
+
+
+# What DeepSpeed's own optimizer files name besides the safe set (ZeRO 1/2, fp32/bf16 here). DeepSpeed
+# reads them with the unsafe loader, so bilm looks at their pickles first (``check_deepspeed_state``).
+_DEEPSPEED_GLOBALS = re.compile(r"deepspeed\.utils\.tensor_fragment\.fragment_address"
+                                r"|deepspeed\.runtime\.fp16\.loss_scaler\.(Dynamic)?LossScaler"
+                                r"|deepspeed\.runtime\.zero\.config\.ZeroStageEnum")
+
+
+def check_deepspeed_state(directory: str) -> None:
+    """Refuse (``CheckpointRefused``) DeepSpeed state files whose pickles would call anything but the
+    few DeepSpeed classes it writes; read from the files' opcodes, nothing run."""
+    for path in sorted(glob.glob(os.path.join(directory, "*.pt"))):
+        names = [n for n in _unsafe_globals(path) if not _DEEPSPEED_GLOBALS.fullmatch(n)]
+        if names:
+            raise CheckpointRefused(f"{path}: refused: DeepSpeed would load it with Python's unsafe unpickler, and "
+                                    f"it would call {', '.join(sorted(names)[:5])}, which DeepSpeed does not write "
+                                    "(this file could run code). Nothing was loaded; get the run again from a "
+                                    "source you trust")
+
+
+def convert_checkpoint(path: str, out: Optional[str] = None) -> str:
+    """Rewrite a format-1 checkpoint (numpy RNG states) as format 2; returns the path written.
+
+    Read with the safe unpickler plus numpy's array constructors and nothing else (no function a
+    file names can run), the numpy states turned into tensors, written atomically (in place unless
+    ``out``)."""
+    import numpy as np
+
+    names = _unsafe_globals(path)
+    if not all(_OLD_FORMAT_GLOBALS.fullmatch(n) for n in names):
+        _refuse_unsafe(path)
+    # The states' arrays are uint32; numeric dtypes only (an object array could hold anything).
+    allowed = [np.ndarray, np.dtype, *(getattr(np.dtypes, n) for n in dir(np.dtypes)
+                                       if re.fullmatch(r"(U?Int|Float)\d+DType", n))]
+    multiarray = getattr(np, "_core", None) or np.core
+    allowed.append(multiarray.multiarray._reconstruct)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or corrupt ({_first_line(e)})") from None
+    payload = _checked(payload, path)
+    if payload["format"] == FORMAT:
+        raise CheckpointError(f"{path}: already format {FORMAT}; nothing to convert")
+    for rank_state in payload.get("rank_states") or []:
+        rng = rank_state.get("rng") if isinstance(rank_state, dict) else None
+        if isinstance(rng, dict) and isinstance(rng.get("numpy"), tuple):
+            rng["numpy"] = numpy_rng_to_plain(rng["numpy"])
+    target = out or path
+    save_checkpoint({k: v for k, v in payload.items() if k != "format"}, target)
+    return target
+
+
+def numpy_rng_to_plain(state: tuple) -> dict:
+    """``np.random.get_state()`` as plain data (the key array as an int64 tensor: exact)."""
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached_gaussian = state
+    return {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+
+
+def numpy_rng_from_plain(state: dict) -> tuple:
+    """The inverse of ``numpy_rng_to_plain``, for ``np.random.set_state``."""
+    import numpy as np
+
+    return (state["bit_generator"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+            state["cached_gaussian"])
+
+
+# What a resumed run may not change: the model itself, and what the optimizer state's layout
+# follows. Everything else (learning rate, steps, epochs, intervals, evaluation, ...) may change.
+FIXED_KEYS = ("model.", "optim.name", "train.sparse_softmax")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def check_resume(payload: dict, path: str, config: dict, vocab: list[str], vocab_source: str,
+                 text_pipeline: Optional[dict]) -> list[str]:
+    """Refuse (``CheckpointError``, one line naming the keys and both values) a resume whose model,
+    vocabulary or text pipeline differ from the checkpoint's; returns the other settings that changed
+    (``key: old -> new``), which are accepted. ``config`` is ``config_to_dict`` of this run's config;
+    ``text_pipeline`` the ``TextPipeline.to_state()`` of this run's data (None: not known)."""
+    from bilm.config import config_from_dict, config_to_dict
+
+    try:
+        saved = _flatten(config_to_dict(config_from_dict(payload["config"], where=f"{path} (its config)")))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its config does not read ({e})") from None
+    ours = _flatten(config)
+    refused, changed = [], []
+    for key in sorted(set(saved) | set(ours)):
+        old, new = saved.get(key), ours.get(key)
+        if old == new:
+            continue
+        if key.startswith(FIXED_KEYS):
+            refused.append(f"{key}: checkpoint {old!r} vs this run {new!r}")
+        else:
+            changed.append(f"{key}: {old!r} -> {new!r}")
+    saved_vocab = payload.get("vocab")
+    if saved_vocab is not None and list(saved_vocab) != list(vocab):
+        def describe(tokens):
+            return f"{len(tokens)} tokens, sha256 {_digest(chr(10).join(tokens).encode('utf-8', 'surrogatepass'))}"
+        first = next((i for i, (a, b) in enumerate(zip(saved_vocab, vocab)) if a != b),
+                     min(len(saved_vocab), len(vocab)))
+        refused.append(f"vocabulary: checkpoint {describe(saved_vocab)} vs {vocab_source} {describe(vocab)} "
+                       f"(first difference at line {first + 1})")
+    saved_pipeline = payload.get("text_pipeline")
+    if isinstance(saved_pipeline, dict) and text_pipeline is not None:
+        def pipeline_view(state):
+            proto = state.get("sp_model_proto")
+            return {"tokenizer": state.get("tokenizer"), "nfkc": bool(state.get("nfkc", False)),
+                    "max_tokens_per_line": int(state.get("max_tokens_per_line", 0)),
+                    "sentencepiece_model": f"sha256 {_digest(proto)}" if proto else None}
+        a, b = pipeline_view(saved_pipeline), pipeline_view(text_pipeline)
+        refused += [f"text_pipeline.{k}: checkpoint {a[k]!r} vs this run {b[k]!r}" for k in a if a[k] != b[k]]
+    if refused:
+        raise CheckpointError(f"{path}: cannot resume a different model: {'; '.join(refused)}; resume with the "
+                              "checkpoint's model, vocabulary and tokenizer, or train into another --out")
+    return changed
 
 
 def load_latest_valid(directory: str, map_location: Any = "cpu", set_aside_corrupt: bool = False,
@@ -172,6 +406,8 @@ def load_latest_valid(directory: str, map_location: Any = "cpu", set_aside_corru
             return path, load_checkpoint(path, map_location, mmap)
         except FileNotFoundError:
             continue  # set aside by another rank meanwhile
+        except CheckpointRefused:
+            raise  # not damage: an older one would silently stand in for it
         except CheckpointError as e:
             if set_aside_corrupt:
                 os.replace(path, path + ".corrupt")

@@ -240,6 +240,41 @@ def _add_import_bilmtf(sub: argparse._SubParsersAction) -> Callable:
     return run
 
 
+def _add_convert_checkpoint(sub: argparse._SubParsersAction) -> Callable:
+    p = sub.add_parser("convert-checkpoint", help="rewrite checkpoints of an older bilm in the safe format",
+                       description="bilm reads checkpoints with torch's safe loader (weights_only=True), which "
+                                   "refuses format 1 (bilm before it: numpy RNG states inside). This rewrites such "
+                                   "files as format 2, in place and atomically; it reads them with numpy's array "
+                                   "types as the only addition to the safe set, so no code a file names runs.")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="checkpoint file, or a run directory (all its checkpoints)")
+
+    def run(args: argparse.Namespace) -> int:
+        import os
+        from bilm.checkpoint import OLD_FORMAT, CheckpointError, convert_checkpoint, list_checkpoints
+        files = []
+        for path in args.paths:
+            if os.path.isdir(path):
+                directory = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) \
+                    else path
+                found = list_checkpoints(directory)
+                if not found:
+                    raise FileNotFoundError(f"no checkpoints in {directory}")
+                files += found
+            else:
+                files.append(path)
+        for path in files:
+            try:
+                convert_checkpoint(path)
+                print(f"converted {path} ({OLD_FORMAT} -> safe format)")
+            except CheckpointError as e:
+                if "nothing to convert" not in str(e):
+                    raise
+                print(f"{path}: already in the safe format")
+        return 0
+    return run
+
+
 def _add_prepare(sub: argparse._SubParsersAction) -> Optional[Callable]:
     try:
         from data_tools import prepare
@@ -259,7 +294,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     for name, add in (("prepare", _add_prepare), ("train", _add_train), ("evaluate", _add_evaluate),
                       ("export", _add_export), ("embed", _add_embed),
                       ("dump-token-embeddings", _add_dump_token_embeddings),
-                      ("import-bilm-tf", _add_import_bilmtf)):
+                      ("import-bilm-tf", _add_import_bilmtf), ("convert-checkpoint", _add_convert_checkpoint)):
         handler = add(sub)
         if handler is not None:
             handlers[name] = handler

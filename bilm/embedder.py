@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 import torch
 
+from bilm.atomic import atomic_path
 from bilm.chars import CharIdMapper, char_id_table
 from bilm.errors import not_utf8
 from bilm.modules.bilm import BidirectionalLM, RowStates
@@ -29,7 +30,7 @@ from bilm.precision import autocast, check_precision
 from bilm.progress import progress_bar
 from bilm.published import model_files
 from bilm.vocab import read_tokens
-from bilm.weights import WeightFileError, load_bilm
+from bilm.weights import WeightFileError, load_bilm, reading
 from data_tools.normalize import TextPipeline, warn_suspicious_lines
 
 OUTPUT_FORMATS = ("all", "top", "average")
@@ -87,12 +88,15 @@ class ElmoEmbedder:
         vectors as char mode for every token."""
         tokens = read_tokens(vocab_file)
         try:
-            with h5py.File(path, "r") as f:
-                if "embedding" not in f:
-                    raise WeightFileError(f"{path}: missing dataset 'embedding'")
-                table = f["embedding"][...]
+            f = h5py.File(path, "r")
         except OSError as e:
             raise WeightFileError(f"{path} is not a readable HDF5 file ({e})") from None
+        with f, reading(path):
+            if "embedding" not in f:
+                raise WeightFileError(f"{path}: missing dataset 'embedding'")
+            table = f["embedding"][...]
+            if not np.issubdtype(table.dtype, np.number):
+                raise WeightFileError(f"{path}: dataset 'embedding' holds {table.dtype}, not numbers")
         dim = self.model.options.projection_dim
         if table.shape != (len(tokens), dim):
             raise WeightFileError(f"{path}: dataset 'embedding' has shape {table.shape}, expected "
@@ -197,9 +201,8 @@ class ElmoEmbedder:
         if pretokenized or self.text_pipeline is None or self.text_pipeline.tokenizer == "whitespace":
             warn_suspicious_lines(self.text_pipeline or TextPipeline(), ((i + 1, t) for i, t in enumerate(tokenized)),
                                   input_file, self.model.options.char_cnn.max_characters_per_token)
-        tmp = f"{output_file}.tmp{os.getpid()}"
         sentence_to_index: dict[str, str] = {}
-        try:
+        with atomic_path(output_file) as tmp:
             with h5py.File(tmp, "w") as out:
                 vectors = self.embed_sentences(tokenized, batch_size)
                 bar = progress_bar(zip(lines, tokenized, vectors), total=len(lines), unit="sent", desc="embed",
@@ -215,10 +218,6 @@ class ElmoEmbedder:
                 # AllenNLP's layout: a (1,) string dataset holding the JSON.
                 index = out.create_dataset("sentence_to_index", (1,), dtype=h5py.string_dtype())
                 index[0] = json.dumps(sentence_to_index)
-            os.replace(tmp, output_file)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return len(lines)
 
 
@@ -233,16 +232,11 @@ def dump_token_embeddings(vocab_file: str, options_file: str, weight_file: str, 
     tokens = read_tokens(vocab_file)
     model = load_bilm(options_file, weight_file).to(device)
     max_characters = model.options.char_cnn.max_characters_per_token
-    tmp = f"{output_file}.tmp{os.getpid()}"
-    try:
+    with atomic_path(output_file) as tmp:
         with h5py.File(tmp, "w") as f:
             table = f.create_dataset("embedding", shape=(len(tokens), model.options.projection_dim), dtype="float32")
             for start in progress_bar(range(0, len(tokens), batch_size), desc="tokens", disable=not progress):
                 chunk = tokens[start : start + batch_size]
                 char_ids = torch.from_numpy(char_id_table(chunk, max_characters)).to(device)
                 table[start : start + len(chunk)] = model.embed_tokens(char_ids).cpu().numpy()
-        os.replace(tmp, output_file)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return len(tokens)

@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import h5py
 
+from bilm.atomic import fsync_path, remove_stale, temporary_name
 from bilm.options import BiLMOptions
 from bilm.pretrained import SOFTMAX_BIAS, SOFTMAX_WEIGHT, model_from_checkpoint
 from bilm.weights import save_weights
 from data_tools.normalize import SP_MODEL_FILE, TOKENIZER_FILE
+
+OPTIONS = "options.json"
+STAGING = ".export"  # the staging directory inside --out: .export.tmpPID
 
 
 def consumer_problems(options: BiLMOptions) -> list[str]:
@@ -44,7 +47,7 @@ def export(checkpoint: str, out_dir: str, force: bool = False, include_softmax: 
     problems = consumer_problems(options)
     if problems and strict:
         raise ValueError("--strict: these weights would not load everywhere:\n  " + "\n  ".join(problems))
-    names = ["weights.hdf5", "options.json", "vocab.txt"] + (["softmax.hdf5"] if include_softmax else [])
+    names = ["weights.hdf5", OPTIONS, "vocab.txt"] + (["softmax.hdf5"] if include_softmax else [])
     if pipeline is not None:
         names += [TOKENIZER_FILE] + ([SP_MODEL_FILE] if pipeline.tokenizer == "sentencepiece" else [])
     # A tokenizer left by an earlier export of another model would be applied to this one: replace it too.
@@ -53,11 +56,18 @@ def export(checkpoint: str, out_dir: str, force: bool = False, include_softmax: 
     if existing and not force:
         raise FileExistsError(f"{out_dir} already holds {', '.join(existing)}; pass --force to overwrite")
     os.makedirs(out_dir, exist_ok=True)
-    # Write everything into a temporary directory beside the target, then move: no half export.
-    staging = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
+    # Everything is written into a staging directory inside the target and flushed to disk, then
+    # moved in with options.json last, and an old options.json removed first: a consumer needs
+    # options.json, so a kill at any moment leaves the previous export, the new one, or no loadable
+    # model; never new weights read with old options. A killed export's staging directory is
+    # removed by the next one.
+    base = os.path.join(out_dir, STAGING)
+    remove_stale(base)
+    staging = temporary_name(base)
+    os.makedirs(staging)
     try:
         save_weights(model.bilm, os.path.join(staging, "weights.hdf5"))
-        with open(os.path.join(staging, "options.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(staging, OPTIONS), "w", encoding="utf-8") as f:
             json.dump(options.to_dict(), f, indent=2)
         with open(os.path.join(staging, "vocab.txt"), "w", encoding="utf-8") as f:
             f.write("".join(f"{t}\n" for t in vocab))
@@ -67,10 +77,14 @@ def export(checkpoint: str, out_dir: str, force: bool = False, include_softmax: 
             with h5py.File(os.path.join(staging, "softmax.hdf5"), "w") as f:
                 f.create_dataset(SOFTMAX_WEIGHT, data=model.softmax.weight.detach().numpy())
                 f.create_dataset(SOFTMAX_BIAS, data=model.softmax.bias.detach().numpy())
-        for name in names:
-            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+        fsync_path(staging)
+        if os.path.exists(os.path.join(out_dir, OPTIONS)):
+            os.remove(os.path.join(out_dir, OPTIONS))
         for name in stale:
             os.remove(os.path.join(out_dir, name))
+        for name in sorted(names, key=lambda n: n == OPTIONS):
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+        fsync_path(out_dir, recursive=False)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"checkpoint": found, "out_dir": out_dir, "files": names, "problems": problems,

@@ -6,6 +6,7 @@ import os
 from typing import NamedTuple, Optional
 
 import h5py
+import numpy as np
 import torch
 
 from bilm.checkpoint import (BEST_NAME, CheckpointError, best_checkpoint_path, load_checkpoint, load_latest_valid,
@@ -14,7 +15,7 @@ from bilm.config import Config, config_from_dict
 from bilm.model import LanguageModel
 from bilm.options import BiLMOptions
 from bilm.vocab import read_tokens
-from bilm.weights import WeightFileError, load_weights
+from bilm.weights import WeightFileError, load_weights, reading
 from data_tools.normalize import TextPipeline
 
 SOFTMAX_WEIGHT, SOFTMAX_BIAS = "softmax/W", "softmax/b"  # datasets of softmax.hdf5 (export --include-softmax)
@@ -56,17 +57,24 @@ def model_from_checkpoint(path: str, best: bool = False) -> Trained:
     with Adagrad) is never read. Loading the file and then copying it into a fresh model held
     about three times the model (1.6 GB each for an 800k-word softmax)."""
     found, payload = resolve_checkpoint(path, mmap=True, best=best)
-    cfg = config_from_dict(payload["config"])
+    try:
+        cfg = config_from_dict(payload["config"], where=f"{found} (its config)")
+    except ValueError as e:
+        raise CheckpointError(str(e).replace("\n", "; ")) from None
     vocab = payload.get("vocab")
-    if vocab is None:
-        raise CheckpointError(f"{found}: checkpoint has no vocabulary")
+    if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
+        raise CheckpointError(f"{found}: checkpoint has no vocabulary (key 'vocab': a list of tokens)")
     with torch.device("meta"):
         model = LanguageModel(cfg.model, len(vocab), dropout=0.0, lstm_impl=cfg.train.lstm_impl,
                           lstm_compile=cfg.train.lstm_compile, sparse_softmax=False)
     load_model_state(model, {k: v.float() if v.is_floating_point() else v for k, v in payload["model"].items()},
                      found, assign=True)
-    pipeline = payload.get("text_pipeline")
-    return Trained(model.eval(), cfg, vocab, found, TextPipeline.from_state(pipeline) if pipeline else None)
+    state = payload.get("text_pipeline")
+    try:
+        pipeline = TextPipeline.from_state(state) if state else None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{found}: its text pipeline does not load ({e})") from None
+    return Trained(model.eval(), cfg, vocab, found, pipeline)
 
 
 def load_pretrained(model: LanguageModel, weight_file: str, options_file: Optional[str] = None,
@@ -95,14 +103,15 @@ def load_pretrained(model: LanguageModel, weight_file: str, options_file: Option
         f = h5py.File(softmax_file, "r")
     except OSError as e:
         raise WeightFileError(f"{softmax_file} is not a readable HDF5 file ({e})") from None
-    with f:
+    with f, reading(softmax_file):
         for name in (SOFTMAX_WEIGHT, SOFTMAX_BIAS):
             if name not in f:
                 raise WeightFileError(f"{softmax_file}: missing dataset '{name}'")
         weight, bias = f[SOFTMAX_WEIGHT][...], f[SOFTMAX_BIAS][...]
-    if weight.shape[1] != model.softmax.dim or bias.shape != (weight.shape[0],):
-        raise WeightFileError(f"{softmax_file}: '{SOFTMAX_WEIGHT}' {weight.shape} / '{SOFTMAX_BIAS}' {bias.shape} "
-                              f"do not fit projection_dim {model.softmax.dim}")
+    if weight.ndim != 2 or weight.shape[1] != model.softmax.dim or bias.shape != (weight.shape[0],) \
+            or not (np.issubdtype(weight.dtype, np.floating) and np.issubdtype(bias.dtype, np.floating)):
+        raise WeightFileError(f"{softmax_file}: '{SOFTMAX_WEIGHT}' {weight.shape} {weight.dtype} / '{SOFTMAX_BIAS}' "
+                              f"{bias.shape} {bias.dtype} do not fit projection_dim {model.softmax.dim} (float)")
     with torch.no_grad():
         if softmax_vocab_file is None or vocab is None:
             if weight.shape[0] != model.softmax.vocab_size:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 import socket
 import warnings
@@ -28,7 +29,7 @@ import torch
 import yaml
 from torch import nn
 
-from bilm.checkpoint import deepspeed_dir
+from bilm.checkpoint import CheckpointError, check_deepspeed_state, deepspeed_dir
 from bilm.config import Config, ConfigError
 from bilm.distributed import DistEnv
 from bilm.gradients import all_reduce_gradients_, clip_grad_norm_
@@ -262,6 +263,9 @@ class DeepSpeedStrategy(Strategy):
 
     def load(self, payload: dict, path: str) -> None:
         if payload.get("deepspeed_tag"):
+            if not re.fullmatch(r"step-\d+", str(payload["deepspeed_tag"])):  # a directory name, nowhere else
+                raise CheckpointError(f"{path}: key 'deepspeed_tag' must be step-N, got {payload['deepspeed_tag']!r}")
+            check_deepspeed_state(os.path.join(deepspeed_dir(os.path.dirname(path)), payload["deepspeed_tag"]))
             self.engine.load_checkpoint(deepspeed_dir(os.path.dirname(path)), tag=payload["deepspeed_tag"])
         elif self.env.is_main:
             warnings.warn(f"{path} holds no DeepSpeed state: the model resumes, the optimizer starts afresh")

@@ -21,9 +21,11 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from bilm.checkpoint import (CheckpointWriteError, RunLock, checkpoint_path, checkpoint_step, keep_as_best,
-                             list_checkpoints, load_checkpoint, load_latest_valid, load_model_state,
-                             prune_checkpoints, remove_stale_temporaries, save_checkpoint)
+from bilm.atomic import atomic_open
+from bilm.checkpoint import (CheckpointWriteError, RunLock, check_resume, checkpoint_path, checkpoint_step,
+                             keep_as_best, list_checkpoints, load_checkpoint, load_latest_valid, load_model_state,
+                             numpy_rng_from_plain, numpy_rng_to_plain, prune_checkpoints, remove_stale_temporaries,
+                             save_checkpoint)
 from bilm.config import Config, config_to_dict, save_config
 from bilm.data import LMDataset, load_manifest
 from bilm.distributed import (DistEnv, all_reduce_max, gather_objects, init_distributed, shutdown,  # noqa: F401
@@ -55,7 +57,8 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": numpy_rng_to_plain(np.random.get_state()),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -63,7 +66,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(numpy_rng_from_plain(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -297,10 +300,8 @@ def _truncate_metrics(path: str, last_step: int, offset: Optional[int] = None) -
             except (ValueError, KeyError, TypeError):
                 keep = False  # a line cut short by a kill, or an event of a later step
             (kept if keep else removed).append(line)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         f.writelines(kept)
-    os.replace(tmp, path)
     return removed
 
 
@@ -398,6 +399,10 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
             if not env.is_main:
                 path, payload = load_latest_valid(ckpt_dir, mmap=True)
         if payload is not None:
+            changed = check_resume(payload, path, config_to_dict(cfg), vocab.tokens, vocab_path,
+                                   text_pipeline.to_state() if text_pipeline is not None else None)
+            if changed:
+                log.info(f"settings changed since {path}: {'; '.join(changed)}")
             step = _restore(trainer, dataset, payload, path, env)
             guard.state = GuardState.from_dict(payload.get("guard"))
             trainer.lr_factor = guard.state.lr_factor

@@ -8,8 +8,9 @@ use it, so an export re-imports bit for bit.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import h5py
 import numpy as np
@@ -113,12 +114,27 @@ def _open(path: str, mode: str = "r") -> h5py.File:
     try:
         return h5py.File(path, mode)
     except OSError as e:
-        raise WeightFileError(f"{path} is not a readable HDF5 file ({e})") from None
+        reason = str(e).splitlines()[0] if str(e) else repr(e)
+        raise WeightFileError(f"{path} is not a readable HDF5 file ({reason})") from None
+
+
+@contextmanager
+def reading(path: str) -> Iterator[None]:
+    """What the HDF5 library raises for a damaged file (OSError, RuntimeError, KeyError, TypeError,
+    ...: it depends on where the damage is) as one ``WeightFileError`` naming the file."""
+    try:
+        yield
+    except (WeightFileError, FileNotFoundError):
+        raise
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise WeightFileError(f"{path}: damaged HDF5 file ({type(e).__name__}{': ' + reason if reason else ''})") \
+            from None
 
 
 def load_weights(model: BidirectionalLM, weight_file: str) -> None:
     """Copy every dataset of ``weight_file`` into ``model``; errors name the dataset and the file."""
-    with _open(weight_file) as f:
+    with _open(weight_file) as f, reading(weight_file):
         load_weight_arrays(model, f, weight_file)
 
 
@@ -166,7 +182,7 @@ def load_bilm(options_file: str, weight_file: str, lstm_impl: str = "exact") -> 
     options = BiLMOptions.from_file(options_file)
     if options.char_cnn is None and options.n_tokens_vocab is None:
         # Word-input files: the table's size comes from the weight file.
-        with _open(weight_file) as f:
+        with _open(weight_file) as f, reading(weight_file):
             if "embedding" not in f:
                 raise WeightFileError(f"{weight_file}: missing dataset 'embedding' (options have no 'char_cnn')")
             options.n_tokens_vocab = int(f["embedding"].shape[0])

@@ -115,6 +115,12 @@ class TextPipeline:
         if self.tokenizer == "sentencepiece" and not self.sp_model_proto:
             raise ValueError("a sentencepiece pipeline needs its model")
         self._impl: Optional[Tokenizer] = None
+        if self.tokenizer == "sentencepiece":  # parsed now: a damaged model fails where its file is known
+            try:
+                self._impl = SentencePieceTokenizer(model_proto=self.sp_model_proto)
+            except Exception as e:  # sentencepiece raises RuntimeError for bytes it cannot parse
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"not a SentencePiece model ({reason})") from None
 
     @property
     def _tokenizer(self) -> Tokenizer:
@@ -157,14 +163,28 @@ class TextPipeline:
     @classmethod
     def from_manifest(cls, manifest: dict) -> "TextPipeline":
         """The pipeline ``bilm prepare`` recorded (``bilm.data.load_manifest`` made its paths absolute)."""
+        source = manifest.get("path") or os.path.join(manifest.get("dir", ""), "manifest.json")
         tokenizer = manifest.get("tokenizer") or {"type": "whitespace"}
         normalization = manifest.get("normalization") or {}
+        if not isinstance(tokenizer, dict) or not isinstance(normalization, dict):
+            raise ValueError(f"{source}: keys 'tokenizer' and 'normalization' must be JSON objects")
         proto = None
         if tokenizer.get("type") == "sentencepiece":
-            with open(tokenizer["model"], "rb") as f:
-                proto = f.read()
-        return cls(tokenizer.get("type", "whitespace"), bool(normalization.get("nfkc", False)),
-                   int(normalization.get("max_tokens_per_line", 0)), proto)
+            model = tokenizer.get("model")
+            if not isinstance(model, str):
+                raise ValueError(f"{source}: key 'tokenizer.model' must name the SentencePiece model file")
+            try:
+                with open(model, "rb") as f:
+                    proto = f.read()
+            except OSError as e:
+                raise FileNotFoundError(f"{source} names the SentencePiece model {model}, which cannot be read "
+                                        f"({e.strerror or e})") from None
+        try:
+            return cls(tokenizer.get("type", "whitespace"), bool(normalization.get("nfkc", False)),
+                       int(normalization.get("max_tokens_per_line", 0)), proto)
+        except (ValueError, TypeError) as e:
+            where = tokenizer["model"] if proto is not None and str(e).startswith("not a SentencePiece") else source
+            raise ValueError(f"{where}: {e}") from None
 
     def save(self, directory: str) -> list[str]:
         """Write ``tokenizer.json`` (and ``sentencepiece.model``) into ``directory``; returns the names."""
@@ -194,14 +214,17 @@ class TextPipeline:
             try:
                 with open(model, "rb") as f:
                     proto = f.read()
-            except OSError as e:
-                raise FileNotFoundError(f"{path} names the SentencePiece model {model}, which cannot be read "
-                                        f"({e.strerror})") from None
+            except (OSError, TypeError) as e:
+                raise FileNotFoundError(f"{path} names the SentencePiece model {model!r}, which cannot be read "
+                                        f"({getattr(e, 'strerror', None) or e})") from None
+            if not proto:
+                raise ValueError(f"{model}: empty file (the SentencePiece model {path} names)")
         try:
             return cls(spec.get("tokenizer", "whitespace"), bool(spec.get("nfkc", False)),
                        int(spec.get("max_tokens_per_line", 0)), proto)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        except (ValueError, TypeError) as e:
+            where = model if proto is not None and str(e).startswith("not a SentencePiece") else path
+            raise ValueError(f"{where}: {e}") from None
 
     # ----- input checks -----
     def suspicious(self, tokens: list[str], max_characters: int = 50) -> Optional[str]:

@@ -30,6 +30,7 @@ from typing import Iterator
 
 
 import bilm
+from bilm.atomic import atomic_path, fsync_path
 from bilm.data.manifest import write_manifest
 from bilm.progress import progress_bar
 from data_tools.inputs import estimated_text_bytes, read_blocks, resolve_inputs
@@ -42,9 +43,12 @@ from data_tools.vocab_builder import (TokenCounts, build_vocab, long_tokens, oov
 
 SUMMARY = "raw text -> shards, vocab.txt and manifest.json for training"
 SP_MODEL_NAME = "sentencepiece.model"
+# Scratch space while a run works; it stays until the manifest is written, so a directory holding it
+# and no manifest.json is the leftover of a killed run, which the next run replaces without --force.
 TMP_NAME = ".prepare-tmp"
-# Everything a run writes: what --force may delete, and nothing else.
-OUTPUT_NAMES = ("train", "heldout", "vocab.txt", "vocab_counts.tsv", "manifest.json",
+# Everything a run writes: what --force may delete, and nothing else. The manifest first: removed,
+# the rest no longer looks like a prepared corpus.
+OUTPUT_NAMES = ("manifest.json", "train", "heldout", "vocab.txt", "vocab_counts.tsv",
                 SP_MODEL_NAME, "sentencepiece.vocab", TMP_NAME)
 MAX_BUCKETS = 256
 
@@ -148,7 +152,10 @@ def _prepare_output_dir(out: str, force: bool, protected: list[str]) -> list[str
     if os.path.exists(out) and not os.path.isdir(out):
         raise PrepareError(f"output {out!r} exists and is not a directory")
     existing = os.listdir(out) if os.path.isdir(out) else []
-    if existing and not force:
+    interrupted = TMP_NAME in existing and "manifest.json" not in existing
+    if interrupted:
+        print(f"note: replacing what an interrupted bilm prepare left in {out}", file=sys.stderr)
+    if existing and not force and not interrupted:
         raise PrepareError(f"output directory {out!r} is not empty; pass --force to replace the "
                            "outputs of a previous run (other files are left alone)")
     ours = [name for name in OUTPUT_NAMES if name in existing]
@@ -228,6 +235,7 @@ def _prepare_into(args: argparse.Namespace, out: str, inputs: list[str], removed
         train_shards, heldout_shards = train_writer.close(), heldout_writer.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp, exist_ok=True)  # empty, but kept until the manifest is written (see TMP_NAME)
 
     n_train_tokens = sum(s.tokens for s in train_shards)
     n_train_sentences = sum(s.sentences for s in train_shards)
@@ -235,8 +243,9 @@ def _prepare_into(args: argparse.Namespace, out: str, inputs: list[str], removed
         raise PrepareError("no training sentences left (all input lines empty, or all held out)")
     counts, heldout_counts = counts.as_dict(), heldout_counts.as_dict()
     vocab = build_vocab(counts, n_train_sentences, args.min_count, args.max_vocab)
-    write_vocab(os.path.join(out, "vocab.txt"), vocab.entries)
-    write_counts(os.path.join(out, "vocab_counts.tsv"), vocab.entries)
+    for name, write in (("vocab.txt", write_vocab), ("vocab_counts.tsv", write_counts)):
+        with atomic_path(os.path.join(out, name)) as partial:
+            write(partial, vocab.entries)
     vocab_tokens = {token for token, _ in vocab.entries}
     max_bytes = args.max_characters_per_token - 2
     long_types, long_occurrences, long_examples = long_tokens(counts, max_bytes)
@@ -245,7 +254,9 @@ def _prepare_into(args: argparse.Namespace, out: str, inputs: list[str], removed
     for stats in file_stats:
         total.add(stats)
 
-    # Written last, and whole or not at all: a manifest means everything it names is there.
+    # Written last, and whole or not at all: a manifest means everything it names is there (on disk).
+    for split in ("train", "heldout"):
+        fsync_path(os.path.join(out, split))
     manifest = write_manifest(os.path.join(out, "manifest.json"), {
         "bilm_version": bilm.__version__,
         "command": _command_line(getattr(args, "argv", None)),
@@ -276,6 +287,7 @@ def _prepare_into(args: argparse.Namespace, out: str, inputs: list[str], removed
         "inputs": [{"path": os.path.abspath(p), **vars(s)} for p, s in zip(inputs, file_stats)],
         "seconds": round(seconds, 3),
     })
+    os.rmdir(tmp)
     _print_summary(manifest, total, removed, skipped, vocab.eligible_tokens, out)
     return manifest
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+from bilm.atomic import atomic_open
 from bilm.errors import read_json
 
 MANIFEST_FORMAT = "bilm-data"
@@ -27,10 +28,9 @@ def write_manifest(path: str | os.PathLike, fields: dict) -> dict:
     """
     path = os.fspath(path)
     manifest = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, **fields}
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         json.dump(manifest, f, indent=2, ensure_ascii=False)
         f.write("\n")
-    os.replace(path + ".tmp", path)
     return manifest
 
 
@@ -38,7 +38,8 @@ def load_manifest(path: str | os.PathLike) -> dict:
     """Read a ``manifest.json`` written by ``bilm prepare``.
 
     Shard, vocabulary and tokenizer-model paths are resolved to absolute paths (the file
-    stores them relative to its own directory); ``manifest["dir"]`` is that directory.
+    stores them relative to its own directory); ``manifest["dir"]`` is that directory, ``manifest["path"]``
+    the file (for messages).
     """
     path = os.fspath(path)
     manifest = read_json(path)
@@ -51,7 +52,7 @@ def load_manifest(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: format version {version} is newer than this bilm reads "
                          f"({MANIFEST_VERSION}); upgrade bilm")
     base = os.path.dirname(os.path.abspath(path))
-    manifest["dir"] = base
+    manifest["dir"], manifest["path"] = base, path
     for split in ("train", "heldout"):
         section = manifest.get(split)
         if section is None:

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from bilm.chars import BOS_TOKEN, DEFAULT_MAX_CHARACTERS, EOS_TOKEN, char_id_table
+from bilm.errors import not_utf8
 from bilm.vocab import Vocabulary
 from data_tools.inputs import resolve_inputs
 
@@ -68,13 +69,20 @@ def encode_shard(path: str, vocab: Vocabulary, max_characters_per_token: int = D
     index: defaultdict[str, int] = defaultdict(count().__next__)
     words: list[np.ndarray] = []
     lengths: list[np.ndarray] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines_iter = islice(f, line_offset, None, line_stride)
-        while lines := list(islice(lines_iter, chunk_lines)):
-            split = [line.split() for line in lines]
-            flat = list(chain.from_iterable(split))
-            words.append(np.array(list(map(index.__getitem__, flat)), dtype=np.int32))
-            lengths.append(np.array(list(map(len, split)), dtype=np.int64))
+    # Strict UTF-8: bilm prepare writes valid UTF-8, so bytes that do not decode are damage (a
+    # truncated or overwritten file), reported with the file and line rather than read as <UNK>s.
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines_iter = islice(f, line_offset, None, line_stride)
+            while lines := list(islice(lines_iter, chunk_lines)):
+                split = [line.split() for line in lines]
+                flat = list(chain.from_iterable(split))
+                words.append(np.array(list(map(index.__getitem__, flat)), dtype=np.int32))
+                lengths.append(np.array(list(map(len, split)), dtype=np.int64))
+    except UnicodeDecodeError:
+        raise ValueError(f"{not_utf8(path)}: a damaged shard? (bilm prepare writes UTF-8)") from None
+    except OSError as e:
+        raise type(e)(f"shard {path}: cannot read ({e.strerror or e})") from None
     distinct = list(index)
     word_rows = np.concatenate(words) if words else np.zeros(0, np.int32)
     sentence_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
