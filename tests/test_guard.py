@@ -380,3 +380,28 @@ def test_divergence_benchmark_smoke_writes_the_table(tmp_path):
     runs = json.load(open(tmp_path / "divergence.json"))["runs"]
     # No firing: the guard leaves the numbers alone, whether it only watches or may act.
     assert runs["bilmtf"]["0"]["bilm_eval"] == runs["rollback"]["0"]["bilm_eval"]
+
+
+def test_a_rollback_under_deepspeed_reloads_its_optimizer_state(tmp_path, corpus):
+    pytest.importorskip("deepspeed", reason="deepspeed extra not installed")
+    ds_config = os.path.join(ROOT, "configs", "deepspeed", "zero1.json")
+    sets = ["train.eval_every_steps=4", "train.checkpoint_every_steps=2", "train.keep_checkpoints=5",
+            "train.log_every_steps=1", "train.eval_tokens=600", "train.device=cpu", "train.strategy=deepspeed",
+            f"train.deepspeed_config={ds_config}", "train.sparse_softmax=false"]
+
+    def bilm(blow_up_at, run, *more, flags=()):
+        out = subprocess.run([sys.executable, GUARD_RANKS, "train", str(blow_up_at),
+                              *_train_argv(run, corpus, *sets, *more), *flags], capture_output=True, text=True,
+                             timeout=600,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    # The evaluation of step 8 blows up: back to step 4 (its DeepSpeed state too); step 6's are deleted.
+    bilm(2, tmp_path / "a", "train.max_steps=10")
+    (event,) = _events(str(tmp_path / "a"))
+    assert (event["diverged_step"], event["to_step"]) == (8, 4)
+    # The same as stopping at 4 and resuming with half the learning rate.
+    bilm(0, tmp_path / "b", "train.max_steps=4")
+    bilm(0, tmp_path / "b", "train.max_steps=10", "optim.lr=0.1", flags=["--resume"])
+    final_a, final_b = (load_checkpoint(str(tmp_path / r / "checkpoints" / "step-00000010.pt")) for r in "ab")
+    for key in final_a["model"]:
+        assert torch.equal(final_a["model"][key], final_b["model"][key]), key
