@@ -76,8 +76,8 @@ def main() -> None:
     p.add_argument("--rollback-all", action="store_true", help="run the rollback recipe on every seed")
     p.add_argument("--batches", type=int, default=400)
     p.add_argument("--warmup", type=int, default=20, help="batches left out of tokens/s")
-XX
-    p.add_argument("--eval-tokens", type=int, default=20000, help="tokens the guard scores each time")
+    p.add_argument("--eval-every", type=int, default=50, help="batches between the guard's evaluations")
+    p.add_argument("--eval-tokens", type=int, default=10000, help="tokens the guard scores each time")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--unroll", type=int, default=20)
     p.add_argument("--negatives", type=int, default=1024)
