@@ -34,7 +34,7 @@ import types
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from machine import machine_line  # noqa: E402
-from parity_bilmtf import SHARED, prepare, run_bilm, unigram_perplexity  # noqa: E402
+from parity_bilmtf import add_run_arguments, prepare, run_bilm, unigram_perplexity  # noqa: E402
 
 EXIT_DIVERGED = 3  # bilm.cli.EXIT_DIVERGED (not imported: the benchmark runs bilm as a user does)
 
@@ -66,24 +66,13 @@ def run_recipe(a, recipe: str, seed: int, manifest: str, heldout: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train-text", default=os.path.join(SHARED, "corpora", "wikitext-2", "valid.txt"))
-    p.add_argument("--heldout-text", default=os.path.join(SHARED, "corpora", "wikitext-2", "test.txt"))
+    add_run_arguments(p, work="/tmp/bilm-divergence", seeds=[0, 1, 2, 3, 4, 5])
     p.add_argument("--watch-data", default=os.path.join(ROOT, "data", "sample", "heldout.txt"),
                    help="what the guard watches while training (--eval-data)")
-    p.add_argument("--work", default="/tmp/bilm-divergence")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     p.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=["bilmtf", "rollback", "adam"])
     p.add_argument("--rollback-all", action="store_true", help="run the rollback recipe on every seed")
-    p.add_argument("--batches", type=int, default=400)
-    p.add_argument("--warmup", type=int, default=20, help="batches left out of tokens/s")
     p.add_argument("--eval-every", type=int, default=50, help="batches between the guard's evaluations")
     p.add_argument("--eval-tokens", type=int, default=10000, help="tokens the guard scores each time")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--unroll", type=int, default=20)
-    p.add_argument("--negatives", type=int, default=1024)
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--lstm-dim", type=int, default=1024)
-    p.add_argument("--projection-dim", type=int, default=128)
     p.add_argument("--bilm-set", action="append", default=[], metavar="KEY=VALUE", help="extra --set for every run")
     p.add_argument("--smoke", action="store_true", help="the bundled sample, a tiny model, a few batches")
     a = p.parse_args()

@@ -179,23 +179,28 @@ def unigram_perplexity(manifest: str, heldout: str) -> float:
     return math.exp(nll / n)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tf-python", required=True, help="a Python with tensorflow-cpu 2.15, numpy<2, h5py")
-    p.add_argument("--peer-src", required=True, help="unmodified bilm-tf source tree")
-    p.add_argument("--harness", default=os.path.join(SHARED, "peers", "harness"))
+def add_run_arguments(p: argparse.ArgumentParser, work: str, seeds: list[int]) -> None:
+    """The data and the run's shape (issue 10's run by default); benchmarks/divergence.py shares them."""
     p.add_argument("--train-text", default=os.path.join(SHARED, "corpora", "wikitext-2", "valid.txt"))
     p.add_argument("--heldout-text", default=os.path.join(SHARED, "corpora", "wikitext-2", "test.txt"))
-    p.add_argument("--work", default="/tmp/bilm-parity", help="runs and results (reused when present)")
+    p.add_argument("--work", default=work, help="runs and results (reused when present)")
     p.add_argument("--batches", type=int, default=400)
     p.add_argument("--warmup", type=int, default=20, help="batches left out of tokens/s")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=seeds)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--unroll", type=int, default=20)
     p.add_argument("--negatives", type=int, default=1024)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--lstm-dim", type=int, default=1024)
     p.add_argument("--projection-dim", type=int, default=128)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tf-python", required=True, help="a Python with tensorflow-cpu 2.15, numpy<2, h5py")
+    p.add_argument("--peer-src", required=True, help="unmodified bilm-tf source tree")
+    p.add_argument("--harness", default=os.path.join(SHARED, "peers", "harness"))
+    add_run_arguments(p, work="/tmp/bilm-parity", seeds=[0, 1])
     p.add_argument("--only", choices=["bilm", "bilm-tf"], help="run one side only")
     p.add_argument("--bilm-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra --set for bilm's runs (e.g. optim.loss_scale=none to see the mean-loss convention)")
