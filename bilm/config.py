@@ -64,7 +64,7 @@ class TrainConfig:
     lstm_compile: Literal["auto", "on", "off"] = "auto"
     # Heldout perplexity while training (bilm.heldout) and the divergence guard (bilm.guard).
     eval_every_steps: int = 1000           # score the heldout sample every N steps and at the end
-    eval_tokens: int = 50000               # heldout sample: its first sentences up to this many tokens; 0: none
+    eval_tokens: int = 30000               # heldout sample: its first sentences up to this many tokens; 0: none
     divergence_factor: float = 2.0         # heldout perplexity above this x the direction's best so far is a divergence
     on_divergence: Literal["rollback", "stop", "warn"] = "rollback"
     rollback_lr_factor: float = 0.5        # each rollback multiplies the learning rate by this
