@@ -127,12 +127,12 @@ def bilm_overrides(a, arch: Arch, seed: int) -> list[str]:
             *a.bilm_set]
 
 
-def sh(cmd: list[str], log: str, env: dict | None = None) -> str:
+def sh(cmd: list[str], log: str, env: dict | None = None, ok: tuple[int, ...] = (0,)) -> str:
     print("  $ " + " ".join(cmd), flush=True)
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     text = open(log).read()
-    if proc.returncode != 0:
+    if proc.returncode not in ok:
         raise SystemExit(f"failed ({proc.returncode}); last lines of {log}:\n" + "\n".join(text.splitlines()[-15:]))
     return text
 
@@ -186,7 +186,10 @@ def run_bilmtf(a, arch: Arch, work: str, seed: int, manifest: str, heldout: str,
     return result
 
 
-def run_bilm(a, arch: Arch, work: str, seed: int, manifest: str, heldout: str) -> dict:
+def run_bilm(a, arch: Arch, work: str, seed: int, manifest: str, heldout: str, extra_args: tuple[str, ...] = (),
+             ok: tuple[int, ...] = (0,)) -> dict:
+    """One bilm training run and its evaluation; ``extra_args`` go to ``bilm train``, whose exit code
+    may be any of ``ok``."""
     out = os.path.join(work, f"bilm{'-' + a.tag if a.tag else ''}-seed{seed}")
     result_file = out + ".json"
     if os.path.exists(result_file):
@@ -194,17 +197,17 @@ def run_bilm(a, arch: Arch, work: str, seed: int, manifest: str, heldout: str) -
     if os.path.exists(out):
         subprocess.run(["rm", "-rf", out], check=True)
     cmd = bilm_cmd("train", "--config", os.path.join(ROOT, "configs", "elmo_small.yaml"), "--data", manifest,
-                   "--out", out, "--no-progress")
+                   "--out", out, "--no-progress", *extra_args)
     for override in bilm_overrides(a, arch, seed):
         cmd += ["--set", override]
     start = time.perf_counter()
-    sh(cmd, out + ".log")
+    sh(cmd, out + ".log", ok=ok)
     wall = time.perf_counter() - start
     # tokens/s after the warm-up, as the bilm-tf harness counts: each logged window's tokens over its time.
     import yaml
 
     t = yaml.safe_load(open(os.path.join(out, "config.yaml")))["train"]
-    windows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    windows = [w for w in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "tokens_per_second" in w]
     timed = [w for w in windows if w["step"] > a.warmup]
     tokens_per_window = t["batch_size"] * t["unroll_steps"] * t["log_every_steps"]
     seconds = sum(tokens_per_window / w["tokens_per_second"] for w in timed)
@@ -321,21 +324,14 @@ def run_grid(a) -> None:
     print(f"(written to {os.path.join(base, 'results.json')})")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tf-python", help="a Python with tensorflow-cpu 2.15, numpy<2, h5py (not with --only bilm)")
-    p.add_argument("--peer-src", help="unmodified bilm-tf source tree (not with --only bilm)")
-    p.add_argument("--harness", default=os.path.join(SHARED, "peers", "harness"))
+def add_run_arguments(p: argparse.ArgumentParser, work: str, seeds: list[int]) -> None:
+    """The data and the run's shape (issue 10's run by default); benchmarks/divergence.py shares them."""
     p.add_argument("--train-text", default=os.path.join(SHARED, "corpora", "wikitext-2", "valid.txt"))
     p.add_argument("--heldout-text", default=os.path.join(SHARED, "corpora", "wikitext-2", "test.txt"))
-    p.add_argument("--corpus-dir", default=os.path.join(SHARED, "corpora", "wikitext-2"),
-                   help="--grid: WikiText-2's valid.txt and test.txt (each trains in some configurations)")
-    p.add_argument("--work", default="/tmp/bilm-parity", help="runs and results (reused when present)")
-    p.add_argument("--grid", action="store_true", help="every configuration of GRID, one table (see above)")
-    p.add_argument("--smoke", action="store_true", help="with --grid: tiny sizes, 3 batches, one seed (minutes)")
+    p.add_argument("--work", default=work, help="runs and results (reused when present)")
     p.add_argument("--batches", type=int, default=400)
     p.add_argument("--warmup", type=int, default=20, help="batches left out of tokens/s")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=seeds)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--unroll", type=int, default=20)
     p.add_argument("--negatives", type=int, default=1024)
@@ -345,6 +341,24 @@ def main() -> None:
     p.add_argument("--n-highway", type=int, default=2)
     p.add_argument("--filters", type=json.loads, default=FILTERS, help="char CNN filters, JSON [[width, count], ...]")
     p.add_argument("--log-every", type=int, default=10, help="bilm's log interval (tokens/s is measured per interval)")
+
+
+def single_arch(a) -> Arch:
+    """The one configuration the command line describes (not --grid)."""
+    return Arch("single", a.lstm_dim, a.projection_dim, a.n_highway, _tuple(a.filters), "given", a.train_text,
+                a.heldout_text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tf-python", help="a Python with tensorflow-cpu 2.15, numpy<2, h5py (not with --only bilm)")
+    p.add_argument("--peer-src", help="unmodified bilm-tf source tree (not with --only bilm)")
+    p.add_argument("--harness", default=os.path.join(SHARED, "peers", "harness"))
+    add_run_arguments(p, work="/tmp/bilm-parity", seeds=[0, 1])
+    p.add_argument("--corpus-dir", default=os.path.join(SHARED, "corpora", "wikitext-2"),
+                   help="--grid: WikiText-2's valid.txt and test.txt (each trains in some configurations)")
+    p.add_argument("--grid", action="store_true", help="every configuration of GRID, one table (see above)")
+    p.add_argument("--smoke", action="store_true", help="with --grid: tiny sizes, 3 batches, one seed (minutes)")
     p.add_argument("--only", choices=["bilm", "bilm-tf"], help="run one side only")
     p.add_argument("--bilm-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra --set for bilm's runs (e.g. optim.loss_scale=none to see the mean-loss convention)")
@@ -362,8 +376,7 @@ def main() -> None:
         run_grid(a)
         return
 
-    arch = Arch("single", a.lstm_dim, a.projection_dim, a.n_highway, _tuple(a.filters), "given", a.train_text,
-                a.heldout_text)
+    arch = single_arch(a)
     res = compare(a, arch, a.work, os.path.join(a.work, "data"))
     rows = []
 

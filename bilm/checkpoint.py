@@ -29,7 +29,7 @@ import socket
 import time
 import warnings
 import zipfile
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -124,6 +124,11 @@ class RunLock:
 
 def checkpoint_path(directory: str, step: int) -> str:
     return os.path.join(directory, f"step-{step:08d}.pt")
+
+
+def checkpoint_step(path: str) -> int:
+    """The step in a ``step-N.pt`` name."""
+    return int(_NAME.search(path).group(1))
 
 
 def list_checkpoints(directory: str) -> list[str]:
@@ -416,10 +421,11 @@ def deepspeed_dir(directory: str) -> str:
     return os.path.join(directory, "deepspeed")
 
 
-def prune_checkpoints(directory: str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` checkpoints; returns the deleted ones (the training
-    strategy then deletes what it kept beside them, e.g. DeepSpeed's ``deepspeed/step-N``)."""
+def prune_checkpoints(directory: str, keep: int, protect: Sequence[str] = ()) -> list[str]:
+    """Delete all but the newest ``keep`` checkpoints and those in ``protect``; returns the deleted ones
+    (the training strategy then deletes what it kept beside them, e.g. DeepSpeed's ``deepspeed/step-N``)."""
     removed = list_checkpoints(directory)[:-keep] if keep > 0 else []
+    removed = [p for p in removed if p not in protect]
     for path in removed:
         os.remove(path)
     return removed
@@ -445,3 +451,24 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
             lines.append("  shape mismatches: " + "; ".join(mismatched))
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(state, assign=assign)
+
+
+BEST_NAME = "best.pt"
+
+
+def best_checkpoint_path(directory: str) -> str:
+    """``checkpoints/best.pt``: the checkpoint with the lowest heldout perplexity, apart from pruning."""
+    return os.path.join(directory, BEST_NAME)
+
+
+def keep_as_best(path: str) -> str:
+    """Make ``best.pt`` beside ``path`` the checkpoint ``path``: a hard link (no second copy on disk;
+    pruning ``path`` later leaves it), or a copy where the file system has no links. Atomic."""
+    best = best_checkpoint_path(os.path.dirname(path))
+    tmp = f"{best}.tmp{os.getpid()}"
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, best)
+    return best

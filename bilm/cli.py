@@ -14,6 +14,7 @@ from bilm.errors import RunDirectoryLocked
 from bilm.precision import PRECISIONS
 
 EXIT_STOPPED_BY_SIGNAL = 143  # bilm train stopped by SIGTERM after writing a checkpoint (continue with --resume)
+EXIT_DIVERGED = 3  # bilm train stopped by the divergence guard (on_divergence: stop, or rollbacks used up)
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -111,6 +112,9 @@ def _add_train(sub: argparse._SubParsersAction) -> Callable:
     p.add_argument("--init-options", help="the options.json that came with --init-weights (sets the architecture)")
     p.add_argument("--init-softmax", help="softmax.hdf5 from `bilm export --include-softmax` (else a fresh softmax)")
     p.add_argument("--init-softmax-vocab", help="vocab the --init-softmax rows follow, when it differs from the training vocab")
+    p.add_argument("--eval-data", metavar="FILE|manifest.json",
+                   help="heldout data to watch while training: a manifest.json (its heldout split) or raw text files "
+                        "(tokenized with the run's own pipeline); default: the --data manifest's heldout split")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args: argparse.Namespace) -> int:
@@ -130,7 +134,11 @@ def _add_train(sub: argparse._SubParsersAction) -> Callable:
         init = {"weights": args.init_weights, "options": args.init_options, "softmax": args.init_softmax,
                 "softmax_vocab": args.init_softmax_vocab} if args.init_weights else None
         summary = train(cfg, args.data, args.out, resume=args.resume, vocab_file=args.vocab, init=init,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, eval_data=args.eval_data)
+        if summary["diverged"]:
+            if summary["is_main"]:
+                print(summary["diverged"], file=sys.stderr)
+            return EXIT_DIVERGED
         if summary["stopped_by_signal"]:
             # Not a finished run: 143 (= 128 + SIGTERM, as a terminated process) tells schedulers to requeue.
             if summary["is_main"]:
@@ -193,11 +201,14 @@ def _add_export(sub: argparse._SubParsersAction) -> Callable:
     p.add_argument("--force", action="store_true", help="overwrite files already in --out")
     p.add_argument("--include-softmax", action="store_true", help="also write softmax.hdf5 (for --init-softmax)")
     p.add_argument("--strict", action="store_true", help="fail if any ELMo consumer could not load the result")
+    p.add_argument("--best", action="store_true",
+                   help="export the run's best checkpoint (lowest heldout perplexity, checkpoints/best.pt) instead "
+                        "of its newest; --checkpoint is then the run directory")
 
     def run(args: argparse.Namespace) -> int:
         import sys
         from bilm.export import export
-        result = export(args.checkpoint, args.out, args.force, args.include_softmax, args.strict)
+        result = export(args.checkpoint, args.out, args.force, args.include_softmax, args.strict, args.best)
         for problem in result["problems"]:
             print(f"warning: {problem}", file=sys.stderr)
         print(f"exported {result['checkpoint']} -> {args.out.rstrip('/')}/ ({', '.join(result['files'])})")

@@ -62,12 +62,25 @@ class TrainConfig:
     # torch.compile of the exact LSTM's per-step math: auto = on for CUDA only (on a CPU compiling
     # took ~20 s and did not pay), on, off. The other lstm_impls ignore it.
     lstm_compile: Literal["auto", "on", "off"] = "auto"
+    # Heldout perplexity while training (bilm.heldout) and the divergence guard (bilm.guard).
+    eval_every_steps: int = 1000           # score the heldout sample every N steps and at the end
+    eval_tokens: int = 30000               # heldout sample: its first sentences up to this many tokens; 0: none
+    divergence_factor: float = 2.0         # heldout perplexity above this x the direction's best so far is a divergence
+    on_divergence: Literal["rollback", "stop", "warn"] = "rollback"
+    rollback_lr_factor: float = 0.5        # each rollback multiplies the learning rate by this
+    max_rollbacks: int = 3                 # stop after this many rollbacks in a row that do not pass the diverged step
 
     def __post_init__(self):
         for key in ("batch_size", "unroll_steps", "n_epochs", "n_train_tokens", "max_steps", "n_negative_samples_batch",
-                    "log_every_steps", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints"):
+                    "log_every_steps", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
+                    "eval_every_steps"):
             _positive(self, key)
-        _non_negative(self, "seed")
+        for key in ("seed", "eval_tokens", "max_rollbacks"):
+            _non_negative(self, key)
+        if not self.divergence_factor > 1.0:
+            raise FieldError("divergence_factor", f"must be > 1, got {self.divergence_factor}")
+        if not 0.0 < self.rollback_lr_factor <= 1.0:
+            raise FieldError("rollback_lr_factor", f"must be in (0, 1], got {self.rollback_lr_factor}")
         from bilm.modules.lstm import LSTM_IMPLS  # here: the list lives with the implementations (imports torch)
         if self.lstm_impl not in LSTM_IMPLS:
             raise FieldError("lstm_impl", f"must be one of {', '.join(map(repr, LSTM_IMPLS))}, got {self.lstm_impl!r}")

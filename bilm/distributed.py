@@ -69,6 +69,15 @@ def _restart_safe_store(world_size: int, timeout: datetime.timedelta):
     return dist.PrefixStore(f"bilm/attempt_{attempt}", store)
 
 
+def to_device(batch, device: torch.device):
+    """A batch (tensors, nested in dicts) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
 def shutdown(barrier: bool = True) -> None:
     """Leave the process group; ``barrier=False`` on an error path, where the other ranks may
     never reach the barrier."""

@@ -21,13 +21,13 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import h5py
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from bilm.atomic import atomic_path
 from bilm.chars import CharIdMapper, char_id_table
 from bilm.errors import not_utf8
 from bilm.modules.bilm import BidirectionalLM, RowStates
 from bilm.precision import autocast, check_precision
+from bilm.progress import progress_bar
 from bilm.published import model_files
 from bilm.vocab import read_tokens
 from bilm.weights import WeightFileError, load_bilm, reading
@@ -205,8 +205,9 @@ class ElmoEmbedder:
         with atomic_path(output_file) as tmp:
             with h5py.File(tmp, "w") as out:
                 vectors = self.embed_sentences(tokenized, batch_size)
-                for i, (line, tokens, emb) in enumerate(tqdm(zip(lines, tokenized, vectors), total=len(lines),
-                                                             unit="sent", desc="embed", disable=not progress)):
+                bar = progress_bar(zip(lines, tokenized, vectors), total=len(lines), unit="sent", desc="embed",
+                                   disable=not progress)
+                for i, (line, tokens, emb) in enumerate(bar):
                     if output_format == "top":
                         emb = emb[-1]
                     elif output_format == "average":
@@ -234,7 +235,7 @@ def dump_token_embeddings(vocab_file: str, options_file: str, weight_file: str, 
     with atomic_path(output_file) as tmp:
         with h5py.File(tmp, "w") as f:
             table = f.create_dataset("embedding", shape=(len(tokens), model.options.projection_dim), dtype="float32")
-            for start in tqdm(range(0, len(tokens), batch_size), desc="tokens", disable=not progress):
+            for start in progress_bar(range(0, len(tokens), batch_size), desc="tokens", disable=not progress):
                 chunk = tokens[start : start + batch_size]
                 char_ids = torch.from_numpy(char_id_table(chunk, max_characters)).to(device)
                 table[start : start + len(chunk)] = model.embed_tokens(char_ids).cpu().numpy()

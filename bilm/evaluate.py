@@ -15,14 +15,13 @@ import tempfile
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 from bilm.data import LMDataset, resolve_shards
-from bilm.distributed import all_reduce_sum, init_distributed, shutdown
+from bilm.distributed import DistEnv, all_reduce_sum, init_distributed, shutdown, to_device
 from bilm.precision import autocast, check_precision
 from bilm.pretrained import model_from_checkpoint
+from bilm.progress import progress_bar
 from bilm.model import DIRECTIONS, LanguageModel, reset_state_rows
-from bilm.train import to_device
 from bilm.vocab import Vocabulary
 from data_tools.normalize import TextPipeline, split_long, warn_suspicious_lines
 
@@ -34,16 +33,30 @@ def perplexity(model: LanguageModel, dataset: LMDataset, device: torch.device, p
     unk = dataset.vocab.unk_id
     sums = {f"{d}/{k}": 0.0 for d in DIRECTIONS for k in ("nll", "tokens", "unk")}
     state = None
-    for batch in tqdm(dataset, disable=not progress, unit="batch", desc="evaluate"):
-        batch = to_device(batch, device)
-        state = reset_state_rows(state, batch["reset_state"])
-        losses, state = model.evaluate(batch, state)
-        for d in DIRECTIONS:
-            sums[f"{d}/nll"] += float(losses[d].loss_sum)
-            sums[f"{d}/tokens"] += float(losses[d].count)
-            b = batch[d]
-            sums[f"{d}/unk"] += float(((b["next_token_ids"] == unk) & b["mask"]).sum())
+    with progress_bar(total=dataset.count_targets() if progress else None, disable=not progress, unit="token",
+                      unit_scale=True, desc="evaluate") as bar:
+        for batch in dataset:
+            batch = to_device(batch, device)
+            state = reset_state_rows(state, batch["reset_state"])
+            losses, state = model.evaluate(batch, state)
+            for d in DIRECTIONS:
+                sums[f"{d}/nll"] += float(losses[d].loss_sum)
+                sums[f"{d}/tokens"] += float(losses[d].count)
+                b = batch[d]
+                sums[f"{d}/unk"] += float(((b["next_token_ids"] == unk) & b["mask"]).sum())
+            bar.update(float(losses[DIRECTIONS[0]].count))
     return sums
+
+
+def score(model: LanguageModel, dataset: LMDataset, env: DistEnv, precision: str = "fp32",
+          progress: bool = False) -> dict:
+    """Full-softmax perplexity of ``model`` on ``dataset``: every rank scores its share and the sums
+    are all-reduced, so each rank returns the figures of the whole data (``summarize``'s form).
+    ``bilm evaluate`` and the heldout evaluation during training both call this."""
+    with autocast(env.device, precision):
+        sums = perplexity(model, dataset, env.device, progress and env.is_main)
+    keys = sorted(sums)
+    return summarize(dict(zip(keys, all_reduce_sum([sums[k] for k in keys], env))))
 
 
 def summarize(sums: dict) -> dict:
@@ -80,11 +93,7 @@ def evaluate(checkpoint: str, data: str, batch_size: Optional[int] = None, unrol
                                 unroll_steps or cfg.train.unroll_steps, mode="eval", per_sentence=per_sentence,
                                 rank=env.rank, world_size=env.world_size, char_inputs=char_cnn is not None,
                                 max_characters_per_token=char_cnn.max_characters_per_token if char_cnn else 50)
-            with autocast(env.device, precision):
-                sums = perplexity(model, dataset, env.device, progress and env.is_main)
-        keys = sorted(sums)
-        totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], env)))
-        result = summarize(totals)
+            result = score(model, dataset, env, precision, progress)
         result.update(checkpoint=found, data=data, batch_size=dataset.batch_size, unroll_steps=dataset.unroll_steps,
                       per_sentence=per_sentence, world_size=env.world_size, precision=precision,
                       tokenizer=None if pretokenized or data.endswith(".json") else

@@ -39,9 +39,10 @@ def consumer_problems(options: BiLMOptions) -> list[str]:
 
 
 def export(checkpoint: str, out_dir: str, force: bool = False, include_softmax: bool = False,
-           strict: bool = False) -> dict:
-    """Write the published files into ``out_dir``; returns what was written and any consumer problems."""
-    model, cfg, vocab, found, pipeline = model_from_checkpoint(checkpoint)
+           strict: bool = False, best: bool = False) -> dict:
+    """Write the published files into ``out_dir``; returns what was written and any consumer problems.
+    ``best``: the run's ``best.pt`` (lowest heldout perplexity) instead of its newest checkpoint."""
+    model, cfg, vocab, found, pipeline = model_from_checkpoint(checkpoint, best=best)
     options = cfg.model
     problems = consumer_problems(options)
     if problems and strict:

@@ -9,7 +9,8 @@ import h5py
 import numpy as np
 import torch
 
-from bilm.checkpoint import CheckpointError, load_checkpoint, load_latest_valid, load_model_state
+from bilm.checkpoint import (BEST_NAME, CheckpointError, best_checkpoint_path, load_checkpoint, load_latest_valid,
+                             load_model_state)
 from bilm.config import Config, config_from_dict
 from bilm.model import LanguageModel
 from bilm.options import BiLMOptions
@@ -20,11 +21,19 @@ from data_tools.normalize import TextPipeline
 SOFTMAX_WEIGHT, SOFTMAX_BIAS = "softmax/W", "softmax/b"  # datasets of softmax.hdf5 (export --include-softmax)
 
 
-def resolve_checkpoint(path: str, mmap: bool = False) -> tuple[str, dict]:
-    """A checkpoint file, or a run directory (its newest valid checkpoint); ``mmap`` as in
-    ``load_checkpoint``."""
+def resolve_checkpoint(path: str, mmap: bool = False, best: bool = False) -> tuple[str, dict]:
+    """A checkpoint file, or a run directory (its newest valid checkpoint, or with ``best`` its
+    ``best.pt``: the lowest heldout perplexity); ``mmap`` as in ``load_checkpoint``."""
+    if best and not os.path.isdir(path):
+        raise ValueError(f"--best takes a run directory (it exports RUN/checkpoints/{BEST_NAME}), got the file {path}")
     if os.path.isdir(path):
         directory = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+        if best:
+            found = best_checkpoint_path(directory)
+            if not os.path.exists(found):
+                raise FileNotFoundError(f"no {BEST_NAME} in {directory}: it is written at a checkpoint with the lowest "
+                                        "heldout perplexity so far, so the run needs heldout data (see --eval-data)")
+            return found, load_checkpoint(found, mmap=mmap)
         found, payload = load_latest_valid(directory, mmap=mmap)
         if payload is None:
             raise FileNotFoundError(f"no readable checkpoint in {directory}")
@@ -40,14 +49,14 @@ class Trained(NamedTuple):
     text_pipeline: Optional[TextPipeline]  # how raw text became its training tokens; None: not recorded
 
 
-def model_from_checkpoint(path: str) -> Trained:
+def model_from_checkpoint(path: str, best: bool = False) -> Trained:
     """The trained ``LanguageModel``, its config, vocab and text pipeline, from a checkpoint or run directory.
 
     The weights stay one copy, mapped from the checkpoint file: the model is built on the meta
     device and takes the checkpoint's tensors, and the optimizer state (as large as the model
     with Adagrad) is never read. Loading the file and then copying it into a fresh model held
     about three times the model (1.6 GB each for an 800k-word softmax)."""
-    found, payload = resolve_checkpoint(path, mmap=True)
+    found, payload = resolve_checkpoint(path, mmap=True, best=best)
     try:
         cfg = config_from_dict(payload["config"], where=f"{found} (its config)")
     except ValueError as e:

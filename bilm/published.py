@@ -25,7 +25,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Optional
 
-from tqdm import tqdm
+from bilm.progress import progress_bar
+
 
 ALLENNLP_BASE = "https://allennlp.s3.amazonaws.com/models/elmo"
 OPTIONS_NAME, WEIGHTS_NAME = "options.json", "weights.hdf5"
@@ -194,7 +195,7 @@ def _download(url: str, path: str, progress: bool, label: str) -> None:
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
         with open(partial, "ab" if resumed else "wb") as f, \
-                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=f"download {label}",
+                progress_bar(total=total, initial=have, unit="B", unit_scale=True, desc=f"download {label}",
                      disable=not progress, file=sys.stderr) as bar:
             while True:
                 try:

@@ -16,23 +16,27 @@ import signal
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from bilm.atomic import atomic_open
-from bilm.checkpoint import (CheckpointWriteError, RunLock, check_resume, checkpoint_path, load_latest_valid,
-                             load_model_state, numpy_rng_from_plain, numpy_rng_to_plain, prune_checkpoints,
-                             remove_stale_temporaries, save_checkpoint)
+from bilm.checkpoint import (CheckpointWriteError, RunLock, check_resume, checkpoint_path, checkpoint_step,
+                             keep_as_best, list_checkpoints, load_checkpoint, load_latest_valid, load_model_state,
+                             numpy_rng_from_plain, numpy_rng_to_plain, prune_checkpoints, remove_stale_temporaries,
+                             save_checkpoint)
 from bilm.config import Config, config_to_dict, save_config
 from bilm.data import LMDataset, load_manifest
-from bilm.distributed import DistEnv, all_reduce_max, gather_objects, init_distributed, shutdown
+from bilm.distributed import (DistEnv, all_reduce_max, gather_objects, init_distributed, shutdown,  # noqa: F401
+                              to_device)  # to_device: also imported from here
+from bilm.guard import Divergence, DivergenceGuard, GuardState
+from bilm.heldout import figures as heldout_figures, no_heldout_message, prepare_heldout
 from bilm.logs import log
 from bilm.model import DIRECTIONS, LanguageModel
 from bilm.modules.bilm import map_state
 from bilm.options import BiLMOptions
+from bilm.progress import progress_bar
 from bilm.strategy import check_config, make_strategy
 from bilm.vocab import Vocabulary
 from data_tools.normalize import TextPipeline
@@ -66,14 +70,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
 
 
 # ---------------------------------------------------------------- one step
@@ -124,6 +120,7 @@ class Trainer:
         # unroll_steps)): its clip and Adagrad see that gradient. "none": the mean loss itself.
         self.loss_scale = float(t.unroll_steps) if cfg.optim.loss_scale == "unroll_steps" else 1.0
         self.steps_done = 0  # optimizer steps so far (set on resume): drives the learning-rate warm-up
+        self.lr_factor = 1.0  # lowered by the divergence guard's rollbacks
         self.timing = False  # True: wait for the device at each phase, so the timings are exact
         self.strategy = make_strategy(cfg, self.model, env)
 
@@ -162,7 +159,7 @@ class Trainer:
         o = self.cfg.optim
         scale = min(1.0, (self.steps_done + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
         for group in self.optimizer.param_groups:
-            group["lr"] = o.lr * scale
+            group["lr"] = o.lr * self.lr_factor * scale
 
     # ----- checkpoint state -----
     def rank_state(self, dataset: Optional[LMDataset]) -> dict:
@@ -205,27 +202,37 @@ def _total_steps(cfg: Config, n_train_tokens: Optional[int], world_size: int) ->
 class _Logger:
     """Rank 0: JSON-lines metrics file and TensorBoard scalars.
 
-    A run resumed from step S first drops what the interrupted run logged after S (it is
-    logged again), so each step appears once in both."""
+    Each line of ``metrics.jsonl`` is one step's figures (``{"step": N, ...}``: training figures at log
+    steps, heldout perplexity at evaluations) or an event of the divergence guard (``{"event":
+    "divergence", ...}``, no ``step`` key). A run resumed from a checkpoint first drops what was
+    logged after that checkpoint was written (it is logged again), so each step appears once;
+    a rollback does the same, moving the dropped step lines to ``metrics-rolled-back.jsonl``."""
 
-    def __init__(self, out_dir: str, enabled: bool, resumed_step: int = 0):
-        self.enabled = enabled
+    def __init__(self, out_dir: str, enabled: bool, resumed_step: int = 0, offset: Optional[int] = None):
+        self.enabled, self.out_dir = enabled, out_dir
         self.writer = None
         self.postfix: dict[str, str] = {}  # the progress bar's figures
         if enabled:
-            path = os.path.join(out_dir, "metrics.jsonl")
-            _truncate_metrics(path, resumed_step)
-            self.metrics = open(path, "a", encoding="utf-8")
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"),
-                                            purge_step=resumed_step + 1 if resumed_step else None)
-            except ImportError:  # tensorboard is a dependency, but never fail training over logs
-                warnings.warn("tensorboard not importable; scalars go to metrics.jsonl only")
+            self.path = os.path.join(out_dir, "metrics.jsonl")
+            _truncate_metrics(self.path, resumed_step, offset)
+            self.metrics = open(self.path, "a", encoding="utf-8")
+            self._open_writer(resumed_step)
+
+    def _open_writer(self, resumed_step: int) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(self.out_dir, "tensorboard"),
+                                        purge_step=resumed_step + 1 if resumed_step else None)
+        except ImportError:  # tensorboard is a dependency, but never fail training over logs
+            warnings.warn("tensorboard not importable; scalars go to metrics.jsonl only")
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        self.postfix = {"loss": f"{values['loss']:.3f}", "ppl_f": f"{values['perplexity/forward']:.1f}",
-                        "ppl_b": f"{values['perplexity/backward']:.1f}", "tok_s": f"{values['tokens_per_second']:,.0f}"}
+        shown = {"loss": ("loss", "{:.3f}"), "perplexity/forward": ("ppl_f", "{:.1f}"),
+                 "perplexity/backward": ("ppl_b", "{:.1f}"), "heldout_perplexity/forward": ("heldout_f", "{:.1f}"),
+                 "heldout_perplexity/backward": ("heldout_b", "{:.1f}"), "tokens_per_second": ("tok_s", "{:,.0f}")}
+        for key, (name, form) in shown.items():
+            if key in values:
+                self.postfix[name] = form.format(values[key])
         if not self.enabled:
             return
         self.metrics.write(json.dumps({"step": step, **values}) + "\n")
@@ -234,6 +241,38 @@ class _Logger:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
 
+    def event(self, record: dict, step: int, scalars: dict[str, float]) -> None:
+        """A line of its own in metrics.jsonl, and ``scalars`` at ``step`` in TensorBoard."""
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+
+    def offset(self) -> Optional[int]:
+        """Where metrics.jsonl ends now (saved in each checkpoint: a resume cuts the file there)."""
+        return self.metrics.tell() if self.enabled else None
+
+    def rewind(self, step: int, offset: Optional[int]) -> None:
+        """Back to the checkpoint of ``step`` (a rollback): later lines move to metrics-rolled-back.jsonl."""
+        if not self.enabled:
+            return
+        self.metrics.close()
+        removed = _truncate_metrics(self.path, step, offset)
+        events = [line for line in removed if line.startswith('{"event"')]  # earlier firings stay in the record
+        if len(removed) > len(events):
+            with open(os.path.join(self.out_dir, "metrics-rolled-back.jsonl"), "a", encoding="utf-8") as f:
+                f.writelines(line for line in removed if not line.startswith('{"event"'))
+        self.metrics = open(self.path, "a", encoding="utf-8")
+        self.metrics.writelines(events)
+        self.metrics.flush()
+        if self.writer is not None:
+            self.writer.close()
+            self._open_writer(step)
+
     def close(self) -> None:
         if self.enabled:
             self.metrics.close()
@@ -241,32 +280,43 @@ class _Logger:
                 self.writer.close()
 
 
-def _truncate_metrics(path: str, last_step: int) -> None:
-    """Keep the lines of ``metrics.jsonl`` up to ``last_step`` (all of them when it is 0: a fresh run appends)."""
+def _truncate_metrics(path: str, last_step: int, offset: Optional[int] = None) -> list[str]:
+    """Cut ``metrics.jsonl`` back to where it ended when the checkpoint of ``last_step`` was written:
+    at ``offset`` (its length then, saved in the checkpoint), or, for checkpoints that did not save
+    it, after the lines of steps up to ``last_step``. Nothing is cut when ``last_step`` is 0 (a fresh
+    run appends). Returns the lines removed."""
     if not last_step or not os.path.exists(path):
-        return
-    kept = []
+        return []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        text = f.read()
+    if offset is not None and offset <= len(text.encode("utf-8")):
+        data = text.encode("utf-8")
+        kept, removed = [data[:offset].decode("utf-8")], data[offset:].decode("utf-8").splitlines(keepends=True)
+    else:
+        kept, removed = [], []
+        for line in text.splitlines(keepends=True):
             try:
-                if json.loads(line)["step"] <= last_step:
-                    kept.append(line)
+                keep = json.loads(line)["step"] <= last_step
             except (ValueError, KeyError, TypeError):
-                pass  # a line cut short by a kill
+                keep = False  # a line cut short by a kill, or an event of a later step
+            (kept if keep else removed).append(line)
     with atomic_open(path) as f:
         f.writelines(kept)
+    return removed
 
 
 def train(cfg: Config, data: str, out_dir: str, resume: bool = False, vocab_file: Optional[str] = None,
-          init: Optional[dict[str, Optional[str]]] = None, progress: bool = True) -> dict:
-    """Train and checkpoint into ``out_dir``; returns a summary (rank 0's view)."""
+          init: Optional[dict[str, Optional[str]]] = None, progress: bool = True,
+          eval_data: Optional[str] = None) -> dict:
+    """Train and checkpoint into ``out_dir``; returns a summary (rank 0's view). ``eval_data``: the
+    heldout data to watch (a manifest.json or raw text; default: the manifest's heldout split)."""
     check_config(cfg)  # before anything is written
     env = init_distributed(cfg.train.device)
     # Rank 0 holds the run directory for the whole run, before anything is written into it.
     lock = RunLock(out_dir).acquire() if env.is_main else None
     ok = False
     try:
-        summary = _train(cfg, data, out_dir, resume, vocab_file, init, progress, env)
+        summary = _train(cfg, data, out_dir, resume, vocab_file, init, progress, env, eval_data)
         ok = True
         return summary
     finally:
@@ -275,7 +325,30 @@ def train(cfg: Config, data: str, out_dir: str, resume: bool = False, vocab_file
             lock.release()
 
 
-def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv) -> dict:
+_NO_STEP = float(2**62)  # "no non-finite step" in the all-reduce of the earliest one
+
+
+class _NonFinite:
+    """The first step whose training loss or gradient norm was not finite, tracked on the device
+    (no wait for it each step) and read where the loop reads figures anyway."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.first = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    def update(self, result: StepResult, step: int) -> None:
+        bad = ~(torch.isfinite(result.loss) & torch.isfinite(result.grad_norm))
+        self.first = torch.where(bad & (self.first == 0), step, self.first)
+
+    def read(self) -> int:
+        """That step, or 0."""
+        return int(self.first)
+
+
+def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv, eval_data=None) -> dict:
     t = cfg.train
     manifest = load_manifest(data) if data.endswith(".json") else None
     vocab_path = vocab_file or (manifest or {}).get("vocab")
@@ -305,7 +378,17 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv)
     dataset = LMDataset(data, vocab, t.batch_size, t.unroll_steps, mode="train", seed=t.seed,
                         rank=env.rank, world_size=env.world_size, char_inputs=char_inputs,
                         max_characters_per_token=cfg.model.char_cnn.max_characters_per_token if char_inputs else 50)
-    step = 0
+    heldout = prepare_heldout(cfg, manifest, eval_data, out_dir, vocab, text_pipeline, env)
+    if heldout is None:
+        log.info(no_heldout_message(manifest, t.eval_tokens))
+    else:
+        unigram = (f"; add-one unigram perplexity of the training counts: forward {heldout.unigram['forward']:,.1f}, "
+                   f"backward {heldout.unigram['backward']:,.1f}") if heldout.unigram else \
+            "; no vocab_counts.tsv, so no unigram bound"
+        log.info(f"heldout perplexity every {t.eval_every_steps} steps and at the end on {heldout.n_sentences:,} "
+                 f"sentences ({heldout.n_tokens:,} tokens) of {heldout.source}, written to {heldout.path}{unigram}")
+    guard = DivergenceGuard(t.divergence_factor, heldout.unigram if heldout else None)
+    step, metrics_offset = 0, None
     if resume:
         # Rank 0 looks first and sets unreadable checkpoints aside; then the others find the same one.
         # The file is mapped, not read (ranks on a node share its pages); what is kept is copied out
@@ -321,6 +404,9 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv)
             if changed:
                 log.info(f"settings changed since {path}: {'; '.join(changed)}")
             step = _restore(trainer, dataset, payload, path, env)
+            guard.state = GuardState.from_dict(payload.get("guard"))
+            trainer.lr_factor = guard.state.lr_factor
+            metrics_offset = payload.get("metrics_bytes")
             log.info(f"resumed from {path} (step {step})")
         else:
             log.info(f"no checkpoint in {ckpt_dir}; starting from scratch")
@@ -332,15 +418,17 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv)
         stop["signal"] = 1
 
     previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
-    logger = _Logger(out_dir, env.is_main, resumed_step=step)
-    bar = tqdm(total=total_steps, initial=step, disable=not (progress and env.is_main), unit="step",
-               dynamic_ncols=True, desc="train")
+    logger = _Logger(out_dir, env.is_main, resumed_step=step, offset=metrics_offset)
+    bar = progress_bar(total=total_steps, initial=step, disable=not (progress and env.is_main), unit="step",
+                       dynamic_ncols=True, desc="train")
     tokens_per_step = t.batch_size * t.unroll_steps * env.world_size  # one direction, all ranks
     last_checkpoint_time = time.time()
     window_start, window_steps = time.perf_counter(), 0
     batches: Iterator[dict] = iter(dataset)
     result: Optional[StepResult] = None
     stopped_by_signal = False
+    diverged: Optional[str] = None
+    nonfinite: Optional[_NonFinite] = _NonFinite(env.device)
     try:
         while step < total_steps:
             data_start = time.perf_counter()
@@ -350,24 +438,105 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv)
             step += 1
             window_steps += 1
             bar.update(1)
+            if nonfinite is not None:
+                nonfinite.update(result, step)
             log_now = step % t.log_every_steps == 0 or step == total_steps
+            values: dict[str, float] = {}
             # Reading the step's figures waits for the device: only when logging, once per interval.
             if log_now:
-                logger.log(step, _log_values(result, trainer, dataset, env, data_time,
-                                             tokens_per_step * window_steps / max(time.perf_counter() - window_start, 1e-9)))
-                bar.set_postfix(**logger.postfix)
+                values = _log_values(result, trainer, dataset, env, data_time,
+                                     tokens_per_step * window_steps / max(time.perf_counter() - window_start, 1e-9))
                 window_start, window_steps = time.perf_counter(), 0
 
-            # Checkpoint and stop: rank 0's clock and anyone's SIGTERM decide. With several ranks they
-            # must agree, which takes an all-reduce (a wait for every rank): at log steps and every
-            # STOP_CHECK_STEPS, so a preempted run stops within a few steps whatever the log interval.
+            # Checkpoint, evaluate and stop: rank 0's clock, anyone's SIGTERM and anyone's non-finite loss
+            # decide. With several ranks they must agree, which takes an all-reduce (a wait for every rank):
+            # at log, checkpoint and evaluation steps and every STOP_CHECK_STEPS, so a preempted run stops
+            # within a few steps whatever the log interval.
+            by_steps = step % t.checkpoint_every_steps == 0 or step == total_steps
+            eval_by_steps = heldout is not None and (step % t.eval_every_steps == 0 or step == total_steps)
+            agree_now = log_now or by_steps or eval_by_steps or step % STOP_CHECK_STEPS == 0
             due_by_time = env.is_main and (time.time() - last_checkpoint_time) >= 60 * t.checkpoint_every_minutes
             signal_seen, time_due = float(stop["signal"]), float(due_by_time)
+            check_now = agree_now if env.distributed else agree_now or signal_seen or time_due
+            bad_step = nonfinite.read() if nonfinite is not None and check_now else 0
             if env.distributed:
-                agree_now = log_now or step % STOP_CHECK_STEPS == 0
-                signal_seen, time_due = all_reduce_max([signal_seen, time_due], env) if agree_now else (0.0, 0.0)
-            if step % t.checkpoint_every_steps == 0 or time_due or signal_seen or step == total_steps:
-                _save(trainer, dataset, cfg, step, ckpt_dir, env, text_pipeline)
+                if agree_now:  # the max of -step is the earliest bad step of any rank
+                    signal_seen, time_due, neg_bad = all_reduce_max(
+                        [signal_seen, time_due, -float(bad_step or _NO_STEP)], env)
+                    bad_step = 0 if -neg_bad >= _NO_STEP else int(-neg_bad)
+                else:
+                    signal_seen, time_due = 0.0, 0.0
+            save_now = by_steps or bool(time_due) or bool(signal_seen)
+            divergence: Optional[Divergence] = None
+            if bad_step:
+                divergence = Divergence(bad_step, "the training loss or gradient norm is not finite", float("nan"))
+            heldout_result, best = None, False
+            if eval_by_steps and divergence is None and not signal_seen:
+                eval_start = time.perf_counter()
+                heldout_result = heldout.run(trainer.model, env)
+                eval_seconds = time.perf_counter() - eval_start
+                window_start += eval_seconds  # tokens/s is training's own
+                values.update(heldout_figures(heldout_result), **{"time/heldout_evaluation": eval_seconds})
+                ppl = {d: heldout_result[d]["perplexity"] for d in DIRECTIONS}
+                divergence = guard.check_heldout(step, ppl)
+                if divergence is None:
+                    guard.record_healthy(step, ppl)
+                    # A new best is written now, whatever the checkpoint interval, and kept as best.pt.
+                    best = guard.is_best(step, heldout_result["average_perplexity"])
+                    save_now = save_now or best
+            elif heldout is None and divergence is None and check_now:
+                guard.record_healthy(step)  # no heldout data: finite is all the guard can tell
+            if values:
+                logger.log(step, values)
+                bar.set_postfix(**logger.postfix, refresh=False)
+
+            if divergence is not None:
+                action = _on_divergence(divergence, guard, cfg)
+                if action == "rollback":
+                    target = _rollback(trainer, dataset, ckpt_dir, guard.state.healthy_step, env)
+                    if target is None:
+                        action = "stop"
+                    else:
+                        target_path, target_step, target_offset, removed = target
+                        guard.rolled_back(target_step, t.rollback_lr_factor)
+                        trainer.lr_factor = guard.state.lr_factor
+                        logger.rewind(target_step, target_offset)
+                        dropped = f"; removed the later {', '.join(map(os.path.basename, removed))}" if removed else ""
+                        _report(logger, divergence, step, "rollback", guard, trainer,
+                                f"{divergence.line()}; rolled back to {target_path} (step {target_step}{dropped}); "
+                                f"learning rate x{guard.state.lr_factor:g} from now on", to_checkpoint=target_path,
+                                to_step=target_step)
+                        step = target_step
+                        batches = iter(dataset)
+                        nonfinite = _NonFinite(env.device)
+                        bar.n = step
+                        bar.refresh()
+                        window_start, window_steps = time.perf_counter(), 0
+                        last_checkpoint_time = time.time()
+                        continue
+                if action == "stop":
+                    last_good = _healthy_checkpoint(ckpt_dir, guard.state.healthy_step)
+                    path = _save(trainer, dataset, cfg, step, ckpt_dir, env, text_pipeline,
+                                 _guard_payload(guard, heldout_result, logger), name=f"diverged-step-{step:08d}")
+                    why = "train.on_divergence: stop" if t.on_divergence == "stop" else \
+                        "no healthy checkpoint to roll back to" if last_good is None else \
+                        f"{guard.state.rollbacks_in_a_row} rollbacks in a row did not get past it (train.max_rollbacks)"
+                    diverged = (f"{divergence.line()}; stopped ({why}); state saved to {path}; last good checkpoint: "
+                                f"{last_good or 'none'}")
+                    _report(logger, divergence, step, "stop", guard, trainer, diverged, checkpoint=path,
+                            last_good=last_good)
+                    break
+                _report(logger, divergence, step, "warn", guard, trainer,
+                        f"{divergence.line()}; training goes on (train.on_divergence: warn)")
+                if bad_step:
+                    nonfinite = None  # said once: the weights stay non-finite from here on
+
+            if save_now:
+                path = _save(trainer, dataset, cfg, step, ckpt_dir, env, text_pipeline,
+                             _guard_payload(guard, heldout_result, logger),
+                             healthy_step=guard.state.healthy_step)
+                if best and env.is_main:
+                    keep_as_best(path)
                 last_checkpoint_time = time.time()
             if signal_seen:
                 stopped_by_signal = True
@@ -380,35 +549,103 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv)
     return {"step": step, "total_steps": total_steps, "loss": figures["loss"] if figures else None,
             "perplexity": {d: figures[f"perplexity/{d}"] for d in DIRECTIONS} if figures else None, "out_dir": out_dir,
             "checkpoint": checkpoint_path(ckpt_dir, step), "stopped_by_signal": stopped_by_signal,
-            "is_main": env.is_main}
+            "diverged": diverged, "guard": guard.state.to_dict(), "is_main": env.is_main}
+
+
+def _on_divergence(divergence: Divergence, guard: DivergenceGuard, cfg: Config) -> str:
+    """What to do: ``train.on_divergence``, but stop once rollbacks have not got past the step that diverged
+    ``train.max_rollbacks`` times in a row."""
+    guard.fired(divergence)
+    action = cfg.train.on_divergence
+    if action == "rollback" and guard.state.rollbacks_in_a_row >= cfg.train.max_rollbacks:
+        return "stop"
+    return action
+
+
+def _report(logger: _Logger, divergence: Divergence, step: int, action: str, guard: DivergenceGuard,
+            trainer: Trainer, message: str, **extra) -> None:
+    """A firing: one line (``message``; the CLI prints a stop's), a metrics.jsonl event and TensorBoard
+    scalars at the step it was seen."""
+    if action != "stop":
+        log.warning(message)
+    record = {"event": "divergence", "diverged_step": divergence.step, "seen_step": step, "action": action,
+              "what": divergence.what, "figure": divergence.figure, "bound": divergence.bound,
+              "lr_factor": guard.state.lr_factor, "firings": guard.state.firings, **extra}
+    logger.event(record, step, {"guard/divergence": 1.0, "guard/lr_factor": trainer.lr_factor,
+                                "guard/firings": float(guard.state.firings)})
+
+
+def _guard_payload(guard: DivergenceGuard, heldout_result: Optional[dict], logger: _Logger) -> dict:
+    """What a checkpoint says about the run's health (plain data)."""
+    return {"guard": guard.state.to_dict(), "metrics_bytes": logger.offset(),
+            "heldout": None if heldout_result is None else heldout_figures(heldout_result)}
+
+
+def _healthy_checkpoint(ckpt_dir: str, healthy_step: Optional[int]) -> Optional[str]:
+    """The newest checkpoint at or before the last step the guard found healthy: where a rollback goes."""
+    if healthy_step is None:
+        return None
+    found = [p for p in list_checkpoints(ckpt_dir) if checkpoint_step(p) <= healthy_step]
+    return found[-1] if found else None
+
+
+def _rollback(trainer: Trainer, dataset: LMDataset, ckpt_dir: str, healthy_step: Optional[int],
+              env: DistEnv) -> Optional[tuple[str, int, Optional[int], list[str]]]:
+    """Every rank reloads the newest healthy checkpoint (rank 0's pick) as ``--resume`` does: weights,
+    optimizer, data positions, random states, LSTM states. The checkpoints after it belong to the
+    abandoned stretch and are deleted (a later --resume must not pick them). Returns (its path,
+    step, metrics offset, the deleted paths), or None when there is none."""
+    path = gather_objects(_healthy_checkpoint(ckpt_dir, healthy_step) if env.is_main else None, env)[0]
+    if path is None:
+        return None
+    payload = load_checkpoint(path, mmap=True)
+    step = _restore(trainer, dataset, payload, path, env)
+    offset = payload.get("metrics_bytes")
+    del payload
+    removed = []
+    if env.is_main:
+        removed = [p for p in list_checkpoints(ckpt_dir) if checkpoint_step(p) > step]
+        for later in removed:
+            os.remove(later)
+        trainer.strategy.prune(ckpt_dir, removed)
+    if env.distributed:
+        torch.distributed.barrier()
+    return path, step, offset, removed
 
 
 def _save(trainer: Trainer, dataset: LMDataset, cfg: Config, step: int, ckpt_dir: str, env: DistEnv,
-          text_pipeline: Optional[TextPipeline] = None) -> None:
+          text_pipeline: Optional[TextPipeline] = None, extra: Optional[dict] = None,
+          name: Optional[str] = None, healthy_step: Optional[int] = None) -> str:
     """Write step ``step``'s checkpoint (rank 0, plus what the strategy keeps beside it on every rank)
-    and prune old ones. A failed write on any rank stops every rank with ``CheckpointWriteError``,
-    the previous checkpoints intact."""
+    and prune old ones but the rollback target (the newest at or before ``healthy_step``); returns its path.
+    A failed write on any rank stops every rank with ``CheckpointWriteError``, the previous checkpoints intact. ``name``
+    (without ``.pt``): a file outside the ``step-N.pt`` series, neither resumed from nor pruned."""
     rank_states = gather_objects(trainer.rank_state(dataset), env)
     error: Optional[str] = None
+    path = checkpoint_path(ckpt_dir, step) if name is None else os.path.join(ckpt_dir, f"{name}.pt")
     try:
-        tag = trainer.strategy.save(ckpt_dir, f"step-{step:08d}")
+        tag = trainer.strategy.save(ckpt_dir, name or f"step-{step:08d}")
         if env.is_main:
             payload = {"step": step, "config": config_to_dict(cfg), "model": trainer.model.state_dict(),
                        "optimizer": trainer.strategy.optimizer_state(), "deepspeed_tag": tag,
                        "world_size": env.world_size, "rank_states": rank_states,
                        "vocab": dataset.vocab.tokens,
-                       "text_pipeline": text_pipeline.to_state() if text_pipeline is not None else None}
-            save_checkpoint(payload, checkpoint_path(ckpt_dir, step))
+                       "text_pipeline": text_pipeline.to_state() if text_pipeline is not None else None,
+                       **(extra or {})}
+            save_checkpoint(payload, path)
     except (CheckpointWriteError, OSError) as e:
         error = str(e) if isinstance(e, CheckpointWriteError) else f"cannot write checkpoint of step {step} in " \
             f"{ckpt_dir}: {e.strerror or e}"
     failed = all_reduce_max([float(error is not None)], env)[0] if env.distributed else float(error is not None)
     if failed:
         raise CheckpointWriteError(error or f"another rank could not write the checkpoint of step {step}")
-    if env.is_main:
-        trainer.strategy.prune(ckpt_dir, prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints))
+    if env.is_main and name is None:
+        target = _healthy_checkpoint(ckpt_dir, healthy_step)
+        trainer.strategy.prune(ckpt_dir, prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints,
+                                                           protect=[target] if target else ()))
     if env.distributed:
         torch.distributed.barrier()
+    return path
 
 
 def _restore(trainer: Trainer, dataset: LMDataset, payload: dict, path: str, env: DistEnv) -> int:

@@ -28,11 +28,11 @@ import sys
 import time
 from typing import Iterator
 
-from tqdm import tqdm
 
 import bilm
 from bilm.atomic import atomic_path, fsync_path
 from bilm.data.manifest import write_manifest
+from bilm.progress import progress_bar
 from data_tools.inputs import estimated_text_bytes, read_blocks, resolve_inputs
 from data_tools.lines import BlockTask, LineOptions, LineStats, init_worker, process_block
 from data_tools.parallel import Workers
@@ -210,7 +210,7 @@ def _prepare_into(args: argparse.Namespace, out: str, inputs: list[str], removed
                   started: float) -> dict:
     tmp = os.path.join(out, TMP_NAME)
     os.makedirs(tmp)
-    quiet = args.no_progress or None  # None: tqdm shows bars only on a terminal
+    quiet = args.no_progress  # else bars: in place on a terminal, a line a minute into a log (bilm.progress)
     total_bytes = sum(os.path.getsize(p) for p in inputs)
     try:
         tokenizer = _set_up_tokenizer(args, inputs, out, total_bytes, quiet)
@@ -329,7 +329,7 @@ def _set_up_tokenizer(args: argparse.Namespace, inputs: list[str], out: str, tot
         shutil.copyfile(args.sp_model, model)
         return {"type": "sentencepiece", "model": SP_MODEL_NAME, "model_file": os.path.abspath(model),
                 "trained": False, "source": os.path.abspath(args.sp_model)}
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="sample for SentencePiece",
+    with progress_bar(total=total_bytes, unit="B", unit_scale=True, desc="sample for SentencePiece",
               disable=quiet) as bar:
         sample, seen = sample_lines(inputs, args.sp_sample_lines, args.seed, args.nfkc, bar.update)
     print(f"training SentencePiece ({args.sp_model_type}, vocab {args.sp_vocab_size}) on "
@@ -354,7 +354,7 @@ def _split_into_buckets(workers: Workers, inputs: list[str], options: LineOption
     buckets = [open(os.path.join(tmp, f"bucket-{b:05d}.txt"), "wb") for b in range(n_buckets)]
     stats = [LineStats() for _ in inputs]
     counts, heldout_counts = TokenCounts(), TokenCounts()
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=quiet) as bar:
+    with progress_bar(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=quiet) as bar:
         def tasks() -> Iterator[BlockTask]:
             for file_index, path in enumerate(inputs):
                 first_line = 0
@@ -385,7 +385,7 @@ def _shuffle_into_shards(workers: Workers, tmp: str, options: LineOptions, bucke
     tasks = [BucketTask(b, os.path.join(tmp, f"bucket-{b:05d}.txt"), options.seed, options.dedup,
                         options.dedup, 2 * bucket_bytes) for b in range(n_buckets)]
     duplicates = 0
-    for result in tqdm(workers.map(shuffle_bucket, tasks), total=n_buckets, desc="shuffle", disable=quiet):
+    for result in progress_bar(workers.map(shuffle_bucket, tasks), total=n_buckets, desc="shuffle", disable=quiet):
         is_train = result.index < options.n_train_buckets
         if result.counts is not None:
             (counts if is_train else heldout_counts).add(result.counts)

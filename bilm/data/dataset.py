@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from itertools import chain
+from itertools import chain, islice
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -153,6 +153,17 @@ class LMDataset(IterableDataset):
         if self._live is not None:
             self._live.close()
             self._live = None
+
+    def count_targets(self) -> int:
+        """Tokens each direction predicts in one pass of this rank's part (its words and one
+        sentence boundary per sentence), counted from the text: a progress bar's total."""
+        total = 0
+        for part in rank_plan(self.shards, self.rank, self.world_size):
+            with open(part.path, encoding="utf-8", errors="replace") as f:
+                for line in islice(f, part.line_offset, None, part.line_stride):
+                    n = len(line.split())
+                    total += n + 1 if n else 0
+        return total
 
     def _config(self) -> dict:
         # "reader" and "n_readers" are the rank and world size (names kept: saved states use them).
