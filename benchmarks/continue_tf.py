@@ -137,6 +137,7 @@ def continue_run(a, name: str, seed: int, manifest: str, init: list[str]) -> dic
 
 def worth(a) -> None:
     start = time.time()
+    os.makedirs(a.work, exist_ok=True)
     pretrain_manifest, domain_manifest = prepare_data(a)
     save_dir, vocab, export = pretrain(a, pretrain_manifest)
     variants = [("a-fresh-softmax", ["--init-model", export])]
@@ -241,6 +242,7 @@ def measure_load(save_dir: str, vocab_kind: str, vocab_size: int) -> dict:
 
 def memory(a) -> None:
     save_dir = os.path.join(a.work, f"synthetic-{a.vocab_size}")
+    os.makedirs(a.work, exist_ok=True)
     if not os.path.exists(os.path.join(save_dir, "checkpoint")):
         t0 = time.perf_counter()
         sh([sys.executable, os.path.join(ROOT, "benchmarks", "tf_save_dir.py"), "synthetic", "--vocab-size",

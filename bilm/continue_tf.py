@@ -21,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from bilm.bilmtf import (latest_tf_checkpoint, load_bilmtf_body, read_tf_checkpoint, softmax_arrays,
                          split_tensors)
@@ -36,7 +37,7 @@ from bilm.vocab import SPECIAL_TOKENS, Vocabulary, VocabularyError, read_tokens
 NEW_ROW_RULES = ("char", "mean", "unk", "fresh")
 DEFAULT_NEW_ROW_RULE = "char"
 ROWS_PER_CHUNK = 1 << 15      # rows gathered from the mapped checkpoint at a time
-CHAR_FIT_MAX_WORDS = 50_000   # carried words the char rule is fitted on (the run's most frequent)
+CHAR_FIT_MAX_WORDS = 20_000   # carried words the char rule is fitted on (the run's most frequent)
 CHAR_FIT_RIDGE = 1e-3         # ridge penalty, relative to the mean diagonal of X'X
 
 
@@ -197,8 +198,10 @@ def _token_vectors(model, tokens: list[str], batch_size: int = 512) -> torch.Ten
     was_training = bilm.training
     bilm.eval()
     try:
+        starts = tqdm(range(0, len(tokens), batch_size), desc="char CNN of the softmax words", unit="batch",
+                      disable=None, leave=False)  # minutes on a CPU at elmo_original's size: shown on a terminal
         out = [bilm.embed_tokens(torch.from_numpy(char_id_table(tokens[s:s + batch_size], width)).long().to(device))
-               .float().cpu() for s in range(0, len(tokens), batch_size)]
+               .float().cpu() for s in starts]
     finally:
         bilm.train(was_training)
     return torch.cat(out)
