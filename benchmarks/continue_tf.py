@@ -89,7 +89,7 @@ def pretrain(a, manifest: str) -> tuple[str, str, str]:
         sh([a.tf_python, os.path.join(a.harness, "bilmtf_train.py"), "--peer-src", a.peer_src,
             "--train-prefix", os.path.join(os.path.dirname(manifest), "train", "shard-*"), "--heldout-prefix",
             os.path.join(os.path.dirname(manifest), "train", "shard-*"), "--vocab", vocab, "--out", out,
-            "--batches", str(a.pretrain_steps), "--skip-fixture", "--options-json", json.dumps(options)],
+            "--batches", str(a.pretrain_steps), "--skip-fixture", "--skip-test", "--options-json", json.dumps(options)],
            out + ".log")
         shutil.rmtree(save_dir, ignore_errors=True)
         shutil.copytree(os.path.join(out, "ckpt"), save_dir)
