@@ -234,3 +234,16 @@ def test_the_mapped_reader_equals_the_reader():
     assert set(read) == set(mapped)
     for name in read:
         assert read[name].dtype == mapped[name].dtype and np.array_equal(read[name], mapped[name]), name
+
+
+def test_the_benchmarks_save_dir_writer_round_trips(tmp_path):
+    """benchmarks/tf_save_dir.py (stand-ins where TensorFlow is absent) writes what TF's files hold."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from tf_save_dir import write_tf_checkpoint
+
+    tensors = read_tf_checkpoint(latest_tf_checkpoint(SAVE_DIR))
+    write_tf_checkpoint(str(tmp_path / "model.ckpt-1"), tensors)
+    again = read_tf_checkpoint(str(tmp_path / "model.ckpt-1"), mmap=True)
+    assert set(again) == set(tensors)
+    for name in tensors:
+        assert again[name].shape == tensors[name].shape and np.array_equal(again[name], tensors[name]), name
