@@ -275,7 +275,7 @@ def main() -> None:
     w.add_argument("--work", default="/tmp/bilm-continue")
     w.add_argument("--pretrain-text", default=os.path.join(SHARED, "corpora", "wikitext-2", "valid.txt"))
     w.add_argument("--domain-text", default=os.path.join(SHARED, "corpora", "wikitext-2", "test.txt"))
-    w.add_argument("--pretrain-steps", type=int, default=3000)
+    w.add_argument("--pretrain-steps", type=int, default=2000)
     w.add_argument("--steps", type=int, nargs="+", default=[50, 100, 200])
     w.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     w.add_argument("--rules", nargs="+", default=["char", "mean", "unk", "fresh"])

@@ -113,9 +113,9 @@ def _add_train(sub: argparse._SubParsersAction) -> Callable:
     p.add_argument("--keep-vocab", action="store_true",
                    help="with a bilm-tf checkpoint: train with its vocabulary (every softmax row carried) instead "
                         "of the data's")
-    p.add_argument("--new-rows", choices=["char", "mean", "unk", "fresh"],
-                   help="with a bilm-tf checkpoint: the softmax row of a word it does not know (default char: "
-                        "predicted from the word's char CNN vector; see README)")
+    p.add_argument("--new-rows", choices=["unk", "char", "mean", "fresh"],
+                   help="with a bilm-tf checkpoint: the softmax row of a word it does not know (default unk: the "
+                        "checkpoint's <UNK> row, its probability shared among the new words; see README)")
     p.add_argument("--init-weights", help="start from published ELMo weights.hdf5 (continued pretraining)")
     p.add_argument("--init-options", help="the options.json that came with --init-weights (sets the architecture)")
     p.add_argument("--init-softmax", help="softmax.hdf5 from `bilm export --include-softmax` (else a fresh softmax)")

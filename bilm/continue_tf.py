@@ -28,14 +28,14 @@ from bilm.bilmtf import (latest_tf_checkpoint, load_bilmtf_body, read_tf_checkpo
 from bilm.vocab import SPECIAL_TOKENS, Vocabulary, VocabularyError, read_tokens
 
 # How a word the checkpoint never saw gets its softmax row (weight and bias):
+#   unk:   the checkpoint's <UNK> row; its bias less log(new words + 1): the probability the
+#          checkpoint gave to an unknown word is shared by <UNK> and the new words
 #   char:  a ridge regression from the char CNN's vector of a word to its row, fitted on the carried
 #          words, applied to the new word's char CNN vector (word-input models: mean)
 #   mean:  the mean of the checkpoint's rows
-#   unk:   the checkpoint's <UNK> row; its bias less log(new words + 1): the probability the
-#          checkpoint gave to an unknown word is shared by <UNK> and the new words
 #   fresh: bilm's initialization of a new softmax (what --init-model with published weights gives)
-NEW_ROW_RULES = ("char", "mean", "unk", "fresh")
-DEFAULT_NEW_ROW_RULE = "char"
+NEW_ROW_RULES = ("unk", "char", "mean", "fresh")
+DEFAULT_NEW_ROW_RULE = "unk"  # the lowest heldout perplexity of the four (benchmarks/continue_tf.py)
 ROWS_PER_CHUNK = 1 << 15      # rows gathered from the mapped checkpoint at a time
 CHAR_FIT_MAX_WORDS = 20_000   # carried words the char rule is fitted on (the run's most frequent)
 CHAR_FIT_RIDGE = 1e-3         # ridge penalty, relative to the mean diagonal of X'X

@@ -79,7 +79,7 @@ def test_by_name_downloads_once_and_carries_the_rows_bit_for_bit(server, tmp_pat
     assert n_requests == len(os.listdir(SAVE_DIR)) + 1
     out = capsys.readouterr()
     lines = [line for line in (out.out + out.err).splitlines() if "softmax rows" in line]
-    assert len(lines) == 1 and "11 from the checkpoint, 21 new (rule: char)" in lines[0], lines
+    assert len(lines) == 1 and "11 from the checkpoint, 21 new (rule: unk)" in lines[0], lines
     tokens = load_checkpoint(list_checkpoints(str(run / "checkpoints"))[-1])["vocab"]
     assert tokens == read_tokens(TRAIN_VOCAB)
     row_of = {t: i for i, t in enumerate(old_tokens)}
