@@ -112,10 +112,12 @@ def _read_index(index_path: str) -> dict[str, bytes]:
     return entries
 
 
-def read_tf_checkpoint(prefix: str) -> dict[str, np.ndarray]:
+def read_tf_checkpoint(prefix: str, mmap: bool = False) -> dict[str, np.ndarray]:
     """Every tensor of a TensorFlow V2 checkpoint (``prefix.index`` + ``prefix.data-*``), by variable name.
 
     String tensors are skipped; partitioned (sliced) variables are refused with a clear error.
+    ``mmap``: the tensors are copy-on-write views of the mapped data files, read from disk only
+    where they are used (the published checkpoint is 4 GB: softmax and its accumulators).
     """
     index_path = prefix + ".index"
     if not os.path.exists(index_path):
@@ -144,14 +146,22 @@ def read_tf_checkpoint(prefix: str) -> dict[str, np.ndarray]:
             data_path = f"{prefix}.data-{shard:05d}-of-{n_shards:05d}"
             if not os.path.exists(data_path):
                 raise FileNotFoundError(f"TensorFlow checkpoint data not found: {data_path}")
-            with open(data_path, "rb") as f:
-                shards[shard] = f.read()
+            if mmap:
+                shards[shard] = np.memmap(data_path, dtype=np.uint8, mode="c") if os.path.getsize(data_path) \
+                    else np.zeros(0, np.uint8)  # numpy cannot map an empty file
+            else:
+                with open(data_path, "rb") as f:
+                    shards[shard] = f.read()
         raw = shards[shard][offset:offset + size]
         dtype = np.dtype(_DTYPES[dtype_code]).newbyteorder("<")
         if len(raw) != size or size != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
             raise TFCheckpointError(f"{index_path}: variable '{name}' ({size} bytes at {offset}) does not fit "
                                     f"shape {shape}; truncated data file?")
-        tensors[name] = np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+        if mmap:
+            tensor = raw.view(dtype).reshape(shape)
+            tensors[name] = tensor if dtype.isnative else tensor.astype(dtype.newbyteorder("="))
+        else:
+            tensors[name] = np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
     return tensors
 
 
@@ -238,44 +248,80 @@ def config_from_bilmtf_options(options: dict) -> dict:
 def load_bilmtf_state(model, optimizer, weights: dict[str, np.ndarray], accumulators: dict[str, np.ndarray],
                       step: int, source: str) -> None:
     """Copy bilm-tf weights (and, when ``optimizer`` is an Adagrad, its accumulators) into a ``LanguageModel``."""
-    import copy
-
     import torch
 
-    from bilm.pretrained import SOFTMAX_BIAS, SOFTMAX_WEIGHT
-    from bilm.weights import WeightFileError, load_weight_arrays
+    from bilm.weights import WeightFileError
 
-    load_weight_arrays(model.bilm, weights, source, ignore=(SOFTMAX_WEIGHT, SOFTMAX_BIAS))
-    for name in (SOFTMAX_WEIGHT, SOFTMAX_BIAS):
-        if name not in weights:
-            raise WeightFileError(f"{source}: no 'lm/{name}' variable")
-    softmax_w, softmax_b = weights[SOFTMAX_WEIGHT], weights[SOFTMAX_BIAS]
+    carry = load_bilmtf_body(model, optimizer, weights, accumulators, step, source)
+    softmax_w, softmax_b = softmax_arrays(weights, source)
     if softmax_w.shape != tuple(model.softmax.weight.shape):
-        raise WeightFileError(f"{source}: 'lm/{SOFTMAX_WEIGHT}' has shape {softmax_w.shape}, the model needs "
+        raise WeightFileError(f"{source}: 'lm/softmax/W' has shape {softmax_w.shape}, the model needs "
                               f"{tuple(model.softmax.weight.shape)} (vocabulary size x projection_dim): another vocab?")
     with torch.no_grad():
-        model.softmax.weight.copy_(torch.from_numpy(softmax_w))
-        model.softmax.bias.copy_(torch.from_numpy(softmax_b))
+        model.softmax.weight.copy_(torch.from_numpy(np.asarray(softmax_w)))
+        model.softmax.bias.copy_(torch.from_numpy(np.asarray(softmax_b)))
+    if carry:
+        for param, accumulator in zip((model.softmax.weight, model.softmax.bias),
+                                      softmax_arrays(accumulators, f"{source} (Adagrad accumulators)")):
+            optimizer.state[param]["sum"].copy_(torch.from_numpy(np.asarray(accumulator)))
+            optimizer.state[param]["step"].fill_(float(step))
+
+
+def softmax_arrays(arrays: dict[str, np.ndarray], source: str) -> tuple[np.ndarray, np.ndarray]:
+    """``lm/softmax/W`` (vocabulary x dim) and ``lm/softmax/b`` of a split checkpoint, checked."""
+    from bilm.pretrained import SOFTMAX_BIAS, SOFTMAX_WEIGHT
+    from bilm.weights import WeightFileError
+
+    for name in (SOFTMAX_WEIGHT, SOFTMAX_BIAS):
+        if name not in arrays:
+            raise WeightFileError(f"{source}: no 'lm/{name}' variable")
+    weight, bias = arrays[SOFTMAX_WEIGHT], arrays[SOFTMAX_BIAS]
+    if weight.ndim != 2 or bias.shape != (weight.shape[0],):
+        raise WeightFileError(f"{source}: 'lm/{SOFTMAX_WEIGHT}' {weight.shape} and 'lm/{SOFTMAX_BIAS}' {bias.shape} "
+                              "are not a softmax (rows x dim, one bias a row)")
+    return weight, bias
+
+
+def carries_adagrad_state(optimizer, source: str) -> bool:
+    """Whether bilm-tf's Adagrad accumulators apply to ``optimizer`` (a warning when they do not)."""
+    import torch
+
     if optimizer is None:
-        return
+        return False
     if not isinstance(optimizer, torch.optim.Adagrad):
         import warnings
         warnings.warn(f"{source}: the optimizer is {type(optimizer).__name__}, not bilm-tf's Adagrad: "
-                      "its state starts afresh (the accumulators are not carried over)", stacklevel=2)
-        return
-    # The accumulators have the weights' names and layouts: load them into a twin of the model
+                      "its state starts afresh (the accumulators are not carried over)", stacklevel=3)
+        return False
+    return True
+
+
+def load_bilmtf_body(model, optimizer, weights: dict[str, np.ndarray], accumulators: dict[str, np.ndarray],
+                     step: int, source: str) -> bool:
+    """The char CNN (or word table) and LSTMs of bilm-tf into ``model.bilm``, and their Adagrad
+    accumulators into ``optimizer``; True when the accumulators were carried."""
+    import copy
+
+    from bilm.pretrained import SOFTMAX_BIAS, SOFTMAX_WEIGHT
+    from bilm.weights import load_weight_arrays
+
+    load_weight_arrays(model.bilm, weights, source, ignore=(SOFTMAX_WEIGHT, SOFTMAX_BIAS))
+    if not carries_adagrad_state(optimizer, source):
+        return False
+    # The accumulators have the weights' names and layouts: load them into a twin of the body
     # through the same table, then move each into the optimizer state of its parameter.
-    twin = copy.deepcopy(model)
-    load_bilmtf_state(twin, None, accumulators, {}, step, f"{source} (Adagrad accumulators)")
+    twin = copy.deepcopy(model.bilm)
+    load_weight_arrays(twin, accumulators, f"{source} (Adagrad accumulators)", ignore=(SOFTMAX_WEIGHT, SOFTMAX_BIAS))
     initial = optimizer.param_groups[0]["initial_accumulator_value"]
-    if twin.bilm.char_inputs:  # our row 0 is the mask: never updated, its accumulator stays initial
-        twin.bilm.token_encoder.char_embedding.weight.data[0] = initial
+    if twin.char_inputs:  # our row 0 is the mask: never updated, its accumulator stays initial
+        twin.token_encoder.char_embedding.weight.data[0] = initial
     else:
-        twin.bilm.token_encoder.embedding.weight.data[0] = initial
-    for param, accumulator in zip(model.parameters(), twin.parameters()):
+        twin.token_encoder.embedding.weight.data[0] = initial
+    for param, accumulator in zip(model.bilm.parameters(), twin.parameters()):
         state = optimizer.state[param]
         state["sum"].copy_(accumulator.detach())
         state["step"].fill_(float(step))
+    return True
 
 
 def import_bilmtf(save_dir: str, vocab_file: str, out_dir: str, overrides: Sequence[str] = (),

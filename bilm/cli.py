@@ -107,7 +107,16 @@ def _add_train(sub: argparse._SubParsersAction) -> Callable:
     p.add_argument("--strategy", choices=["ddp", "deepspeed"], help="same as --set train.strategy=...")
     p.add_argument("--init-model", help="continue pretraining a published model (small, medium, original, "
                                         "original-5.5b; downloaded once) or a model directory (options.json + "
-                                        "weights.hdf5, e.g. from bilm export); same as --init-weights/--init-options")
+                                        "weights.hdf5, e.g. from bilm export); same as --init-weights/--init-options. "
+                                        "original-tf (the original's training checkpoint) or a bilm-tf save_dir "
+                                        "(with --init-vocab) also carries the softmax and Adagrad state")
+    p.add_argument("--init-vocab", help="the vocab file a bilm-tf save_dir given as --init-model was trained with")
+    p.add_argument("--keep-vocab", action="store_true",
+                   help="with a bilm-tf checkpoint: train with its vocabulary (every softmax row carried) instead "
+                        "of the data's")
+    p.add_argument("--new-rows", choices=["unk", "char", "mean", "fresh"],
+                   help="with a bilm-tf checkpoint: the softmax row of a word it does not know (default unk: the "
+                        "checkpoint's <UNK> row, its probability shared among the new words; see README)")
     p.add_argument("--init-weights", help="start from published ELMo weights.hdf5 (continued pretraining)")
     p.add_argument("--init-options", help="the options.json that came with --init-weights (sets the architecture)")
     p.add_argument("--init-softmax", help="softmax.hdf5 from `bilm export --include-softmax` (else a fresh softmax)")
@@ -126,13 +135,24 @@ def _add_train(sub: argparse._SubParsersAction) -> Callable:
         if args.strategy:
             overrides.append(f"train.strategy={args.strategy}")
         cfg = load_config(args.config, overrides)
+        tf_start = None
         if args.init_model:
             if args.init_weights or args.init_options:
                 raise ValueError("give --init-model, or --init-weights and --init-options, not both")
-            from bilm.published import resolve_model
-            args.init_options, args.init_weights = resolve_model(args.init_model)
+            from bilm.continue_tf import resolve_start
+            tf_start = resolve_start(args.init_model, args.init_vocab, args.keep_vocab, args.new_rows,
+                                     progress=not args.no_progress)
+            if tf_start is None:
+                from bilm.published import resolve_model
+                args.init_options, args.init_weights = resolve_model(args.init_model)
+        if tf_start is None and (args.init_vocab or args.keep_vocab or args.new_rows):
+            raise ValueError("--init-vocab, --keep-vocab and --new-rows go with a bilm-tf checkpoint as --init-model")
+        if tf_start is not None and (args.init_softmax or args.init_softmax_vocab):
+            raise ValueError("a bilm-tf checkpoint brings its softmax: drop --init-softmax / --init-softmax-vocab")
         init = {"weights": args.init_weights, "options": args.init_options, "softmax": args.init_softmax,
                 "softmax_vocab": args.init_softmax_vocab} if args.init_weights else None
+        if tf_start is not None:
+            init = {"tf": tf_start}
         summary = train(cfg, args.data, args.out, resume=args.resume, vocab_file=args.vocab, init=init,
                         progress=not args.no_progress, eval_data=args.eval_data)
         if summary["diverged"]:

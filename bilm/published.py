@@ -10,7 +10,9 @@ one is an error naming the URL and the path to put the file at by hand.
 
 The names are AllenNLP's published models (its ``elmo`` command and ELMo page): ``small``,
 ``medium``, ``original``, ``original-5.5b``. A directory holding ``options.json`` and
-``weights.hdf5`` (what ``bilm export`` writes) works everywhere a name does.
+``weights.hdf5`` (what ``bilm export`` writes) works everywhere a name does. ``original-tf`` is the
+original's bilm-tf training checkpoint (``resolve_tf_checkpoint``), which ``bilm train --init-model``
+continues with its softmax and optimizer state.
 """
 from __future__ import annotations
 
@@ -66,6 +68,92 @@ MODELS: dict[str, PublishedModel] = {m.name: m for m in (
 )}
 
 
+# bilm-tf's README: "Can you provide the tensorflow checkpoint from training?" lists these files
+# (and a .meta graph, which bilm does not need), beside the published weights.
+BILMTF_BASE = "https://s3-us-west-2.amazonaws.com/allennlp/models/elmo"
+
+
+@dataclass(frozen=True)
+class PublishedTFCheckpoint:
+    """A bilm-tf training ``save_dir`` on a server (``files`` below ``url``) and the vocabulary its softmax
+    rows follow: what ``bilm train --init-model NAME`` continues, softmax and optimizer state included."""
+    name: str
+    url: str
+    files: tuple[str, ...]
+    vocab_url: str
+    description: str = ""
+    approx_mb: Optional[int] = None  # all files, about
+
+
+TF_CHECKPOINTS: dict[str, PublishedTFCheckpoint] = {c.name: c for c in (
+    PublishedTFCheckpoint(
+        "original-tf", f"{BILMTF_BASE}/2x4096_512_2048cnn_2xhighway_tf_checkpoint",
+        ("checkpoint", OPTIONS_NAME, "model.ckpt-935588.index", "model.ckpt-935588.data-00000-of-00001"),
+        f"{BILMTF_BASE}/vocab-2016-09-10.txt",
+        "the training checkpoint of 'original' (step 935,588): its softmax over 793,471 words and Adagrad state",
+        # weights (93.6M) + softmax (793,471 x 513) and as many accumulators, float32
+        4005),
+)}
+
+
+def register_tf_checkpoint(checkpoint: PublishedTFCheckpoint) -> None:
+    """Add (or replace) a named bilm-tf training checkpoint."""
+    TF_CHECKPOINTS[_key(checkpoint.name)] = checkpoint
+
+
+def tf_checkpoint_entry(name: str) -> Optional[PublishedTFCheckpoint]:
+    return TF_CHECKPOINTS.get(_key(name))
+
+
+def resolve_tf_checkpoint(model: str, vocab_file: Optional[str] = None, progress: bool = True) -> tuple[str, str]:
+    """(save_dir, vocab file) of a bilm-tf training checkpoint: a registered name (downloaded to the
+    cache once, then checked) or a local ``save_dir`` with the vocab it was trained with."""
+    entry = tf_checkpoint_entry(model)
+    if entry is None:
+        if not os.path.isfile(os.path.join(model, "checkpoint")):
+            raise FileNotFoundError(f"{model}: not a bilm-tf save_dir (no 'checkpoint' file) and not one of "
+                                    f"{', '.join(sorted(TF_CHECKPOINTS))}")
+        if vocab_file is None:
+            raise ValueError(f"{model} is a bilm-tf save_dir: give --init-vocab, the vocab file it was trained with")
+        return model, vocab_file
+    if vocab_file is not None:
+        raise ValueError(f"{entry.name!r} comes with its vocabulary ({entry.vocab_url}): drop --init-vocab")
+    directory = os.path.join(cache_dir(), _key(entry.name))
+    wanted = [(f"{entry.url}/{name}", os.path.join(directory, name)) for name in entry.files]
+    wanted.append((entry.vocab_url, os.path.join(directory, os.path.basename(entry.vocab_url))))
+    missing = [(url, path) for url, path in wanted if not os.path.isfile(path)]
+    if missing and offline():
+        raise ModelUnavailable("BILM_OFFLINE is set and the cache lacks " + "; ".join(
+            f"{path} (download {url})" for url, path in missing) + ": put the files there by hand")
+    fetched = [fetch(url, path, progress, f"{entry.name} {os.path.basename(path)}") for url, path in wanted]
+    if any(fetched):
+        _check_tf_checkpoint(directory, wanted[-1][1], [path for _, path in wanted], entry)
+    return directory, wanted[-1][1]
+
+
+def _check_tf_checkpoint(directory: str, vocab_file: str, paths: list[str], entry: PublishedTFCheckpoint) -> None:
+    """Every tensor of the index lies inside the data file and the vocabulary has a word per softmax
+    row; else every file goes (the data file is mapped: nothing is read but the index)."""
+    from bilm.bilmtf import latest_tf_checkpoint, read_tf_checkpoint
+    from bilm.vocab import read_tokens
+
+    try:
+        tensors = read_tf_checkpoint(latest_tf_checkpoint(directory), mmap=True)
+        rows = tensors["lm/softmax/W"].shape[0] if "lm/softmax/W" in tensors else None
+        if rows is None:
+            raise ValueError("no lm/softmax/W variable")
+        del tensors
+        n_tokens = len(read_tokens(vocab_file))
+        if n_tokens != rows:
+            raise ValueError(f"{vocab_file} has {n_tokens:,} tokens for {rows:,} softmax rows")
+    except (ValueError, OSError) as e:
+        for path in paths:
+            if os.path.exists(path):
+                os.remove(path)
+        raise ModelUnavailable(f"the download of {entry.name!r} is not a usable bilm-tf checkpoint ({e}); it was "
+                               "removed, the next use downloads it again") from None
+
+
 def register(model: PublishedModel) -> None:
     """Add (or replace) a named model, e.g. one your organisation serves."""
     MODELS[_key(model.name)] = model
@@ -94,6 +182,9 @@ def resolve_model(model: Optional[str] = None, progress: bool = True) -> tuple[s
                                     f"missing {', '.join(missing)}")
         return paths
     entry = MODELS.get(_key(model))
+    if entry is None and _key(model) in TF_CHECKPOINTS:
+        raise ValueError(f"{model!r} is a bilm-tf training checkpoint: continue it with bilm train --init-model "
+                         f"{model}, or use its published weights ({DEFAULT_MODEL!r})")
     if entry is None:
         raise ValueError(f"unknown model {model!r}: give one of {', '.join(sorted(MODELS))}, or a directory "
                          f"holding {OPTIONS_NAME} and {WEIGHTS_NAME}")

@@ -363,6 +363,14 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
         # The published options decide the architecture; the config keeps the training settings.
         cfg.model = BiLMOptions.from_file(init["options"])
         init = {**init, "vocab_tokens": vocab.tokens}
+    tf_start = (init or {}).get("tf")  # a bilm-tf training checkpoint (bilm.continue_tf.TFStart)
+    if tf_start is not None:
+        if t.strategy == "deepspeed":
+            raise ValueError("train.strategy=deepspeed cannot start from a bilm-tf checkpoint (its optimizer "
+                             "partitions are made before the weights arrive): use ddp")
+        cfg.model = BiLMOptions.from_file(tf_start.options_file)
+        if tf_start.keep_vocab:
+            vocab = tf_start.vocabulary()
     n_train_tokens = t.n_train_tokens or (manifest or {}).get("n_train_tokens")
     total_steps = _total_steps(cfg, n_train_tokens, env.world_size)
 
@@ -411,6 +419,9 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
         else:
             log.info(f"no checkpoint in {ckpt_dir}; starting from scratch")
         del payload
+    if tf_start is not None and step == 0:  # not resumed: a resumed run has it all in its checkpoint
+        from bilm.continue_tf import report_line
+        log.info(report_line(tf_start.load_into(trainer.model, trainer.optimizer, vocab.tokens)))
 
     stop = {"signal": 0}
 
