@@ -40,8 +40,7 @@ if GATES != "ijfo":  # the scripted step below spells the blocks out in this ord
     raise ImportError(f"bilm.onnx_export assumes gate order 'ijfo', the cell uses {GATES!r}")
 
 
-@torch.jit.script
-def _recurrence(xz: torch.Tensor, w_hh_t: torch.Tensor, w_proj_t: torch.Tensor, keep: torch.Tensor,
+def _recurrence_eager(xz: torch.Tensor, w_hh_t: torch.Tensor, w_proj_t: torch.Tensor, keep: torch.Tensor,
                 cell_clip: float, proj_clip: float) -> torch.Tensor:
     """D layers in lock step from zero states. xz (D, T, B, 4C): input projections with the bias
     (forget bias included); w_hh_t (D, P, 4C); w_proj_t (D, C, P) (the identity when a layer has
@@ -62,6 +61,11 @@ def _recurrence(xz: torch.Tensor, w_hh_t: torch.Tensor, w_proj_t: torch.Tensor, 
         h = torch.where(k, h_new, h)
         c = torch.where(k, c_new, c)
     return torch.stack(outputs, dim=1)
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is what the ONNX exporter reads loops from
+    _recurrence = torch.jit.script(_recurrence_eager)
 
 
 class StatelessBiLM(nn.Module):
