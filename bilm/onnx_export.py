@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Optional
 
 import torch
 from torch import nn
@@ -41,7 +40,7 @@ if GATES != "ijfo":  # the scripted step below spells the blocks out in this ord
 
 
 def _recurrence_eager(xz: torch.Tensor, w_hh_t: torch.Tensor, w_proj_t: torch.Tensor, keep: torch.Tensor,
-                cell_clip: float, proj_clip: float) -> torch.Tensor:
+                      cell_clip: float, proj_clip: float) -> torch.Tensor:
     """D layers in lock step from zero states. xz (D, T, B, 4C): input projections with the bias
     (forget bias included); w_hh_t (D, P, 4C); w_proj_t (D, C, P) (the identity when a layer has
     no projection); keep (D, T, B, 1) bool. Returns outputs (D, T, B, P), zero where not kept;
@@ -157,8 +156,7 @@ def write_onnx(options_file: str, weight_file: str, output_file: str, force: boo
     return output_file
 
 
-def export_onnx_dir(options_file: str, weight_file: str, out_dir: str, force: bool = False,
-                    model_name: Optional[str] = None) -> list[str]:
+def export_onnx_dir(options_file: str, weight_file: str, out_dir: str, force: bool = False) -> list[str]:
     """``bilm export-onnx``: ``out_dir/model.onnx`` and, when ``out_dir`` is not the model's own
     directory, the files the runtime reads beside it (options, tokenizer, vocab) copied from there.
     Refuses to replace any of them without ``force``; returns the names written."""
@@ -167,25 +165,19 @@ def export_onnx_dir(options_file: str, weight_file: str, out_dir: str, force: bo
     from bilm.onnx_runtime import ONNX_FILE, RUNTIME_FILES
 
     source_dir = os.path.dirname(os.path.abspath(options_file))
-    same = os.path.abspath(out_dir) == source_dir
-    copies = [] if same else [n for n in RUNTIME_FILES if os.path.isfile(os.path.join(source_dir, n))]
-    if os.path.basename(options_file) != "options.json" and not same:
-        copies = [n for n in copies if n != "options.json"]
-    existing = [n for n in [ONNX_FILE, *copies, *([] if same else ["options.json"])]
-                if os.path.exists(os.path.join(out_dir, n))]
+    names = [ONNX_FILE]
+    if os.path.abspath(out_dir) != source_dir:
+        names += ["options.json"] + [n for n in RUNTIME_FILES
+                                     if n != "options.json" and os.path.isfile(os.path.join(source_dir, n))]
+    existing = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
     if existing and not force:
-        raise FileExistsError(f"{out_dir} already holds {', '.join(sorted(set(existing)))}; pass --force to overwrite")
+        raise FileExistsError(f"{out_dir} already holds {', '.join(existing)}; pass --force to overwrite")
     os.makedirs(out_dir, exist_ok=True)
     write_onnx(options_file, weight_file, os.path.join(out_dir, ONNX_FILE), force=True)
-    written = [ONNX_FILE]
-    if not same:
-        shutil.copyfile(options_file, os.path.join(out_dir, "options.json"))
-        written.append("options.json")
-        for name in copies:
-            if name != "options.json":
-                shutil.copyfile(os.path.join(source_dir, name), os.path.join(out_dir, name))
-                written.append(name)
-    return written
+    for name in names[1:]:
+        source = options_file if name == "options.json" else os.path.join(source_dir, name)
+        shutil.copyfile(source, os.path.join(out_dir, name))
+    return names
 
 
 def check_onnx_target(out_dir: str, force: bool) -> None:
