@@ -104,8 +104,9 @@ class StatelessBiLM(nn.Module):
         keep = mask.t().unsqueeze(-1).unsqueeze(0).expand(2, -1, -1, -1)
         layers = [torch.cat([tokens, tokens], dim=-1)]
         for k in range(self.n_lstm_layers):
-            w_ih_t = getattr(self, f"w_ih_t_{k}")
-            xz = torch.matmul(x, w_ih_t.unsqueeze(1)) + getattr(self, f"bias_{k}").unsqueeze(1).unsqueeze(1)
+            # All steps' input projections in one batched matmul per direction, as the exact path.
+            xz = torch.baddbmm(getattr(self, f"bias_{k}").unsqueeze(1), x.reshape(2, -1, x.shape[-1]),
+                               getattr(self, f"w_ih_t_{k}")).reshape(2, n_steps, batch_size, -1)
             y = _recurrence(xz, getattr(self, f"w_hh_t_{k}"), getattr(self, f"w_proj_t_{k}"), keep,
                             self.cell_clip, self.proj_clip)
             if self.skip and k > 0:
