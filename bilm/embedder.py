@@ -8,7 +8,8 @@ own pipeline, ``tokenizer.json`` (+ ``sentencepiece.model``) beside ``options.js
 Stateful by default, like bilm-tf's inference graph: batch row k carries its LSTM states
 into row k of the next call, so vectors depend on what was embedded before (the original
 warms up this way). ``stateful=False`` starts every batch from zero states: the same
-sentence always gets the same vectors.
+sentence always gets the same vectors. ``runtime="onnx"`` runs that stateless model with
+onnxruntime instead of PyTorch (``bilm.onnx_runtime``).
 """
 from __future__ import annotations
 
