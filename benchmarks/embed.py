@@ -18,7 +18,7 @@ rounds are interleaved and the best round counts, so load from other processes h
 times N sentences one at a time (batch 1: serving latency, ms per sentence) for every embedder.
 The issue-24 table (README, "Serve without PyTorch"):
 
-    python benchmarks/embed.py --precisions fp32 bf16 --skip reference-bf16 --onnx --latency-sentences 32
+    python benchmarks/embed.py --precisions fp32 bf16 --skip reference-bf16 --onnx --latency-sentences 16
 """
 from __future__ import annotations
 
