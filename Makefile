@@ -10,7 +10,7 @@ GPU_OUT ?=  # gpu-check's output directory; empty: benchmarks/results (with SMOK
 
 .PHONY: demo test setup setup-dev clean gpu-check
 
-# The demo needs the package only; the tests also need pytest, hypothesis and deepspeed.
+# The demo needs the package only; the tests also need pytest, hypothesis, deepspeed and onnx(runtime).
 setup: $(VENV)/.installed
 setup-dev: $(VENV)/.installed-dev
 
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[dev,deepspeed]"
+	$(PY) -m pip install -q -e ".[dev,deepspeed,onnx]"
 	touch $@
 
 test: $(VENV)/.installed-dev

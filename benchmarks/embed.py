@@ -12,6 +12,13 @@ loaded through ``ElmoEmbedder(stateful=False)``, as a user would. Each implement
 (``--impls``; default exact and reference, the straightforward baseline: one cell call per
 time step, no precomputed input projections) embeds the same sentences in the same process;
 rounds are interleaved and the best round counts, so load from other processes hits them alike.
+
+``--onnx`` adds the ONNX runtime (``ElmoEmbedder(runtime="onnx")``: the stateless model built by
+``bilm.onnx_export``, run by onnxruntime) to the same rounds; ``--latency-sentences N`` then also
+times N sentences one at a time (batch 1: serving latency, ms per sentence) for every embedder.
+The issue-24 table (README, "Serve without PyTorch"):
+
+    python benchmarks/embed.py --precisions fp32 bf16 --skip reference-bf16 --onnx --latency-sentences 16
 """
 from __future__ import annotations
 
@@ -84,6 +91,11 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", default=["exact", "reference"])
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                         help="fp32 and/or bf16 (autocast); each is timed in the same process")
+    parser.add_argument("--onnx", action="store_true", help="also the ONNX runtime (fp32, CPU; needs the onnx extra)")
+    parser.add_argument("--latency-sentences", type=int, default=0,
+                        help="also time this many sentences at batch 1 (ms per sentence), each embedder")
+    parser.add_argument("--skip", nargs="*", default=[], metavar="IMPL-PRECISION",
+                        help="leave out these combinations, e.g. reference-bf16")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -102,7 +114,12 @@ def main() -> None:
             embedders = {f"{impl} {precision}": ElmoEmbedder(options_file, weight_file, device=device_name,
                                                              batch_size=args.batch_size, stateful=False, lstm_impl=impl,
                                                              precision=precision, text_pipeline=None)
-                         for impl in args.impls for precision in args.precisions}
+                         for impl in args.impls for precision in args.precisions
+                         if f"{impl}-{precision}" not in args.skip}
+            if args.onnx and device.type == "cpu":
+                os.environ.setdefault("BILM_CACHE", os.path.join(directory, "cache"))  # built once, in the temp dir
+                embedders["onnx fp32"] = ElmoEmbedder(options_file, weight_file, batch_size=args.batch_size,
+                                                      runtime="onnx", text_pipeline=None)
             for embedder in embedders.values():  # warm-up: one batch
                 time_pass(embedder, sentences[: args.batch_size], args.batch_size, device)
             best = {impl: float("inf") for impl in embedders}
@@ -123,7 +140,18 @@ def main() -> None:
                     line += f"  {best[baseline] / seconds:.2f}x reference"
                 if precision == "bf16" and f"{impl} fp32" in best:
                     line += f"  {best[f'{impl} fp32'] / seconds:.2f}x fp32"
+                if impl == "onnx" and "exact fp32" in best:
+                    line += f"  {best['exact fp32'] / seconds:.2f}x exact fp32"
                 print(line)
+            if args.latency_sentences:
+                single = sentences[: args.latency_sentences]
+                latency = {impl: float("inf") for impl in embedders}
+                for _ in range(args.rounds):
+                    for impl, embedder in embedders.items():
+                        latency[impl] = min(latency[impl], time_pass(embedder, single, 1, device))
+                print(f"  batch 1, {len(single)} sentences x {args.tokens} tokens, best of {args.rounds}:")
+                for key, seconds in latency.items():
+                    print(f"  {key:16s} {1000 * seconds / len(single):8.1f} ms/sentence")
 
 
 if __name__ == "__main__":

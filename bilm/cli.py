@@ -6,11 +6,12 @@ Flag names are shared across subcommands: --config, --data, --out, --checkpoint,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Optional
 
 from bilm import __version__
-from bilm.errors import RunDirectoryLocked
+from bilm.errors import MissingExtra, RunDirectoryLocked
 from bilm.precision import PRECISIONS
 
 EXIT_STOPPED_BY_SIGNAL = 143  # bilm train stopped by SIGTERM after writing a checkpoint (continue with --resume)
@@ -57,15 +58,29 @@ def _add_embed(sub: argparse._SubParsersAction) -> Callable:
                    help="start every batch from zero LSTM states (deterministic vectors); default: stateful like bilm-tf")
     p.add_argument("--vocab", help="optional vocab file to preload the character cache (and with --token-embeddings)")
     p.add_argument("--token-embeddings", help="token-embedding cache from `bilm dump-token-embeddings` (needs --vocab)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="float16 halves the file (values rounded to float16); recorded in the file's 'dtype' attribute")
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                   help="onnx: the stateless ONNX model under onnxruntime (CPU; the directory's model.onnx, else "
+                        "built once into the cache; implies --stateless; needs the onnx extra)")
 
     def run(args: argparse.Namespace) -> int:
         from bilm.embedder import ElmoEmbedder
-        options, weights = _model_files(args)
+        if args.runtime == "onnx":
+            from bilm.onnx_runtime import serving_files
+            if args.model and (args.options or args.weights):
+                raise ValueError("give --model, or --options and --weights, not both")
+            options, weights = serving_files(args.model, None) if not args.options else _model_files(args)
+        else:
+            options, weights = _model_files(args)
+        if args.force is False and os.path.exists(args.output):  # before a model is downloaded or built
+            raise FileExistsError(f"{args.output} already exists; pass --force to overwrite it")
         embedder = ElmoEmbedder(options, weights, device=args.device, batch_size=args.batch_size,
-                                stateful=not args.stateless, token_embedding_file=args.token_embeddings,
-                                vocab_file=args.vocab, precision=args.precision)
+                                stateful=not args.stateless and args.runtime == "torch",
+                                token_embedding_file=args.token_embeddings,
+                                vocab_file=args.vocab, precision=args.precision, runtime=args.runtime)
         n = embedder.embed_file(args.input, args.output, output_format=args.layers, batch_size=args.batch_size,
-                                pretokenized=args.pretokenized, force=args.force)
+                                pretokenized=args.pretokenized, force=args.force, dtype=args.dtype)
         print(f"embedded {n} sentences -> {args.output}")
         return 0
     return run
@@ -224,14 +239,97 @@ def _add_export(sub: argparse._SubParsersAction) -> Callable:
     p.add_argument("--best", action="store_true",
                    help="export the run's best checkpoint (lowest heldout perplexity, checkpoints/best.pt) instead "
                         "of its newest; --checkpoint is then the run directory")
+    p.add_argument("--format", choices=["hdf5", "onnx"], default="hdf5",
+                   help="onnx: also model.onnx, the stateless biLM for onnxruntime (needs the onnx extra)")
 
     def run(args: argparse.Namespace) -> int:
         import sys
         from bilm.export import export
+        if args.format == "onnx":
+            from bilm.onnx_export import check_onnx_target
+            check_onnx_target(args.out, args.force)  # before anything is written
         result = export(args.checkpoint, args.out, args.force, args.include_softmax, args.strict, args.best)
+        if args.format == "onnx":
+            from bilm.onnx_export import write_onnx
+            from bilm.onnx_runtime import ONNX_FILE
+            write_onnx(os.path.join(args.out, "options.json"), os.path.join(args.out, "weights.hdf5"),
+                       os.path.join(args.out, ONNX_FILE), force=True)
+            result["files"].append(ONNX_FILE)
         for problem in result["problems"]:
             print(f"warning: {problem}", file=sys.stderr)
         print(f"exported {result['checkpoint']} -> {args.out.rstrip('/')}/ ({', '.join(result['files'])})")
+        return 0
+    return run
+
+
+def _add_export_onnx(sub: argparse._SubParsersAction) -> Callable:
+    p = sub.add_parser("export-onnx", help="a biLM -> model.onnx (stateless, for onnxruntime without PyTorch)",
+                       description="Write OUT/model.onnx: char ids (batch, steps, chars) in, the ELMo layers "
+                                   "(batch, n_layers, steps, 2 * projection_dim) out, from zero LSTM states. "
+                                   "options.json, tokenizer.json, sentencepiece.model and vocab.txt are copied "
+                                   "beside it when OUT is not the model's own directory. Needs the onnx extra.")
+    _add_model_arguments(p)
+    p.add_argument("--out", required=True, help="directory to write model.onnx into (the model's own directory is fine)")
+    p.add_argument("--force", action="store_true", help="overwrite files already in --out")
+
+    def run(args: argparse.Namespace) -> int:
+        from bilm.onnx_export import check_onnx_target, export_onnx_dir
+        check_onnx_target(args.out, args.force)
+        options, weights = _model_files(args)
+        written = export_onnx_dir(options, weights, args.out, args.force)
+        print(f"exported {weights} -> {args.out.rstrip('/')}/ ({', '.join(written)})")
+        return 0
+    return run
+
+
+def _add_score(sub: argparse._SubParsersAction) -> Callable:
+    p = sub.add_parser("score", help="per-sentence (and per-token) log-probabilities and perplexity of text",
+                       description="Score each line of --input with the language model: the log-probability "
+                                   "(natural log, full softmax) and perplexity under the forward LM, the backward "
+                                   "LM and their average, one JSON line per input line. Each line starts from "
+                                   "zero states (as evaluate --per-sentence), so its score does not depend on "
+                                   "the other lines. The totals (stderr) equal `bilm evaluate --per-sentence` "
+                                   "on the same file.")
+    p.add_argument("--model", "--checkpoint", dest="model", required=True,
+                   help="a run directory or checkpoint, or an export directory with softmax.hdf5 "
+                        "(bilm export --include-softmax)")
+    p.add_argument("--input", required=True, help="text file, one sentence per line (raw text: the model's tokenizer)")
+    p.add_argument("--out", default="-", help="JSON lines file to write (default: stdout)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--per-token", action="store_true", help="also each token's log-probability in both directions")
+    p.add_argument("--pretokenized", action="store_true", help="split lines on whitespace instead of the model's tokenizer")
+    p.add_argument("--batch-size", type=int, default=32, help="lines per batch (default 32; does not change the scores)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32, or bf16 autocast for the LSTMs (the softmax runs in fp32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+        from bilm.errors import not_utf8
+        from bilm.score import LanguageModelScorer, corpus_summary
+        if args.out != "-" and os.path.exists(args.out) and not args.force:
+            raise FileExistsError(f"{args.out} already exists; pass --force to overwrite it")
+        try:
+            with open(args.input, encoding="utf-8") as f:
+                lines = [line.rstrip("\n") for line in f]
+        except UnicodeDecodeError:
+            raise ValueError(not_utf8(args.input)) from None
+        scorer = LanguageModelScorer(args.model, args.device, args.batch_size, args.precision, args.pretokenized)
+        import contextlib
+        from bilm.atomic import atomic_open
+        records = []
+        # The file appears whole when every line is scored (nothing half-written under its name).
+        with (contextlib.nullcontext(sys.stdout) if args.out == "-" else atomic_open(args.out)) as out:
+            for record in scorer.iter_scores(lines, args.per_token, progress=not args.no_progress, total=len(lines)):
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                records.append(record)
+        summary = corpus_summary(records)
+        if summary["predictions"]:
+            print(f"scored {summary['lines']} lines ({summary['predictions']} predictions a direction, "
+                  f"{summary['unk_targets']} <UNK> targets): perplexity forward {summary['forward']['perplexity']:.3f}, "
+                  f"backward {summary['backward']['perplexity']:.3f}, average {summary['average_perplexity']:.3f}",
+                  file=sys.stderr)
         return 0
     return run
 
@@ -314,6 +412,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     for name, add in (("prepare", _add_prepare), ("train", _add_train), ("evaluate", _add_evaluate),
                       ("export", _add_export), ("embed", _add_embed),
                       ("dump-token-embeddings", _add_dump_token_embeddings),
+                      ("export-onnx", _add_export_onnx), ("score", _add_score),
                       ("import-bilm-tf", _add_import_bilmtf), ("convert-checkpoint", _add_convert_checkpoint)):
         handler = add(sub)
         if handler is not None:
@@ -337,7 +436,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         keep_freed_memory()  # large tensors every step: reuse their memory (see bilm/malloc.py)
     try:
         return handlers[args.command](args) or 0
-    except (FileNotFoundError, FileExistsError, ValueError, RunDirectoryLocked) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, RunDirectoryLocked, MissingExtra) as e:
         # User errors: one clear line, no traceback.
         print(f"bilm {args.command}: error: {e}", file=sys.stderr)
         return 1

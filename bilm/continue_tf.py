@@ -21,10 +21,10 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from bilm.bilmtf import (latest_tf_checkpoint, load_bilmtf_body, read_tf_checkpoint, softmax_arrays,
                          split_tensors)
+from bilm.progress import progress_bar
 from bilm.vocab import SPECIAL_TOKENS, Vocabulary, VocabularyError, read_tokens
 
 # How a word the checkpoint never saw gets its softmax row (weight and bias):
@@ -198,8 +198,8 @@ def _token_vectors(model, tokens: list[str], batch_size: int = 512) -> torch.Ten
     was_training = bilm.training
     bilm.eval()
     try:
-        starts = tqdm(range(0, len(tokens), batch_size), desc="char CNN of the softmax words", unit="batch",
-                      disable=None, leave=False)  # minutes on a CPU at elmo_original's size: shown on a terminal
+        starts = progress_bar(range(0, len(tokens), batch_size), desc="char CNN of the softmax words", unit="batch",
+                              disable=None, leave=False)  # minutes on a CPU at elmo_original's size: shown on a terminal
         out = [bilm.embed_tokens(torch.from_numpy(char_id_table(tokens[s:s + batch_size], width)).long().to(device))
                .float().cpu() for s in starts]
     finally:

@@ -8,7 +8,8 @@ own pipeline, ``tokenizer.json`` (+ ``sentencepiece.model``) beside ``options.js
 Stateful by default, like bilm-tf's inference graph: batch row k carries its LSTM states
 into row k of the next call, so vectors depend on what was embedded before (the original
 warms up this way). ``stateful=False`` starts every batch from zero states: the same
-sentence always gets the same vectors.
+sentence always gets the same vectors. ``runtime="onnx"`` runs that stateless model with
+onnxruntime instead of PyTorch (``bilm.onnx_runtime``).
 """
 from __future__ import annotations
 
@@ -34,29 +35,46 @@ from bilm.weights import WeightFileError, load_bilm, reading
 from data_tools.normalize import TextPipeline, warn_suspicious_lines
 
 OUTPUT_FORMATS = ("all", "top", "average")
+RUNTIMES = ("torch", "onnx")
+OUTPUT_DTYPES = ("float32", "float16")
 
 
 class ElmoEmbedder:
     def __init__(self, options_file: Optional[str] = None, weight_file: Optional[str] = None,
                  device: Union[str, int] = "cpu", batch_size: int = 64,
-                 stateful: bool = True, token_embedding_file: Optional[str] = None,
+                 stateful: Optional[bool] = None, token_embedding_file: Optional[str] = None,
                  vocab_file: Optional[str] = None, lstm_impl: str = "exact",
                  text_pipeline: Union[TextPipeline, None, str] = "auto", cuda_device: Optional[int] = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", runtime: str = "torch"):
         """AllenNLP's ``ElmoEmbedder``: ``ElmoEmbedder()`` is the published ``original`` model
         (downloaded once to the cache), ``ElmoEmbedder("small")`` another published one or a
         directory holding ``options.json`` + ``weights.hdf5``, ``ElmoEmbedder(options, weights)``
         your files (paths or URLs). ``device``: "cpu", "cuda:0", ... or AllenNLP's ``cuda_device``
-        (-1 is the CPU). Stateful by default, as the original.
+        (-1 is the CPU). Stateful by default in PyTorch, as the original (``stateful=None``).
 
         ``text_pipeline``: how ``embed_text`` / ``embed_file`` tokenize raw text. "auto" reads
         ``tokenizer.json`` beside the options (written by ``bilm export``); None, or no such
         file, splits on whitespace.
 
         ``precision``: "fp32", or "bf16" (autocast: matrix multiplies in bfloat16, the LSTM cell
-        state in fp32; vectors are returned as float32 either way)."""
+        state in fp32; vectors are returned as float32 either way).
+
+        ``runtime``: "torch", or "onnx": the stateless ONNX model (``bilm.onnx_runtime``) run by
+        onnxruntime on the CPU, from ``model.onnx`` in the model's directory when present, else
+        built once into the cache. It is stateless only (``stateful=True`` is refused), fp32, and
+        reads char ids (no ``token_embedding_file``); tokenizer and outputs are the same."""
         self.precision = check_precision(precision)
-        options_file, weight_file = model_files(options_file, weight_file)
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        self.runtime = runtime
+        self._onnx = None
+        if runtime == "onnx":
+            from bilm.onnx_runtime import check_onnx_arguments, serving_files
+            check_onnx_arguments(stateful, precision, token_embedding_file, device if cuda_device is None
+                                 else cuda_device)
+            options_file, weight_file = serving_files(options_file, weight_file)
+        else:
+            options_file, weight_file = model_files(options_file, weight_file)
         if cuda_device is not None:
             device = cuda_device
         if isinstance(device, int):
@@ -67,11 +85,18 @@ class ElmoEmbedder:
         self._told_whitespace = False
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.stateful = stateful
-        self.model: BidirectionalLM = load_bilm(options_file, weight_file, lstm_impl).to(self.device)
-        if not self.model.char_inputs:
+        self.stateful = (runtime == "torch") if stateful is None else stateful  # default: stateful in PyTorch
+        if runtime == "onnx":
+            from bilm.onnx_runtime import load_onnx_bilm
+            self._onnx = load_onnx_bilm(options_file, weight_file)
+            self.options = self._onnx.options
+            self.model = None
+        else:
+            self.model: BidirectionalLM = load_bilm(options_file, weight_file, lstm_impl).to(self.device)
+            self.options = self.model.options
+        if self.options.char_cnn is None:
             raise ValueError(f"{options_file}: word-input models need token ids; use the model directly")
-        max_chars = self.model.options.char_cnn.max_characters_per_token
+        max_chars = self.options.char_cnn.max_characters_per_token
         self.char_mapper = (CharIdMapper.from_vocab_file(vocab_file, max_chars) if vocab_file
                             else CharIdMapper(max_chars))
         self._states = RowStates()
@@ -136,6 +161,10 @@ class ElmoEmbedder:
         """One float32 array (n_layers + 1, n_tokens, 2 * projection_dim) per sentence."""
         if len(sentences) == 0:
             return []
+        if self._onnx is not None:
+            rows = self.char_mapper.batch_rows(sentences)  # may grow the table: index after
+            layers = self._onnx.run(self.char_mapper.table[rows])  # (B, L, T + 2, D)
+            return [layers[i, :, 1 : len(s) + 1].copy() for i, s in enumerate(sentences)]
         with autocast(self.device, self.precision):
             tokens, mask = self._token_vectors(sentences)
             state = self._states.get(len(sentences)) if self.stateful else None
@@ -181,15 +210,20 @@ class ElmoEmbedder:
 
     def embed_file(self, input_file: str, output_file: str, output_format: str = "all",
                    batch_size: Optional[int] = None, progress: bool = True, pretokenized: bool = False,
-                   force: bool = True) -> int:
+                   force: bool = True, dtype: str = "float32") -> int:
         """Embed every line of ``input_file`` into ``output_file``: dataset ``str(i)`` for line i (its
         tokens in the attribute ``tokens``) and a JSON ``sentence_to_index`` dataset, as AllenNLP's
         ``elmo`` command. Lines are raw text tokenized with the model's pipeline, or with
         ``pretokenized`` already-tokenized text split on whitespace. Written to a temporary file
         first, so a failure never leaves a half-written output; ``force=False`` refuses to replace
-        an existing ``output_file``."""
+        an existing ``output_file``.
+
+        ``dtype``: "float32", or "float16" (half the file; each value is float32's rounded to the
+        nearest float16). The file records it in its ``dtype`` attribute."""
         if output_format not in OUTPUT_FORMATS:
             raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
+        if dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
         if not force and os.path.exists(output_file):
             raise FileExistsError(f"{output_file} already exists; pass --force to overwrite it")
         try:
@@ -200,7 +234,7 @@ class ElmoEmbedder:
         tokenized = [line.split() for line in lines] if pretokenized else self.tokenize_lines(lines)
         if pretokenized or self.text_pipeline is None or self.text_pipeline.tokenizer == "whitespace":
             warn_suspicious_lines(self.text_pipeline or TextPipeline(), ((i + 1, t) for i, t in enumerate(tokenized)),
-                                  input_file, self.model.options.char_cnn.max_characters_per_token)
+                                  input_file, self.options.char_cnn.max_characters_per_token)
         sentence_to_index: dict[str, str] = {}
         with atomic_path(output_file) as tmp:
             with h5py.File(tmp, "w") as out:
@@ -212,12 +246,13 @@ class ElmoEmbedder:
                         emb = emb[-1]
                     elif output_format == "average":
                         emb = emb.mean(axis=0)
-                    dataset = out.create_dataset(str(i), data=emb)
+                    dataset = out.create_dataset(str(i), data=emb.astype(dtype, copy=False))
                     dataset.attrs["tokens"] = json.dumps(tokens, ensure_ascii=False)
                     sentence_to_index[line] = str(i)
                 # AllenNLP's layout: a (1,) string dataset holding the JSON.
                 index = out.create_dataset("sentence_to_index", (1,), dtype=h5py.string_dtype())
                 index[0] = json.dumps(sentence_to_index)
+                out.attrs["dtype"] = dtype
         return len(lines)
 
 

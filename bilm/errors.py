@@ -5,6 +5,10 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (e.g. the disk is full); the previous ones are intact."""
 
 
+class MissingExtra(ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
 class RunDirectoryLocked(RuntimeError):
     """Another process is training into the same run directory."""
 

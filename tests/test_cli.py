@@ -20,7 +20,7 @@ def subcommands():
 def test_every_subcommand_is_documented():
     names = set(subcommands())
     assert names == {"prepare", "train", "evaluate", "export", "embed", "dump-token-embeddings", "import-bilm-tf",
-                     "convert-checkpoint"}
+                     "convert-checkpoint", "export-onnx", "score"}
     for name, sub in subcommands().items():
         assert sub.description, f"bilm {name} has no description"
         for action in sub._actions:
@@ -39,7 +39,8 @@ def test_shared_flags_have_the_same_names():
 
 @pytest.mark.parametrize("argv", [["--help"], *[[name, "--help"] for name in
                                                  ["prepare", "train", "evaluate", "export", "embed",
-                                                  "dump-token-embeddings", "import-bilm-tf"]]])
+                                                  "dump-token-embeddings", "import-bilm-tf", "export-onnx",
+                                                  "score"]]])
 def test_help_prints_and_exits_cleanly(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

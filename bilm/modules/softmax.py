@@ -164,14 +164,17 @@ class SoftmaxLayer(nn.Module):
         vocabulary does not need an ``[N, V]`` matrix at once.
         """
         hidden, targets, weights = _flatten(hidden, targets, mask)
+        nll = -self.target_log_probs(hidden, targets, max_logits)
+        return (nll * weights).sum(), weights.sum()
+
+    def target_log_probs(self, hidden: Tensor, targets: Tensor, max_logits: int = 1 << 26) -> Tensor:
+        """Log-probability of each row's target under the full softmax: ``hidden [N, dim]``,
+        ``targets [N]`` -> ``[N]`` (fp32), in chunks of at most ``max_logits`` logits."""
         rows_per_chunk = max(1, max_logits // self.vocab_size)
-        nll_sum = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], rows_per_chunk):
-            end = start + rows_per_chunk
-            log_probs = self.full_log_probs(hidden[start:end])
-            nll = -log_probs.gather(1, targets[start:end, None]).squeeze(1)
-            nll_sum = nll_sum + (nll * weights[start:end]).sum()
-        return nll_sum, weights.sum()
+        chunks = [self.full_log_probs(hidden[start:start + rows_per_chunk])
+                  .gather(1, targets[start:start + rows_per_chunk, None]).squeeze(1)
+                  for start in range(0, hidden.shape[0], rows_per_chunk)]
+        return torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
 
     # ----- sampled softmax (training) -----
 
