@@ -387,10 +387,12 @@ def _cases(tmp, run):
         ("evaluate truncated checkpoint", ["evaluate", "--checkpoint", bad_ckpt, "--data", TRAIN_DATA], bad_ckpt, None),
         ("export truncated checkpoint", ["export", "--checkpoint", bad_ckpt, "--out", tmp / "exp"], bad_ckpt, None),
         ("export output under a file", ["export", "--checkpoint", run, "--out", regular / "exp"], regular, regular),
+        # --force: the model is read (an existing output without it is refused first, before loading
+        # anything), and a model that fails to load must still leave the existing output as it was.
         ("embed truncated weights", ["embed", "--options", OPTIONS, "--weights", bad_weights, "--input", sentences,
-                                     "--out", existing], bad_weights, existing),
+                                     "--out", existing, "--force"], bad_weights, existing),
         ("embed options fewer layers than weights", ["embed", "--options", one_layer, "--weights", WEIGHTS,
-                                                     "--input", sentences, "--out", existing],
+                                                     "--input", sentences, "--out", existing, "--force"],
          "RNN_0/RNN/MultiRNNCell/Cell1", existing),
         ("embed input not UTF-8", ["embed", "--options", OPTIONS, "--weights", WEIGHTS, "--input", bad_text,
                                    "--out", tmp / "x.hdf5"], bad_text, None),

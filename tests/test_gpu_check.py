@@ -180,8 +180,11 @@ def test_limits_fit_the_gpu_session_and_make_runs_the_same_command():
     assert f"{gpu_check.TOTAL_LIMIT} s" in readme
     if shutil.which("make") is None:
         pytest.skip("no make here")
+    # As a user runs it: not inside another make (`make test` sets MAKELEVEL, and a nested make prints
+    # "Entering directory" lines).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     done = subprocess.run(["make", "-n", "gpu-check", "PYTHON=python3", "GPU_OUT=/tmp/gpu out"], cwd=ROOT,
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=True, env=env)
     # One command, nothing built or installed first: the README's command with the caller's directory.
     assert [shlex.split(line) for line in done.stdout.strip().splitlines()] == [
         shlex.split(COMMAND.replace('"$OUT"', '"/tmp/gpu out"'))]
