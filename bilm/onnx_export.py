@@ -96,8 +96,10 @@ class StatelessBiLM(nn.Module):
     def forward(self, char_ids: torch.Tensor) -> torch.Tensor:
         batch_size, n_steps, n_chars = char_ids.shape
         mask = char_ids[:, :, 0] > 0
-        # Every token through the CNN (the eager path's distinct-token shortcut is data dependent).
-        tokens = self.encoder.encode_distinct(char_ids.reshape(-1, n_chars)).reshape(batch_size, n_steps, -1)
+        # The CNN once per distinct token, as the eager path (a batch repeats its frequent words); ONNX's
+        # Unique (with an axis) takes int64 in onnxruntime, hence the cast.
+        distinct, inverse = torch.unique(char_ids.reshape(-1, n_chars).long(), dim=0, return_inverse=True)
+        tokens = self.encoder.encode_distinct(distinct)[inverse].reshape(batch_size, n_steps, -1)
         tokens = tokens * mask.unsqueeze(-1).to(tokens.dtype)
         lengths = mask.sum(dim=1)
         # Time-major, both directions stacked: (2, T, B, P).
