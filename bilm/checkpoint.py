@@ -465,10 +465,9 @@ def keep_as_best(path: str) -> str:
     """Make ``best.pt`` beside ``path`` the checkpoint ``path``: a hard link (no second copy on disk;
     pruning ``path`` later leaves it), or a copy where the file system has no links. Atomic."""
     best = best_checkpoint_path(os.path.dirname(path))
-    tmp = f"{best}.tmp{os.getpid()}"
-    try:
-        os.link(path, tmp)
-    except OSError:
-        shutil.copyfile(path, tmp)
-    os.replace(tmp, best)
+    with atomic_path(best) as tmp:
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
     return best

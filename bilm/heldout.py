@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from bilm.atomic import atomic_open
 from bilm.config import Config
 from bilm.data import LMDataset, load_manifest, resolve_shards
 from bilm.distributed import DistEnv
@@ -88,10 +89,8 @@ def prepare_heldout(cfg: Config, manifest: Optional[dict], eval_data: Optional[s
         if not sentences:
             raise ValueError(f"{source}: no heldout sentences (empty files)")
         sentences.sort(key=len)  # similar lengths share a batch: little padding when scored per sentence
-        tmp_path = f"{path}.tmp{os.getpid()}"
-        with open(tmp_path, "w", encoding="utf-8") as f:
+        with atomic_open(path) as f:
             f.writelines(" ".join(s) + "\n" for s in sentences)
-        os.replace(tmp_path, path)
     if env.distributed:
         torch.distributed.barrier()
     with open(path, encoding="utf-8") as f:
