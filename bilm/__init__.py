@@ -1,5 +1,5 @@
 """bilm: pretrain ELMo on your own corpus in PyTorch; load and export the published ELMo format."""
-__version__ = "0.1.0"
+from bilm.version import __version__  # noqa: F401
 
 from bilm.chars import CharIdMapper  # noqa: E402
 

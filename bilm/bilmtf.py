@@ -22,6 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from bilm.errors import InputError
+
 # ----------------------------------------------------------------------------- the TF checkpoint
 
 _TABLE_MAGIC = 0xDB4775248B80FB57
@@ -32,7 +34,7 @@ _DTYPES = {1: np.float32, 2: np.float64, 3: np.int32, 4: np.uint8, 5: np.int16, 
 _DT_STRING = 7
 
 
-class TFCheckpointError(ValueError):
+class TFCheckpointError(InputError):
     """A TensorFlow checkpoint that cannot be read; the message names the file."""
 
 
@@ -338,13 +340,13 @@ def import_bilmtf(save_dir: str, vocab_file: str, out_dir: str, overrides: Seque
     except OSError as e:
         raise FileNotFoundError(f"{options_path}: cannot read ({e.strerror}); is {save_dir} a bilm-tf save_dir?") from None
     except ValueError as e:  # not JSON, not UTF-8
-        raise ValueError(f"{options_path}: not a JSON options file ({e})") from None
+        raise InputError(f"{options_path}: not a JSON options file ({e})") from None
     prefix = latest_tf_checkpoint(save_dir)
     weights, accumulators, step = split_tensors(read_tf_checkpoint(prefix))
     cfg = config_from_dict(config_from_bilmtf_options(options), where=options_path, overrides=overrides)
     vocab = Vocabulary.from_file(vocab_file)
     if options.get("n_tokens_vocab") not in (None, len(vocab)):
-        raise ValueError(f"{vocab_file} has {len(vocab)} tokens, {options_path} says n_tokens_vocab "
+        raise InputError(f"{vocab_file} has {len(vocab)} tokens, {options_path} says n_tokens_vocab "
                          f"{options['n_tokens_vocab']}: give the vocab the run was trained with")
 
     ckpt_dir = os.path.join(out_dir, "checkpoints")

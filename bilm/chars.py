@@ -12,9 +12,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-BOS_TOKEN = "<S>"
-EOS_TOKEN = "</S>"
-UNK_TOKEN = "<UNK>"
+from bilm.errors import InputError
+from bilm.vocab import BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, read_tokens  # noqa: F401 (the tokens re-exported)
 
 # Unshifted ids, as bilm-tf's UnicodeCharsVocabulary and the published weights use them.
 BOS_CHAR = 256
@@ -30,7 +29,7 @@ DEFAULT_MAX_CHARACTERS = 50
 def token_to_char_ids(token: str, max_characters_per_token: int = DEFAULT_MAX_CHARACTERS) -> np.ndarray:
     """Shifted char ids (values 1..261) of one token, shape (max_characters_per_token,)."""
     if max_characters_per_token < 3:
-        raise ValueError(f"max_characters_per_token must be >= 3, got {max_characters_per_token}")
+        raise InputError(f"max_characters_per_token must be >= 3, got {max_characters_per_token}")
     ids = np.full(max_characters_per_token, PAD_CHAR, dtype=np.int32)
     ids[0] = BOW_CHAR
     if token == BOS_TOKEN or token == EOS_TOKEN:
@@ -52,7 +51,7 @@ def char_id_table(tokens: Sequence[str], max_characters_per_token: int = DEFAULT
     UTF-8 bytes instead of one small array per token.
     """
     if max_characters_per_token < 3:
-        raise ValueError(f"max_characters_per_token must be >= 3, got {max_characters_per_token}")
+        raise InputError(f"max_characters_per_token must be >= 3, got {max_characters_per_token}")
     n, width = len(tokens), max_characters_per_token
     encoded = [t.encode("utf-8", "ignore")[: width - 2] for t in tokens]
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=n)
@@ -89,7 +88,6 @@ class CharIdMapper:
     @classmethod
     def from_vocab_file(cls, path: str, max_characters_per_token: int = DEFAULT_MAX_CHARACTERS) -> "CharIdMapper":
         """Preload the cache with every token of a vocab file (one token per line, checked)."""
-        from bilm.vocab import read_tokens
         return cls(max_characters_per_token, read_tokens(path))
 
     def __len__(self) -> int:

@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from bilm.atomic import atomic_path
-from bilm.errors import CheckpointWriteError, RunDirectoryLocked  # noqa: F401  (raised here, caught by the CLI)
+from bilm.errors import CheckpointWriteError, InputError, RunDirectoryLocked  # noqa: F401  (raised here, caught by the CLI)
 
 _NAME = re.compile(r"step-(\d+)\.pt$")
 REQUIRED_KEYS = ("format", "step", "config", "model")
@@ -48,7 +48,7 @@ _OLD_FORMAT_GLOBALS = re.compile(r"numpy\.(_core|core)\.multiarray\._reconstruct
                                  r"|numpy\.dtypes\.\w+DType")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """An unreadable or incompatible checkpoint; the message names the file."""
 
 

@@ -10,8 +10,8 @@ import os
 import sys
 from typing import Callable, Optional
 
-from bilm import __version__
-from bilm.errors import MissingExtra, RunDirectoryLocked
+from bilm.errors import BilmError, InputError
+from bilm.version import __version__
 from bilm.precision import PRECISIONS
 
 EXIT_STOPPED_BY_SIGNAL = 143  # bilm train stopped by SIGTERM after writing a checkpoint (continue with --resume)
@@ -29,9 +29,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 def _model_files(args: argparse.Namespace) -> tuple[str, str]:
     from bilm.published import model_files
     if args.model and (args.options or args.weights):
-        raise ValueError("give --model, or --options and --weights, not both")
+        raise InputError("give --model, or --options and --weights, not both")
     if bool(args.options) != bool(args.weights):
-        raise ValueError("--options and --weights go together (or give --model)")
+        raise InputError("--options and --weights go together (or give --model)")
     return model_files(args.model, None) if not args.options else model_files(args.options, args.weights)
 
 
@@ -69,7 +69,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> Callable:
         if args.runtime == "onnx":
             from bilm.onnx_runtime import serving_files
             if args.model and (args.options or args.weights):
-                raise ValueError("give --model, or --options and --weights, not both")
+                raise InputError("give --model, or --options and --weights, not both")
             options, weights = serving_files(args.model, None) if not args.options else _model_files(args)
         else:
             options, weights = _model_files(args)
@@ -153,7 +153,7 @@ def _add_train(sub: argparse._SubParsersAction) -> Callable:
         tf_start = None
         if args.init_model:
             if args.init_weights or args.init_options:
-                raise ValueError("give --init-model, or --init-weights and --init-options, not both")
+                raise InputError("give --init-model, or --init-weights and --init-options, not both")
             from bilm.continue_tf import resolve_start
             tf_start = resolve_start(args.init_model, args.init_vocab, args.keep_vocab, args.new_rows,
                                      progress=not args.no_progress)
@@ -161,9 +161,9 @@ def _add_train(sub: argparse._SubParsersAction) -> Callable:
                 from bilm.published import resolve_model
                 args.init_options, args.init_weights = resolve_model(args.init_model)
         if tf_start is None and (args.init_vocab or args.keep_vocab or args.new_rows):
-            raise ValueError("--init-vocab, --keep-vocab and --new-rows go with a bilm-tf checkpoint as --init-model")
+            raise InputError("--init-vocab, --keep-vocab and --new-rows go with a bilm-tf checkpoint as --init-model")
         if tf_start is not None and (args.init_softmax or args.init_softmax_vocab):
-            raise ValueError("a bilm-tf checkpoint brings its softmax: drop --init-softmax / --init-softmax-vocab")
+            raise InputError("a bilm-tf checkpoint brings its softmax: drop --init-softmax / --init-softmax-vocab")
         init = {"weights": args.init_weights, "options": args.init_options, "softmax": args.init_softmax,
                 "softmax_vocab": args.init_softmax_vocab} if args.init_weights else None
         if tf_start is not None:
@@ -314,7 +314,7 @@ def _add_score(sub: argparse._SubParsersAction) -> Callable:
             with open(args.input, encoding="utf-8") as f:
                 lines = [line.rstrip("\n") for line in f]
         except UnicodeDecodeError:
-            raise ValueError(not_utf8(args.input)) from None
+            raise InputError(not_utf8(args.input)) from None
         scorer = LanguageModelScorer(args.model, args.device, args.batch_size, args.precision, args.pretokenized)
         import contextlib
         from bilm.atomic import atomic_open
@@ -436,14 +436,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         keep_freed_memory()  # large tensors every step: reuse their memory (see bilm/malloc.py)
     try:
         return handlers[args.command](args) or 0
-    except (FileNotFoundError, FileExistsError, ValueError, RunDirectoryLocked, MissingExtra) as e:
-        # User errors: one clear line, no traceback.
-        print(f"bilm {args.command}: error: {e}", file=sys.stderr)
+    except (BilmError, OSError) as e:
+        # What the user gave cannot be used, or the system refused: one line, no traceback.
+        # Anything else (a plain ValueError, KeyError, ...) is a bug in bilm: it keeps its traceback.
+        print(f"bilm {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
-    except OSError as e:  # a full disk, a read-only --out, a permission: the file and the reason
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"bilm {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 1
+
+
+def _one_line(error: Exception) -> str:
+    """A missing or existing file and bilm's own errors: their message (it names the file). Other
+    OS errors (a full disk, a read-only --out, a permission): the file and the reason."""
+    if isinstance(error, OSError) and not isinstance(error, (FileNotFoundError, FileExistsError)):
+        return f"{str(error.filename) + ': ' if error.filename else ''}{error.strerror or error}"
+    return str(error)
 
 
 if __name__ == "__main__":

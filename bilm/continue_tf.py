@@ -24,6 +24,7 @@ import torch
 
 from bilm.bilmtf import (latest_tf_checkpoint, load_bilmtf_body, read_tf_checkpoint, softmax_arrays,
                          split_tensors)
+from bilm.errors import InputError
 from bilm.progress import progress_bar
 from bilm.vocab import SPECIAL_TOKENS, Vocabulary, VocabularyError, read_tokens
 
@@ -41,7 +42,7 @@ CHAR_FIT_MAX_WORDS = 20_000   # carried words the char rule is fitted on (the ru
 CHAR_FIT_RIDGE = 1e-3         # ridge penalty, relative to the mean diagonal of X'X
 
 
-class TFStartError(ValueError):
+class TFStartError(InputError):
     """A bilm-tf checkpoint or vocabulary that cannot start this run; the message names the file."""
 
 
@@ -60,7 +61,7 @@ class TFStart:
 
     def __post_init__(self):
         if self.new_rows not in NEW_ROW_RULES:
-            raise ValueError(f"new softmax row rule must be one of {', '.join(NEW_ROW_RULES)}, got {self.new_rows!r}")
+            raise InputError(f"new softmax row rule must be one of {', '.join(NEW_ROW_RULES)}, got {self.new_rows!r}")
 
     @property
     def options_file(self) -> str:

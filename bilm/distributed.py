@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from bilm.errors import InputError
+
 
 @dataclass
 class DistEnv:
@@ -37,7 +39,7 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> DistEn
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda:
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but no CUDA GPU is visible")
+            raise InputError("--device cuda was asked for, but no CUDA GPU is visible")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bilm.chars import EOS_TOKEN, BOS_TOKEN, CharIdMapper
+from bilm.errors import InputError
 from bilm.modules.bilm import RowStates
 from bilm.modules.scalar_mix import ScalarMix
 from bilm.precision import autocast, check_precision
@@ -43,12 +44,12 @@ class Elmo(nn.Module):
         super().__init__()
         self.precision = check_precision(precision)
         if vocab_to_cache is not None:
-            raise ValueError("vocab_to_cache is not supported: the char CNN runs once per distinct token of a "
+            raise InputError("vocab_to_cache is not supported: the char CNN runs once per distinct token of a "
                              "batch already; for a precomputed cache use ElmoEmbedder(token_embedding_file=...)")
         options_file, weight_file = model_files(options_file, weight_file)
         self.bilm = load_bilm(options_file, weight_file, lstm_impl)
         if not self.bilm.char_inputs:
-            raise ValueError(f"{options_file}: Elmo needs a char-CNN model")
+            raise InputError(f"{options_file}: Elmo needs a char-CNN model")
         for p in self.bilm.parameters():
             p.requires_grad_(requires_grad)
         self.scalar_mixes = nn.ModuleList(

@@ -25,14 +25,14 @@ import torch
 
 from bilm.atomic import atomic_path
 from bilm.chars import CharIdMapper, char_id_table
-from bilm.errors import not_utf8
+from bilm.errors import InputError, not_utf8
 from bilm.modules.bilm import BidirectionalLM, RowStates
 from bilm.precision import autocast, check_precision
 from bilm.progress import progress_bar
 from bilm.published import model_files
 from bilm.vocab import read_tokens
 from bilm.weights import WeightFileError, load_bilm, reading
-from data_tools.normalize import TextPipeline, warn_suspicious_lines
+from bilm.text import TextPipeline, warn_suspicious_lines
 
 OUTPUT_FORMATS = ("all", "top", "average")
 RUNTIMES = ("torch", "onnx")
@@ -65,7 +65,7 @@ class ElmoEmbedder:
         reads char ids (no ``token_embedding_file``); tokenizer and outputs are the same."""
         self.precision = check_precision(precision)
         if runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+            raise InputError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         self.runtime = runtime
         self._onnx = None
         if runtime == "onnx":
@@ -87,15 +87,16 @@ class ElmoEmbedder:
         self.batch_size = batch_size
         self.stateful = (runtime == "torch") if stateful is None else stateful  # default: stateful in PyTorch
         if runtime == "onnx":
+            from bilm.onnx_export import write_onnx
             from bilm.onnx_runtime import load_onnx_bilm
-            self._onnx = load_onnx_bilm(options_file, weight_file)
+            self._onnx = load_onnx_bilm(options_file, weight_file, build=write_onnx)
             self.options = self._onnx.options
             self.model = None
         else:
             self.model: BidirectionalLM = load_bilm(options_file, weight_file, lstm_impl).to(self.device)
             self.options = self.model.options
         if self.options.char_cnn is None:
-            raise ValueError(f"{options_file}: word-input models need token ids; use the model directly")
+            raise InputError(f"{options_file}: word-input models need token ids; use the model directly")
         max_chars = self.options.char_cnn.max_characters_per_token
         self.char_mapper = (CharIdMapper.from_vocab_file(vocab_file, max_chars) if vocab_file
                             else CharIdMapper(max_chars))
@@ -103,7 +104,7 @@ class ElmoEmbedder:
         self._token_table: Optional[torch.Tensor] = None
         if token_embedding_file is not None:
             if vocab_file is None:
-                raise ValueError("token_embedding_file needs vocab_file (the order of its rows)")
+                raise InputError("token_embedding_file needs vocab_file (the order of its rows)")
             self._load_token_table(token_embedding_file, vocab_file)
 
     # ----- token-embedding cache -----
@@ -221,16 +222,16 @@ class ElmoEmbedder:
         ``dtype``: "float32", or "float16" (half the file; each value is float32's rounded to the
         nearest float16). The file records it in its ``dtype`` attribute."""
         if output_format not in OUTPUT_FORMATS:
-            raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
+            raise InputError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
         if dtype not in OUTPUT_DTYPES:
-            raise ValueError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
+            raise InputError(f"dtype must be one of {OUTPUT_DTYPES}, got {dtype!r}")
         if not force and os.path.exists(output_file):
             raise FileExistsError(f"{output_file} already exists; pass --force to overwrite it")
         try:
             with open(input_file, encoding="utf-8") as f:
                 lines = [line.rstrip("\n") for line in f]
         except UnicodeDecodeError:
-            raise ValueError(not_utf8(input_file)) from None
+            raise InputError(not_utf8(input_file)) from None
         tokenized = [line.split() for line in lines] if pretokenized else self.tokenize_lines(lines)
         if pretokenized or self.text_pipeline is None or self.text_pipeline.tokenizer == "whitespace":
             warn_suspicious_lines(self.text_pipeline or TextPipeline(), ((i + 1, t) for i, t in enumerate(tokenized)),

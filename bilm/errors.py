@@ -1,15 +1,33 @@
-"""Errors the command line reports as one line (no traceback); importing this module is cheap."""
+"""The errors bilm reports to its user; importing this module is cheap.
+
+Every error that means "what you gave bilm cannot be used" (a file, a line, a config key, a flag,
+a checkpoint, a missing extra) derives from ``BilmError`` and names what is wrong in its message.
+The command line prints a ``BilmError`` (and an ``OSError``: a missing file, a full disk) as one
+line and exits 1; any other exception is a bug in bilm and keeps its traceback.
+
+The classes of each stage live with it (``ConfigError`` in ``bilm.config``, ``CheckpointError``
+in ``bilm.checkpoint``, ...); most also derive from ``ValueError`` (through ``InputError``) so
+that code written against older bilm, which caught ``ValueError``, keeps working.
+"""
 
 
-class CheckpointWriteError(OSError):
+class BilmError(Exception):
+    """The root of the errors bilm reports to its user (one line on the command line)."""
+
+
+class InputError(BilmError, ValueError):
+    """A file, flag, argument or value that bilm cannot use; the message names it."""
+
+
+class CheckpointWriteError(BilmError, OSError):
     """A checkpoint could not be written (e.g. the disk is full); the previous ones are intact."""
 
 
-class MissingExtra(ImportError):
+class MissingExtra(BilmError, ImportError):
     """An optional dependency is not installed; the message names the extra to install."""
 
 
-class RunDirectoryLocked(RuntimeError):
+class RunDirectoryLocked(BilmError, RuntimeError):
     """Another process is training into the same run directory."""
 
 
@@ -26,7 +44,7 @@ def not_utf8(path) -> str:
     return f"{path}: not UTF-8 text"
 
 
-def read_json(path: str, error: type[Exception] = ValueError):
+def read_json(path: str, error: type[Exception] = InputError):
     """The JSON value in ``path``; a file that is not UTF-8 JSON raises ``error`` naming the file and
     where it goes wrong (``OSError`` from opening passes through: the CLI reports it as one line)."""
     import json

@@ -23,7 +23,7 @@ from bilm.pretrained import model_from_checkpoint
 from bilm.progress import progress_bar
 from bilm.model import DIRECTIONS, LanguageModel, reset_state_rows
 from bilm.vocab import Vocabulary
-from data_tools.normalize import TextPipeline, split_long, warn_suspicious_lines
+from bilm.text import TextPipeline, split_long, warn_suspicious_lines
 
 
 @torch.no_grad()

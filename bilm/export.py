@@ -10,10 +10,11 @@ import shutil
 import h5py
 
 from bilm.atomic import fsync_path, remove_stale, temporary_name
+from bilm.errors import InputError
 from bilm.options import BiLMOptions
 from bilm.pretrained import SOFTMAX_BIAS, SOFTMAX_WEIGHT, model_from_checkpoint
 from bilm.weights import save_weights
-from data_tools.normalize import SP_MODEL_FILE, TOKENIZER_FILE
+from bilm.text import SP_MODEL_FILE, TOKENIZER_FILE
 
 OPTIONS = "options.json"
 STAGING = ".export"  # the staging directory inside --out: .export.tmpPID
@@ -46,7 +47,7 @@ def export(checkpoint: str, out_dir: str, force: bool = False, include_softmax: 
     options = cfg.model
     problems = consumer_problems(options)
     if problems and strict:
-        raise ValueError("--strict: these weights would not load everywhere:\n  " + "\n  ".join(problems))
+        raise InputError("--strict: these weights would not load everywhere:\n  " + "\n  ".join(problems))
     names = ["weights.hdf5", OPTIONS, "vocab.txt"] + (["softmax.hdf5"] if include_softmax else [])
     if pipeline is not None:
         names += [TOKENIZER_FILE] + ([SP_MODEL_FILE] if pipeline.tokenizer == "sentencepiece" else [])

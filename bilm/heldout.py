@@ -24,10 +24,11 @@ from bilm.atomic import atomic_open
 from bilm.config import Config
 from bilm.data import LMDataset, load_manifest, resolve_shards
 from bilm.distributed import DistEnv
+from bilm.errors import InputError
 from bilm.evaluate import score, tokenize_files
 from bilm.model import DIRECTIONS, LanguageModel
 from bilm.vocab import Vocabulary
-from data_tools.normalize import TextPipeline
+from bilm.text import TextPipeline
 
 SAMPLE_NAME = "heldout_sample.txt"
 
@@ -87,7 +88,7 @@ def prepare_heldout(cfg: Config, manifest: Optional[dict], eval_data: Optional[s
                 files, _ = tokenize_files(files, pipeline, tmp, max_characters)
             sentences = first_sentences(files, t.eval_tokens)
         if not sentences:
-            raise ValueError(f"{source}: no heldout sentences (empty files)")
+            raise InputError(f"{source}: no heldout sentences (empty files)")
         sentences.sort(key=len)  # similar lengths share a batch: little padding when scored per sentence
         with atomic_open(path) as f:
             f.writelines(" ".join(s) + "\n" for s in sentences)
@@ -131,7 +132,7 @@ def read_counts(path: str, vocab: Vocabulary) -> list[int]:
             try:
                 value = int(count)
             except ValueError:
-                raise ValueError(f"{path}, line {number}: expected 'token<TAB>count', got {line.rstrip()!r}") from None
+                raise InputError(f"{path}, line {number}: expected 'token<TAB>count', got {line.rstrip()!r}") from None
             if token in index:
                 counts[index[token]] = value
     return counts

@@ -25,9 +25,9 @@ import warnings
 import torch
 from torch import nn
 
-from bilm import __version__
+from bilm.version import __version__
 from bilm.atomic import atomic_path
-from bilm.errors import MissingExtra
+from bilm.errors import InputError, MissingExtra
 from bilm.modules.bilm import BidirectionalLM, reverse_padded
 from bilm.modules.lstm import GATES, _plus_forget_bias
 from bilm.onnx_runtime import (INPUT_NAME, META_FORMAT, META_OPTIONS, META_VERSION, META_WEIGHTS_SHA256,
@@ -76,7 +76,7 @@ class StatelessBiLM(nn.Module):
     def __init__(self, bilm: BidirectionalLM):
         super().__init__()
         if not bilm.char_inputs:
-            raise ValueError("the ONNX export needs a char-CNN model (word-input models take token ids)")
+            raise InputError("the ONNX export needs a char-CNN model (word-input models take token ids)")
         self.encoder = bilm.token_encoder
         lstm = bilm.options.lstm
         self.skip = lstm.use_skip_connections

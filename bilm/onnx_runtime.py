@@ -11,14 +11,14 @@ import fcntl
 import hashlib
 import json
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-from bilm.errors import MissingExtra
+from bilm.errors import InputError, MissingExtra
 
 ONNX_FILE = "model.onnx"
-# Files a serving directory holds beside model.onnx (the tokenizer's names: data_tools.normalize).
+# Files a serving directory holds beside model.onnx (the tokenizer's names: bilm.text).
 RUNTIME_FILES = ("options.json", "tokenizer.json", "sentencepiece.model", "vocab.txt")
 # The graph's interface (input, output, semantics). Bump it when that changes: files of another
 # format are refused with a message saying how to rebuild them.
@@ -29,7 +29,7 @@ META_OPTIONS, META_WEIGHTS_SHA256 = "bilm.options", "bilm.weights_sha256"
 MISSING_EXTRA = "the ONNX runtime needs the onnx extra: pip install 'bilm[onnx]' (or pip install onnx onnxruntime)"
 
 
-class OnnxModelError(ValueError):
+class OnnxModelError(InputError):
     """An ONNX file that is not this bilm's stateless biLM, or not the one of the given model."""
 
 
@@ -109,10 +109,13 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
-def onnx_model_path(options_file: str, weight_file: Optional[str], progress: bool = True) -> tuple[str, Optional[str]]:
+def onnx_model_path(options_file: str, weight_file: Optional[str], build: Optional[Callable[[str, str, str], object]] = None,
+                    progress: bool = True) -> tuple[str, Optional[str]]:
     """The ONNX file for a model and the SHA-256 of its weights (None without weights): the
     model directory's ``model.onnx`` when present, else ``$BILM_CACHE/onnx/KEY/model.onnx``, built
-    now if missing (needs PyTorch; once per model, one builder at a time)."""
+    now if missing by ``build(options_file, weight_file, path)`` (``bilm.onnx_export.write_onnx``, which
+    needs PyTorch: the caller passes it, so this module imports no exporter; once per model, one
+    builder at a time)."""
     beside = os.path.join(os.path.dirname(os.path.abspath(options_file)), ONNX_FILE)
     weights_sha = sha256_of(weight_file) if weight_file is not None and os.path.isfile(weight_file) else None
     if os.path.isfile(beside):
@@ -131,12 +134,12 @@ def onnx_model_path(options_file: str, weight_file: Optional[str], progress: boo
     with open(path + ".lock", "w") as lock:  # one builder per model, across processes
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         if not os.path.isfile(path):
-            from bilm.onnx_export import write_onnx
-
+            if build is None:
+                raise FileNotFoundError(f"no {ONNX_FILE} beside {options_file} (build one with bilm export-onnx)")
             if progress:
                 import sys
                 print(f"building the ONNX model of {weight_file} once, into {path}", file=sys.stderr)
-            write_onnx(options_file, weight_file, path)
+            build(options_file, weight_file, path)
     return path, weights_sha
 
 
@@ -144,14 +147,14 @@ def check_onnx_arguments(stateful: Optional[bool], precision: str, token_embeddi
                          device) -> None:
     """What the ONNX runtime does not do, refused in one line each."""
     if stateful:
-        raise ValueError("runtime 'onnx' is stateless (no LSTM states in or out of the ONNX model): pass "
+        raise InputError("runtime 'onnx' is stateless (no LSTM states in or out of the ONNX model): pass "
                          "stateful=False (bilm embed: --stateless), or use runtime 'torch' for stateful vectors")
     if precision != "fp32":
-        raise ValueError(f"runtime 'onnx' runs fp32 only, got precision {precision!r}")
+        raise InputError(f"runtime 'onnx' runs fp32 only, got precision {precision!r}")
     if token_embedding_file is not None:
-        raise ValueError("runtime 'onnx' reads char ids: token_embedding_file (--token-embeddings) is for runtime 'torch'")
+        raise InputError("runtime 'onnx' reads char ids: token_embedding_file (--token-embeddings) is for runtime 'torch'")
     if str(device) not in ("cpu", "-1"):
-        raise ValueError(f"runtime 'onnx' runs on the CPU (onnxruntime's CPU provider), got device {device!r}")
+        raise InputError(f"runtime 'onnx' runs on the CPU (onnxruntime's CPU provider), got device {device!r}")
     _import_onnxruntime()  # a missing extra fails here, before anything is downloaded or built
 
 
@@ -168,7 +171,8 @@ def serving_files(options_file: Optional[str], weight_file: Optional[str]) -> tu
     return model_files(options_file, weight_file)
 
 
-def load_onnx_bilm(options_file: str, weight_file: Optional[str], threads: Optional[int] = None) -> OnnxBiLM:
+def load_onnx_bilm(options_file: str, weight_file: Optional[str], threads: Optional[int] = None,
+                   build: Optional[Callable[[str, str, str], object]] = None) -> OnnxBiLM:
     """The checked session of a model's ONNX file (found or built by ``onnx_model_path``)."""
-    path, weights_sha256 = onnx_model_path(options_file, weight_file)
+    path, weights_sha256 = onnx_model_path(options_file, weight_file, build)
     return OnnxBiLM(path, options_file, weight_file, threads=threads, weights_sha256=weights_sha256)

@@ -3,12 +3,14 @@
 cell state, the full softmax's log-sum-exp) stays so under autocast. Importing it is cheap."""
 from __future__ import annotations
 
+from bilm.errors import InputError
+
 PRECISIONS = ("fp32", "bf16")
 
 
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+        raise InputError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
     return precision
 
 

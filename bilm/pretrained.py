@@ -12,11 +12,12 @@ import torch
 from bilm.checkpoint import (BEST_NAME, CheckpointError, best_checkpoint_path, load_checkpoint, load_latest_valid,
                              load_model_state)
 from bilm.config import Config, config_from_dict
+from bilm.errors import InputError
 from bilm.model import LanguageModel
 from bilm.options import BiLMOptions
 from bilm.vocab import read_tokens
 from bilm.weights import WeightFileError, load_weights, reading
-from data_tools.normalize import TextPipeline
+from bilm.text import TextPipeline
 
 SOFTMAX_WEIGHT, SOFTMAX_BIAS = "softmax/W", "softmax/b"  # datasets of softmax.hdf5 (export --include-softmax)
 
@@ -25,7 +26,7 @@ def resolve_checkpoint(path: str, mmap: bool = False, best: bool = False) -> tup
     """A checkpoint file, or a run directory (its newest valid checkpoint, or with ``best`` its
     ``best.pt``: the lowest heldout perplexity); ``mmap`` as in ``load_checkpoint``."""
     if best and not os.path.isdir(path):
-        raise ValueError(f"--best takes a run directory (it exports RUN/checkpoints/{BEST_NAME}), got the file {path}")
+        raise InputError(f"--best takes a run directory (it exports RUN/checkpoints/{BEST_NAME}), got the file {path}")
     if os.path.isdir(path):
         directory = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
         if best:
@@ -93,7 +94,7 @@ def load_pretrained(model: LanguageModel, weight_file: str, options_file: Option
             d.get("char_cnn", {}).pop("n_characters", None)
             d.pop("n_tokens_vocab", None)
         if published != ours:
-            raise ValueError(f"{options_file} describes another architecture than the model being trained "
+            raise InputError(f"{options_file} describes another architecture than the model being trained "
                              f"({_dict_diff(published, ours)})")
     load_weights(model.bilm, weight_file)
     report = {"weights": weight_file, "softmax_rows_loaded": 0}

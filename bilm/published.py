@@ -27,6 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Optional
 
+from bilm.errors import BilmError, InputError
 from bilm.progress import progress_bar
 
 
@@ -35,7 +36,7 @@ OPTIONS_NAME, WEIGHTS_NAME = "options.json", "weights.hdf5"
 DEFAULT_MODEL = "original"
 
 
-class ModelUnavailable(FileNotFoundError):
+class ModelUnavailable(BilmError, FileNotFoundError):
     """A model that is neither cached nor downloadable now; the message says what to do."""
 
 
@@ -114,10 +115,10 @@ def resolve_tf_checkpoint(model: str, vocab_file: Optional[str] = None, progress
             raise FileNotFoundError(f"{model}: not a bilm-tf save_dir (no 'checkpoint' file) and not one of "
                                     f"{', '.join(sorted(TF_CHECKPOINTS))}")
         if vocab_file is None:
-            raise ValueError(f"{model} is a bilm-tf save_dir: give --init-vocab, the vocab file it was trained with")
+            raise InputError(f"{model} is a bilm-tf save_dir: give --init-vocab, the vocab file it was trained with")
         return model, vocab_file
     if vocab_file is not None:
-        raise ValueError(f"{entry.name!r} comes with its vocabulary ({entry.vocab_url}): drop --init-vocab")
+        raise InputError(f"{entry.name!r} comes with its vocabulary ({entry.vocab_url}): drop --init-vocab")
     directory = os.path.join(cache_dir(), _key(entry.name))
     wanted = [(f"{entry.url}/{name}", os.path.join(directory, name)) for name in entry.files]
     wanted.append((entry.vocab_url, os.path.join(directory, os.path.basename(entry.vocab_url))))
@@ -145,7 +146,7 @@ def _check_tf_checkpoint(directory: str, vocab_file: str, paths: list[str], entr
         del tensors
         n_tokens = len(read_tokens(vocab_file))
         if n_tokens != rows:
-            raise ValueError(f"{vocab_file} has {n_tokens:,} tokens for {rows:,} softmax rows")
+            raise InputError(f"{vocab_file} has {n_tokens:,} tokens for {rows:,} softmax rows")
     except (ValueError, OSError) as e:
         for path in paths:
             if os.path.exists(path):
@@ -183,10 +184,10 @@ def resolve_model(model: Optional[str] = None, progress: bool = True) -> tuple[s
         return paths
     entry = MODELS.get(_key(model))
     if entry is None and _key(model) in TF_CHECKPOINTS:
-        raise ValueError(f"{model!r} is a bilm-tf training checkpoint: continue it with bilm train --init-model "
+        raise InputError(f"{model!r} is a bilm-tf training checkpoint: continue it with bilm train --init-model "
                          f"{model}, or use its published weights ({DEFAULT_MODEL!r})")
     if entry is None:
-        raise ValueError(f"unknown model {model!r}: give one of {', '.join(sorted(MODELS))}, or a directory "
+        raise InputError(f"unknown model {model!r}: give one of {', '.join(sorted(MODELS))}, or a directory "
                          f"holding {OPTIONS_NAME} and {WEIGHTS_NAME}")
     directory = os.path.join(cache_dir(), _key(entry.name))
     options, weights = os.path.join(directory, OPTIONS_NAME), os.path.join(directory, WEIGHTS_NAME)
@@ -204,7 +205,7 @@ def model_files(options_file: Optional[str] = None, weight_file: Optional[str] =
     if weight_file is None:
         return resolve_model(options_file, progress)
     if options_file is None:
-        raise ValueError("weight_file was given without options_file")
+        raise InputError("weight_file was given without options_file")
     return tuple(cached_url(f, progress) if f.startswith(("http://", "https://")) else f
                  for f in (options_file, weight_file))
 

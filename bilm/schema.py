@@ -37,6 +37,8 @@ import types
 import typing
 from typing import Any, Literal
 
+from bilm.errors import InputError
+
 OMIT = object()  # metadata "if_none": leave the key out of ``dump`` when the value is None
 
 Style = Literal["options", "config"]
@@ -46,7 +48,7 @@ _WORDS = {int: ("int", "an integer"), float: ("float", "a number"), bool: ("bool
           str: ("str", "a string"), dict: ("dict", "a mapping"), list: ("list", "a list")}
 
 
-class SchemaError(ValueError):
+class SchemaError(InputError):
     """A value that does not fit the schema; ``key`` is its dotted key from the root."""
 
     def __init__(self, message: str, key: str = ""):
@@ -54,7 +56,7 @@ class SchemaError(ValueError):
         self.key = key
 
 
-class FieldError(ValueError):
+class FieldError(InputError):
     """Raised by a settings class's ``__post_init__``: field ``field`` has a value that cannot work."""
 
     def __init__(self, field: str, problem: str):

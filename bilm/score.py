@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from bilm.chars import BOS_TOKEN, EOS_TOKEN, char_id_table
+from bilm.errors import InputError
 from bilm.model import DIRECTIONS, LanguageModel
 from bilm.precision import autocast, check_precision
 from bilm.progress import progress_bar
 from bilm.vocab import Vocabulary
-from data_tools.normalize import TextPipeline, split_long
+from bilm.text import TextPipeline, split_long
 
 SOFTMAX_FILE = "softmax.hdf5"
 
@@ -42,7 +43,7 @@ def load_scoring_model(path: str) -> tuple[LanguageModel, Vocabulary, Optional[T
 
         softmax, vocab_file = os.path.join(path, SOFTMAX_FILE), os.path.join(path, "vocab.txt")
         if not os.path.isfile(softmax):
-            raise ValueError(f"{path} has no {SOFTMAX_FILE}: scoring needs the softmax; export the model with "
+            raise InputError(f"{path} has no {SOFTMAX_FILE}: scoring needs the softmax; export the model with "
                              "`bilm export --include-softmax`, or score its run directory")
         if not os.path.isfile(vocab_file):
             raise FileNotFoundError(f"{path} has no vocab.txt (the softmax rows' tokens)")

@@ -32,6 +32,7 @@ from torch import nn
 from bilm.checkpoint import CheckpointError, check_deepspeed_state, deepspeed_dir
 from bilm.config import Config, ConfigError
 from bilm.distributed import DistEnv
+from bilm.errors import InputError
 from bilm.gradients import all_reduce_gradients_, clip_grad_norm_
 from bilm.precision import autocast as precision_autocast
 
@@ -115,7 +116,7 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
                                     torch.optim.SparseAdam(sparse, lr=o.lr, betas=tuple(o.adam_betas), eps=o.adam_eps)])
         return torch.optim.Adam(dense, lr=o.lr, betas=tuple(o.adam_betas), eps=o.adam_eps,
                                 weight_decay=o.weight_decay)
-    raise ValueError(f"optim.name must be 'adagrad' or 'adam', got {o.name!r}")
+    raise InputError(f"optim.name must be 'adagrad' or 'adam', got {o.name!r}")
 
 
 class _MultiOptimizer:

@@ -30,6 +30,7 @@ from bilm.config import Config, config_to_dict, save_config
 from bilm.data import LMDataset, load_manifest
 from bilm.distributed import (DistEnv, all_reduce_max, gather_objects, init_distributed, shutdown,  # noqa: F401
                               to_device)  # to_device: also imported from here
+from bilm.errors import InputError
 from bilm.guard import Divergence, DivergenceGuard, GuardState
 from bilm.heldout import figures as heldout_figures, no_heldout_message, prepare_heldout
 from bilm.logs import log
@@ -39,7 +40,7 @@ from bilm.options import BiLMOptions
 from bilm.progress import progress_bar
 from bilm.strategy import check_config, make_strategy
 from bilm.vocab import Vocabulary
-from data_tools.normalize import TextPipeline
+from bilm.text import TextPipeline
 
 # Adagrad's sparse update builds COO tensors from indices it made itself; the note is noise.
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
@@ -193,7 +194,7 @@ def _total_steps(cfg: Config, n_train_tokens: Optional[int], world_size: int) ->
     if t.max_steps:
         return t.max_steps
     if not n_train_tokens:
-        raise ValueError("train.n_train_tokens is unknown: pass a manifest.json as --data, "
+        raise InputError("train.n_train_tokens is unknown: pass a manifest.json as --data, "
                          "or --set train.n_train_tokens=N, or --set train.max_steps=N")
     # bilm-tf: n_epochs * n_train_tokens / (batch_size * unroll_steps * n_gpus)
     return max(1, int(t.n_epochs * n_train_tokens / (t.batch_size * t.unroll_steps * world_size)))
@@ -353,20 +354,20 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
     manifest = load_manifest(data) if data.endswith(".json") else None
     vocab_path = vocab_file or (manifest or {}).get("vocab")
     if vocab_path is None:
-        raise ValueError("--vocab is required when --data is a shard glob (a manifest.json names its vocab)")
+        raise InputError("--vocab is required when --data is a shard glob (a manifest.json names its vocab)")
     vocab = Vocabulary.from_file(vocab_path)
     # How raw text became these tokens: saved in every checkpoint, exported beside the weights.
     text_pipeline = TextPipeline.from_manifest(manifest) if manifest else None
     if init and init.get("weights"):
         if not init.get("options"):
-            raise ValueError("--init-weights needs --init-options (the options.json that came with the weights)")
+            raise InputError("--init-weights needs --init-options (the options.json that came with the weights)")
         # The published options decide the architecture; the config keeps the training settings.
         cfg.model = BiLMOptions.from_file(init["options"])
         init = {**init, "vocab_tokens": vocab.tokens}
     tf_start = (init or {}).get("tf")  # a bilm-tf training checkpoint (bilm.continue_tf.TFStart)
     if tf_start is not None:
         if t.strategy == "deepspeed":
-            raise ValueError("train.strategy=deepspeed cannot start from a bilm-tf checkpoint (its optimizer "
+            raise InputError("train.strategy=deepspeed cannot start from a bilm-tf checkpoint (its optimizer "
                              "partitions are made before the weights arrive): use ddp")
         cfg.model = BiLMOptions.from_file(tf_start.options_file)
         if tf_start.keep_vocab:

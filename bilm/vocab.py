@@ -12,13 +12,16 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from bilm.chars import BOS_TOKEN, EOS_TOKEN, UNK_TOKEN
-from bilm.errors import not_utf8
+from bilm.errors import InputError, not_utf8
+
+BOS_TOKEN = "<S>"
+EOS_TOKEN = "</S>"
+UNK_TOKEN = "<UNK>"
 
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
 
 
-class VocabularyError(ValueError):
+class VocabularyError(InputError):
     """A malformed vocabulary; the message names the file and line."""
 
 

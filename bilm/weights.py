@@ -16,12 +16,13 @@ import h5py
 import numpy as np
 import torch
 
+from bilm.errors import InputError
 from bilm.modules.bilm import BidirectionalLM
 from bilm.modules.token_encoder import CharCNNEncoder
 from bilm.options import BiLMOptions
 
 
-class WeightFileError(ValueError):
+class WeightFileError(InputError):
     """A weight file that is missing, unreadable, or disagrees with its options."""
 
 

@@ -8,40 +8,16 @@ from __future__ import annotations
 
 import bz2
 import codecs
-import glob
 import gzip
 import lzma
 import os
 from typing import BinaryIO, Iterator
 
+from bilm.errors import InputError
+
 _DECOMPRESSORS = {".gz": lambda raw: gzip.GzipFile(fileobj=raw), ".bz2": bz2.BZ2File, ".xz": lzma.LZMAFile}
 # Rough uncompressed/compressed size ratios, only used to size the shuffle buckets.
 _EXPANSION = {".gz": 3.5, ".bz2": 5.0, ".xz": 6.0}
-
-
-def resolve_inputs(specs: list[str], what: str = "input") -> list[str]:
-    """Files from files, directories (recursively, hidden files skipped) and globs, each named
-    once; ``what`` names them in errors ("input", "shard")."""
-    paths: list[str] = []
-    for spec in map(os.fspath, specs):
-        if os.path.isdir(spec):
-            found = []
-            for root, dirs, files in os.walk(spec):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found.extend(os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
-            if not found:
-                raise FileNotFoundError(f"{what} directory {spec!r} contains no files")
-        elif os.path.isfile(spec):
-            found = [spec]
-        else:
-            found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-            if not found:
-                raise FileNotFoundError(f"no {what} files match {spec!r}")
-        paths.extend(found)
-    unique: dict[str, str] = {}  # the same file named twice (by a glob and by name) is read once
-    for path in paths:
-        unique.setdefault(os.path.realpath(path), path)
-    return list(unique.values())
 
 
 def estimated_text_bytes(path: str) -> int:
@@ -83,7 +59,7 @@ def read_blocks(path: str, block_bytes: int = 8 << 20) -> Iterator[tuple[bytes, 
                 carry = data[cut:]
                 yield data[:cut], progress
         except (OSError, EOFError, lzma.LZMAError) as e:
-            raise ValueError(f"{path}: cannot decompress ({e})") from None
+            raise InputError(f"{path}: cannot decompress ({e})") from None
         finally:
             if stream is not raw:
                 stream.close()

@@ -33,7 +33,9 @@ import bilm
 from bilm.atomic import atomic_path, fsync_path
 from bilm.data.manifest import write_manifest
 from bilm.progress import progress_bar
-from data_tools.inputs import estimated_text_bytes, read_blocks, resolve_inputs
+from bilm.data.inputs import resolve_inputs
+from bilm.errors import BilmError
+from data_tools.inputs import estimated_text_bytes, read_blocks
 from data_tools.lines import BlockTask, LineOptions, LineStats, init_worker, process_block
 from data_tools.parallel import Workers
 from data_tools.sentencepiece_training import sample_lines, train_sentencepiece
@@ -53,7 +55,7 @@ OUTPUT_NAMES = ("manifest.json", "train", "heldout", "vocab.txt", "vocab_counts.
 MAX_BUCKETS = 256
 
 
-class PrepareError(Exception):
+class PrepareError(BilmError):
     """A user error: bad arguments, inputs or output directory."""
 
 
@@ -117,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``bilm prepare``; returns the exit status (2 with a message on stderr for user errors)."""
     try:
         prepare(args)
-    except (PrepareError, FileNotFoundError, ValueError) as e:
+    except (BilmError, FileNotFoundError) as e:  # PrepareError and bilm's errors: one line
         print(f"bilm prepare: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a read-only --out, a full disk: the file and the reason, no traceback

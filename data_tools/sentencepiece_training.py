@@ -6,7 +6,8 @@ from typing import Callable
 import numpy as np
 
 from data_tools.inputs import read_blocks
-from data_tools.normalize import clean_text
+from bilm.errors import InputError
+from bilm.text import clean_text
 
 
 def sample_lines(paths: list[str], max_lines: int, seed: int, nfkc: bool,
@@ -40,7 +41,7 @@ def train_sentencepiece(lines: list[str], model_prefix: str, vocab_size: int, mo
     import sentencepiece
 
     if not lines:
-        raise ValueError("cannot train a SentencePiece model: the corpus has no non-empty line")
+        raise InputError("cannot train a SentencePiece model: the corpus has no non-empty line")
     try:
         sentencepiece.SentencePieceTrainer.train(
             sentence_iterator=iter(lines), model_prefix=model_prefix, vocab_size=vocab_size,
@@ -48,5 +49,5 @@ def train_sentencepiece(lines: list[str], model_prefix: str, vocab_size: int, mo
             hard_vocab_limit=False,  # a small corpus gets a smaller vocabulary instead of an error
             num_threads=max(1, threads), minloglevel=2)
     except RuntimeError as e:
-        raise ValueError(f"SentencePiece training failed: {e}") from None
+        raise InputError(f"SentencePiece training failed: {e}") from None
     return model_prefix + ".model"

@@ -19,6 +19,8 @@ import numpy as np
 
 from data_tools.vocab_builder import TokenCounts
 
+from bilm.errors import InputError
+
 COUNT_CHUNK_LINES = 4096  # tokens are counted a few thousand lines at a time (bounded lists)
 MAX_SPLIT_DEPTH = 3
 
@@ -120,7 +122,7 @@ class ShardWriter:
     def __init__(self, root: str, subdir: str, lines_per_shard: int | None = None,
                  num_shards: int | None = None):
         if (lines_per_shard is None) == (num_shards is None):
-            raise ValueError("give exactly one of lines_per_shard and num_shards")
+            raise InputError("give exactly one of lines_per_shard and num_shards")
         self._root, self._subdir = root, subdir
         self._lines_per_shard, self._num_shards = lines_per_shard, num_shards
         os.makedirs(os.path.join(root, subdir), exist_ok=True)

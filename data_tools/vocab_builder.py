@@ -9,6 +9,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from bilm.chars import BOS_TOKEN, EOS_TOKEN, UNK_TOKEN
+from bilm.errors import InputError
 
 SPECIALS = (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
 
@@ -69,7 +70,7 @@ def build_vocab(counts: Mapping[str, int], n_sentences: int, min_count: int = 1,
     ``<S>`` and ``</S>`` are counted once per sentence, ``<UNK>`` once per dropped token.
     """
     if max_vocab is not None and max_vocab < len(SPECIALS) + 1:
-        raise ValueError(f"--max-vocab must be at least {len(SPECIALS) + 1} (the three special tokens "
+        raise InputError(f"--max-vocab must be at least {len(SPECIALS) + 1} (the three special tokens "
                          f"and one word), got {max_vocab}")
     eligible = [(t, c) for t, c in counts.items() if c >= min_count and t not in SPECIALS]
     eligible.sort(key=lambda item: (-item[1], item[0]))

@@ -46,3 +46,65 @@ def test_help_prints_and_exits_cleanly(argv, capsys):
         main(argv)
     assert exit_info.value.code == 0
     assert "usage: bilm" in capsys.readouterr().out
+
+
+def _run_with_failing_command(error: str):
+    """``bilm export`` whose work raises ``error`` (Python source), run as a user runs bilm: its
+    exit status and stderr."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, bilm.cli as cli, bilm.errors\n"
+            "build = cli.build_parser\n"
+            "def build_parser():\n"
+            "    parser, handlers = build()\n"
+            f"    def failing(args):\n        raise {error}\n"
+            "    handlers['export'] = failing\n"
+            "    return parser, handlers\n"
+            "cli.build_parser = build_parser\n"
+            "sys.exit(cli.main(['export', '--checkpoint', 'run', '--out', 'out']))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": root})
+    return done.returncode, done.stderr
+
+
+@pytest.mark.parametrize("error", ["ValueError('a bug')", "KeyError('a bug')", "TypeError('a bug')"])
+def test_a_bug_is_not_reported_as_a_user_error(error):
+    returncode, stderr = _run_with_failing_command(error)
+    assert returncode != 0, stderr
+    assert "Traceback (most recent call last)" in stderr and "a bug" in stderr
+    assert "bilm export: error:" not in stderr
+
+
+@pytest.mark.parametrize("error,line", [
+    ("bilm.errors.InputError('run/x.pt: not a checkpoint')", "bilm export: error: run/x.pt: not a checkpoint"),
+    ("FileNotFoundError('no checkpoint in run')", "bilm export: error: no checkpoint in run"),
+    ("OSError(28, 'No space left on device', 'out/weights.hdf5')",
+     "bilm export: error: out/weights.hdf5: No space left on device"),
+    ("bilm.errors.CheckpointWriteError(28, 'No space left on device', 'run/c.pt')",
+     "bilm export: error: run/c.pt: No space left on device")])
+def test_user_errors_are_one_line(error, line):
+    returncode, stderr = _run_with_failing_command(error)
+    assert returncode == 1 and stderr.strip() == line, stderr
+
+
+def test_every_user_facing_error_derives_from_bilm_error():
+    from bilm.errors import BilmError
+    from bilm.bilmtf import TFCheckpointError
+    from bilm.checkpoint import CheckpointError, CheckpointRefused
+    from bilm.config import ConfigError
+    from bilm.continue_tf import TFStartError
+    from bilm.errors import CheckpointWriteError, InputError, MissingExtra, RunDirectoryLocked
+    from bilm.onnx_runtime import OnnxModelError
+    from bilm.options import OptionsError
+    from bilm.published import ModelUnavailable
+    from bilm.schema import FieldError, SchemaError
+    from bilm.vocab import VocabularyError
+    from bilm.weights import WeightFileError
+    from data_tools.prepare import PrepareError
+    for cls in (TFCheckpointError, CheckpointError, CheckpointRefused, ConfigError, TFStartError, CheckpointWriteError,
+                InputError, MissingExtra, RunDirectoryLocked, OnnxModelError, OptionsError, ModelUnavailable,
+                FieldError, SchemaError, VocabularyError, WeightFileError, PrepareError):
+        assert issubclass(cls, BilmError), cls

@@ -30,7 +30,7 @@ from bilm.pretrained import SOFTMAX_BIAS, SOFTMAX_WEIGHT, load_pretrained, model
 from bilm.vocab import Vocabulary
 from bilm.weights import load_bilm, save_weights
 from conftest import OPTIONS, WEIGHTS
-from data_tools.normalize import SP_MODEL_FILE, TOKENIZER_FILE, TextPipeline
+from bilm.text import SP_MODEL_FILE, TOKENIZER_FILE, TextPipeline
 from train_helpers import TINY, TRAIN_DATA, TRAIN_VOCAB, tiny_config
 
 # What bilm.cli.main prints as "bilm CMD: error: ..." without a traceback.

@@ -17,7 +17,7 @@ from bilm.checkpoint import (FORMAT, OLD_FORMAT, CheckpointError, CheckpointRefu
                              load_checkpoint, save_checkpoint)
 from bilm.cli import main as bilm_main
 from bilm.train import rng_state, set_rng_state, train
-from data_tools.normalize import TextPipeline
+from bilm.text import TextPipeline
 from train_helpers import TRAIN_DATA, TRAIN_VOCAB, tiny_config
 from test_faults import _assert_same_run, _train_args
 

@@ -21,7 +21,7 @@ from bilm.export import export
 from bilm.pretrained import model_from_checkpoint
 from bilm.train import train
 from conftest import OPTIONS, WEIGHTS
-from data_tools.normalize import TextPipeline
+from bilm.text import TextPipeline
 from data_tools.prepare import main as prepare_main
 from train_helpers import ROOT, tiny_config
 

@@ -22,6 +22,7 @@ from bilm.data.manifest import load_manifest
 from bilm.data.order import SentenceStream
 from bilm.data.packing import Packer, RowPacker, Segments, SentencePacker
 from bilm.data.shards import ShardCache, rank_plan, resolve_shards
+from bilm.errors import InputError
 from bilm.vocab import Vocabulary
 
 STATE_VERSION = 1
@@ -60,24 +61,24 @@ class LMDataset(IterableDataset):
                  seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle: bool | None = None, max_cache_bytes: int = 256 * 2**20):
         if mode not in ("train", "eval"):
-            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+            raise InputError(f"mode must be 'train' or 'eval', got {mode!r}")
         if split not in (None, "train", "heldout"):
-            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+            raise InputError(f"split must be 'train' or 'heldout', got {split!r}")
         if batch_size < 1 or unroll_steps < 1:
-            raise ValueError(f"batch_size and unroll_steps must be >= 1, got {batch_size}, {unroll_steps}")
+            raise InputError(f"batch_size and unroll_steps must be >= 1, got {batch_size}, {unroll_steps}")
         self.manifest: dict | None = None
         if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".json"):
             self.manifest = load_manifest(source)
             split = split or ("train" if mode == "train" else "heldout")
             shards = self.manifest[split]["shards"]
             if not shards:
-                raise ValueError(f"{os.fspath(source)}: key '{split}.shards' is empty (no {split} data)")
+                raise InputError(f"{os.fspath(source)}: key '{split}.shards' is empty (no {split} data)")
             source = shards
         elif split is not None:
-            raise ValueError("split= is only meaningful with a manifest.json source")
+            raise InputError("split= is only meaningful with a manifest.json source")
         if vocab is None:
             if self.manifest is None or not isinstance(self.manifest.get("vocab"), str):
-                raise ValueError("vocab is required unless source is a manifest.json naming one")
+                raise InputError("vocab is required unless source is a manifest.json naming one")
             vocab = self.manifest["vocab"]
         self.vocab = vocab if isinstance(vocab, Vocabulary) else Vocabulary.from_file(vocab)
 
@@ -88,10 +89,10 @@ class LMDataset(IterableDataset):
             else:
                 self.shards.append(path)
         if not self.shards:
-            raise ValueError(f"every shard of {source!r} is empty")
+            raise InputError(f"every shard of {source!r} is empty")
 
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+            raise InputError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         self.batch_size, self.unroll_steps = batch_size, unroll_steps
         self.max_characters_per_token = max_characters_per_token
         self.char_inputs, self.mode, self.per_sentence = char_inputs, mode, per_sentence
@@ -146,7 +147,7 @@ class LMDataset(IterableDataset):
         """The next iteration continues with the batch after the one ``state`` was taken at."""
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             got = state.get("version") if isinstance(state, dict) else state
-            raise ValueError(f"state_dict key 'version' must be {STATE_VERSION}, got {got!r}")
+            raise InputError(f"state_dict key 'version' must be {STATE_VERSION}, got {got!r}")
         config = state["config"]
         _check_config(config, self._config())
         self._pending_state = state
@@ -274,5 +275,5 @@ def _check_config(saved: dict, current: dict) -> None:
     """A state only resumes the same reader of the same data and packing."""
     for key, value in current.items():
         if saved.get(key) != value:
-            raise ValueError(f"state_dict key 'config.{key}' is {saved.get(key)!r}, "
+            raise InputError(f"state_dict key 'config.{key}' is {saved.get(key)!r}, "
                              f"but this reader has {value!r}")

@@ -12,7 +12,7 @@ import json
 import os
 
 from bilm.atomic import atomic_open
-from bilm.errors import read_json
+from bilm.errors import InputError, read_json
 
 MANIFEST_FORMAT = "bilm-data"
 # The version this bilm writes and the newest it reads. Raise it when a change to the file
@@ -44,22 +44,22 @@ def load_manifest(path: str | os.PathLike) -> dict:
     path = os.fspath(path)
     manifest = read_json(path)
     if not isinstance(manifest, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+        raise InputError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     version = manifest.get("format_version", 1)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"{path}: key 'format_version' must be a positive integer, got {version!r}")
+        raise InputError(f"{path}: key 'format_version' must be a positive integer, got {version!r}")
     if version > MANIFEST_VERSION:
-        raise ValueError(f"{path}: format version {version} is newer than this bilm reads "
+        raise InputError(f"{path}: format version {version} is newer than this bilm reads "
                          f"({MANIFEST_VERSION}); upgrade bilm")
     base = os.path.dirname(os.path.abspath(path))
     manifest["dir"], manifest["path"] = base, path
     for split in ("train", "heldout"):
         section = manifest.get(split)
         if section is None:
-            raise ValueError(f"{path}: missing key '{split}'")
+            raise InputError(f"{path}: missing key '{split}'")
         shards = section.get("shards") if isinstance(section, dict) else None
         if not isinstance(shards, list) or not all(isinstance(s, str) for s in shards):
-            raise ValueError(f"{path}: key '{split}.shards' must be a list of paths")
+            raise InputError(f"{path}: key '{split}.shards' must be a list of paths")
         section["shards"] = [os.path.join(base, s) for s in shards]
     for key in ("vocab", "vocab_counts"):
         if isinstance(manifest.get(key), str):

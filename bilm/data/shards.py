@@ -20,9 +20,9 @@ from typing import Sequence
 import numpy as np
 
 from bilm.chars import BOS_TOKEN, DEFAULT_MAX_CHARACTERS, EOS_TOKEN, char_id_table
-from bilm.errors import not_utf8
+from bilm.errors import InputError, not_utf8
 from bilm.vocab import Vocabulary
-from data_tools.inputs import resolve_inputs
+from bilm.data.inputs import resolve_inputs
 
 # Rows of every shard's char table: the sentence boundaries, then the shard's distinct words.
 _BOS_ROW, _EOS_ROW, _FIRST_WORD_ROW = 0, 1, 2
@@ -33,7 +33,7 @@ def resolve_shards(source: str | os.PathLike | Sequence[str | os.PathLike]) -> l
     sorted per pattern, each file once."""
     patterns = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not patterns:
-        raise ValueError("no shard files given (empty list)")
+        raise InputError("no shard files given (empty list)")
     return resolve_inputs(patterns, what="shard")
 
 
@@ -80,7 +80,7 @@ def encode_shard(path: str, vocab: Vocabulary, max_characters_per_token: int = D
                 words.append(np.array(list(map(index.__getitem__, flat)), dtype=np.int32))
                 lengths.append(np.array(list(map(len, split)), dtype=np.int64))
     except UnicodeDecodeError:
-        raise ValueError(f"{not_utf8(path)}: a damaged shard? (bilm prepare writes UTF-8)") from None
+        raise InputError(f"{not_utf8(path)}: a damaged shard? (bilm prepare writes UTF-8)") from None
     except OSError as e:
         raise type(e)(f"shard {path}: cannot read ({e.strerror or e})") from None
     distinct = list(index)

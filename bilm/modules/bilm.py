@@ -6,6 +6,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from bilm.errors import InputError
 from bilm.modules.lstm import LstmStack, State, can_run_together, run_exact_stacks
 from bilm.modules.token_encoder import CharCNNEncoder, WordEmbeddingEncoder
 from bilm.options import BiLMOptions
@@ -83,7 +84,7 @@ class BidirectionalLM(nn.Module):
             self.token_encoder: nn.Module = CharCNNEncoder(options.char_cnn, dim)
         else:
             if not options.n_tokens_vocab:
-                raise ValueError("word-input mode (no 'char_cnn' in options) needs 'n_tokens_vocab'")
+                raise InputError("word-input mode (no 'char_cnn' in options) needs 'n_tokens_vocab'")
             self.token_encoder = WordEmbeddingEncoder(options.n_tokens_vocab, dim)
         self.forward_lstm = LstmStack(dim, options.lstm, dropout, lstm_impl, lstm_compile)
         self.backward_lstm = LstmStack(dim, options.lstm, dropout, lstm_impl, lstm_compile)

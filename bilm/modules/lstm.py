@@ -48,6 +48,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from bilm.errors import InputError
 from bilm.options import LstmOptions
 
 LSTM_IMPLS = ("exact", "reference", "cudnn")
@@ -223,7 +224,7 @@ _compile_failed = False
 
 def _check_compile_mode(mode: str) -> str:
     if mode not in COMPILE_MODES:
-        raise ValueError(f"lstm compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+        raise InputError(f"lstm compile mode must be one of {COMPILE_MODES}, got {mode!r}")
     return mode
 
 
@@ -380,9 +381,9 @@ class LstmWithProjection(nn.Module):
                  compile: str = "auto"):
         super().__init__()
         if impl not in LSTM_IMPLS:
-            raise ValueError(f"lstm impl must be one of {LSTM_IMPLS}, got {impl!r}")
+            raise InputError(f"lstm impl must be one of {LSTM_IMPLS}, got {impl!r}")
         if impl == "cudnn" and (cell_clip is not None or proj_clip is not None):
-            raise ValueError(f"lstm impl 'cudnn' cannot clip (cell_clip={cell_clip}, proj_clip={proj_clip}): "
+            raise InputError(f"lstm impl 'cudnn' cannot clip (cell_clip={cell_clip}, proj_clip={proj_clip}): "
                              "use impl 'exact', or set both clips to 0/None in the options")
         self.input_dim, self.cell_dim, self.projection_dim = input_dim, cell_dim, projection_dim
         self.cell_clip, self.proj_clip, self.impl = cell_clip, proj_clip, impl
@@ -482,7 +483,7 @@ class LstmWithProjection(nn.Module):
             lengths = mask.sum(dim=1)
             steps = torch.arange(n_steps, device=mask.device)
             if not torch.equal(mask, steps.unsqueeze(0) < lengths.unsqueeze(1)):
-                raise ValueError("lstm impl 'cudnn' needs right-padded masks (each row True then False)")
+                raise InputError("lstm impl 'cudnn' needs right-padded masks (each row True then False)")
             rows = (lengths > 0).nonzero().squeeze(1)  # empty rows: zero outputs, state unchanged
             packed = pack_padded_sequence(inputs[rows], lengths[rows].cpu(), batch_first=True, enforce_sorted=False)
             packed_out, (h, c) = functional_call(template, params, (packed, (h0[rows].unsqueeze(0), c0[rows].unsqueeze(0))))

@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from bilm.errors import InputError
+
 
 class ScalarMix(nn.Module):
     """``gamma * sum_k softmax(w)_k * norm(layer_k)``, where ``norm`` is an optional layer norm
@@ -18,7 +20,7 @@ class ScalarMix(nn.Module):
         if initial_weights is None:
             initial_weights = [0.0] * n_layers
         if len(initial_weights) != n_layers:
-            raise ValueError(f"initial_weights has {len(initial_weights)} values, expected {n_layers}")
+            raise InputError(f"initial_weights has {len(initial_weights)} values, expected {n_layers}")
         self.n_layers = n_layers
         self.do_layer_norm = do_layer_norm
         self.weights = nn.Parameter(torch.tensor([float(w) for w in initial_weights]), requires_grad=trainable)
@@ -35,10 +37,10 @@ class ScalarMix(nn.Module):
 
     def forward(self, layers: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if len(layers) != self.n_layers:
-            raise ValueError(f"got {len(layers)} layers, this ScalarMix mixes {self.n_layers}")
+            raise InputError(f"got {len(layers)} layers, this ScalarMix mixes {self.n_layers}")
         normed_weights = torch.softmax(self.weights, dim=0)
         if self.do_layer_norm and mask is None:
-            raise ValueError("do_layer_norm needs the mask")
+            raise InputError("do_layer_norm needs the mask")
         mixed = 0
         for weight, layer in zip(normed_weights, layers):
             mixed = mixed + weight * (self._masked_layer_norm(layer, mask) if self.do_layer_norm else layer)

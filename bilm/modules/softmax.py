@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bilm.errors import InputError
+
 
 class LogUniformSampler:
     """TensorFlow's log-uniform (Zipfian) candidate sampler over a frequency-sorted vocabulary.
@@ -31,7 +33,7 @@ class LogUniformSampler:
 
     def __init__(self, vocab_size: int):
         if vocab_size < 1:
-            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+            raise InputError(f"vocab_size must be >= 1, got {vocab_size}")
         self.vocab_size = vocab_size
         self.log_range = math.log(vocab_size + 1)
         # Draws per chunk for each n_unique: a pure function of (n_unique, V), so the
@@ -66,7 +68,7 @@ class LogUniformSampler:
         (n_unique, V), so a given generator state always yields the same sample.
         """
         if not 1 <= n_unique <= self.vocab_size:
-            raise ValueError(f"n_unique must be in [1, vocab_size={self.vocab_size}], got {n_unique}")
+            raise InputError(f"n_unique must be in [1, vocab_size={self.vocab_size}], got {n_unique}")
         if generator is not None:
             device = generator.device
         chunk = self._draws_per_chunk(n_unique)

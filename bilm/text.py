@@ -14,6 +14,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, Optional, Protocol
 
+from bilm.errors import InputError, read_json
+
 
 def _control_table() -> dict[int, str | None]:
     """str.translate table: C0/C1 controls removed, the whitespace ones turned into a space.
@@ -78,9 +80,9 @@ def make_tokenizer(name: str, model_path: str | None = None) -> Tokenizer:
         return WhitespaceTokenizer()
     if name == "sentencepiece":
         if model_path is None:
-            raise ValueError("the sentencepiece tokenizer needs a model path")
+            raise InputError("the sentencepiece tokenizer needs a model path")
         return SentencePieceTokenizer(model_path)
-    raise ValueError(f"unknown tokenizer {name!r} (expected 'whitespace' or 'sentencepiece')")
+    raise InputError(f"unknown tokenizer {name!r} (expected 'whitespace' or 'sentencepiece')")
 
 
 def split_long(tokens: list[str], max_tokens: int) -> list[list[str]]:
@@ -111,16 +113,16 @@ class TextPipeline:
 
     def __post_init__(self) -> None:
         if self.tokenizer not in ("whitespace", "sentencepiece"):
-            raise ValueError(f"unknown tokenizer {self.tokenizer!r} (expected 'whitespace' or 'sentencepiece')")
+            raise InputError(f"unknown tokenizer {self.tokenizer!r} (expected 'whitespace' or 'sentencepiece')")
         if self.tokenizer == "sentencepiece" and not self.sp_model_proto:
-            raise ValueError("a sentencepiece pipeline needs its model")
+            raise InputError("a sentencepiece pipeline needs its model")
         self._impl: Optional[Tokenizer] = None
         if self.tokenizer == "sentencepiece":  # parsed now: a damaged model fails where its file is known
             try:
                 self._impl = SentencePieceTokenizer(model_proto=self.sp_model_proto)
             except Exception as e:  # sentencepiece raises RuntimeError for bytes it cannot parse
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ValueError(f"not a SentencePiece model ({reason})") from None
+                raise InputError(f"not a SentencePiece model ({reason})") from None
 
     @property
     def _tokenizer(self) -> Tokenizer:
@@ -167,12 +169,12 @@ class TextPipeline:
         tokenizer = manifest.get("tokenizer") or {"type": "whitespace"}
         normalization = manifest.get("normalization") or {}
         if not isinstance(tokenizer, dict) or not isinstance(normalization, dict):
-            raise ValueError(f"{source}: keys 'tokenizer' and 'normalization' must be JSON objects")
+            raise InputError(f"{source}: keys 'tokenizer' and 'normalization' must be JSON objects")
         proto = None
         if tokenizer.get("type") == "sentencepiece":
             model = tokenizer.get("model")
             if not isinstance(model, str):
-                raise ValueError(f"{source}: key 'tokenizer.model' must name the SentencePiece model file")
+                raise InputError(f"{source}: key 'tokenizer.model' must name the SentencePiece model file")
             try:
                 with open(model, "rb") as f:
                     proto = f.read()
@@ -184,7 +186,7 @@ class TextPipeline:
                        int(normalization.get("max_tokens_per_line", 0)), proto)
         except (ValueError, TypeError) as e:
             where = tokenizer["model"] if proto is not None and str(e).startswith("not a SentencePiece") else source
-            raise ValueError(f"{where}: {e}") from None
+            raise InputError(f"{where}: {e}") from None
 
     def save(self, directory: str) -> list[str]:
         """Write ``tokenizer.json`` (and ``sentencepiece.model``) into ``directory``; returns the names."""
@@ -204,10 +206,10 @@ class TextPipeline:
         path = os.path.join(directory, TOKENIZER_FILE)
         if not os.path.exists(path):
             return None
-        from bilm.errors import read_json
+
         spec = read_json(path)
         if not isinstance(spec, dict) or spec.get("format") != TOKENIZER_FORMAT:
-            raise ValueError(f"{path}: not a bilm tokenizer description (key 'format' should be {TOKENIZER_FORMAT!r})")
+            raise InputError(f"{path}: not a bilm tokenizer description (key 'format' should be {TOKENIZER_FORMAT!r})")
         proto = None
         if spec.get("tokenizer") == "sentencepiece":
             model = os.path.join(directory, spec.get("sentencepiece_model", SP_MODEL_FILE))
@@ -218,13 +220,13 @@ class TextPipeline:
                 raise FileNotFoundError(f"{path} names the SentencePiece model {model!r}, which cannot be read "
                                         f"({getattr(e, 'strerror', None) or e})") from None
             if not proto:
-                raise ValueError(f"{model}: empty file (the SentencePiece model {path} names)")
+                raise InputError(f"{model}: empty file (the SentencePiece model {path} names)")
         try:
             return cls(spec.get("tokenizer", "whitespace"), bool(spec.get("nfkc", False)),
                        int(spec.get("max_tokens_per_line", 0)), proto)
         except (ValueError, TypeError) as e:
             where = model if proto is not None and str(e).startswith("not a SentencePiece") else path
-            raise ValueError(f"{where}: {e}") from None
+            raise InputError(f"{where}: {e}") from None
 
     # ----- input checks -----
     def suspicious(self, tokens: list[str], max_characters: int = 50) -> Optional[str]:
