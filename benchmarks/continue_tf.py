@@ -209,12 +209,12 @@ def measure_load(save_dir: str, vocab_kind: str, vocab_size: int) -> dict:
     """In this process: build elmo_original's model + Adagrad for the run vocabulary, then load."""
     import torch
 
-    from bilm.config import load_config
-    from bilm.continue_tf import TFStart
+    from bilm.training.config import load_config
+    from bilm.training.continue_tf import TFStart
     from bilm.malloc import keep_freed_memory
-    from bilm.model import LanguageModel
+    from bilm.modules.language_model import LanguageModel
     from bilm.options import BiLMOptions
-    from bilm.strategy import build_optimizer
+    from bilm.training.optimizers import build_optimizer
 
     keep_freed_memory()  # as bilm train does
     sampler = _Sampler()

@@ -4,7 +4,7 @@
         [--vocab-size 100000] [--budget 0.05] [--set key=value ...]
 
 Times one training step (synthetic batches, as benchmarks/train.py) and one heldout evaluation
-of a synthetic sample (``bilm.heldout``, the code training runs: full softmax, per sentence), in
+of a synthetic sample (``bilm.training.heldout``, the code training runs: full softmax, per sentence), in
 the same process. From the seconds per heldout token it prints the largest ``train.eval_tokens``
 whose evaluation costs at most ``--budget`` (5%) of the training time between two evaluations
 (``train.eval_every_steps`` of the config), and the share the config's own ``eval_tokens`` costs.
@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bilm.config import load_config  # noqa: E402
-from bilm.distributed import init_distributed  # noqa: E402
-from bilm.heldout import prepare_heldout  # noqa: E402
-from bilm.train import Trainer  # noqa: E402
+from bilm.training.config import load_config  # noqa: E402
+from bilm.training.distributed import init_distributed  # noqa: E402
+from bilm.training.heldout import prepare_heldout  # noqa: E402
+from bilm.training.step import TrainStep  # noqa: E402
 from bilm.vocab import Vocabulary  # noqa: E402
 from machine import cpu_model  # noqa: E402
 from train import synthetic_batches  # noqa: E402  (benchmarks/train.py)
@@ -61,7 +61,7 @@ def main() -> None:
                                     f"train.eval_tokens={args.sample_tokens}"])
     t = cfg.train
     eval_every, eval_tokens = t.eval_every_steps, load_config(args.config, args.overrides).train.eval_tokens
-    trainer = Trainer(cfg, args.vocab_size, env)
+    trainer = TrainStep(cfg, args.vocab_size, env)
     batches = synthetic_batches(1 + args.steps, t.batch_size, t.unroll_steps, args.vocab_size,
                                 cfg.model.char_cnn is not None)
     trainer.step(batches[0])

@@ -120,7 +120,7 @@ def part_cuda_tests(smoke: bool) -> dict:
 
 
 def _train_config(smoke: bool, impl: str, precision: str, clips: bool, compile_mode: str):
-    from bilm.config import load_config
+    from bilm.training.config import load_config
     overrides = [f"train.lstm_impl={impl}", f"train.precision={precision}", f"train.device={_device().type}",
                  f"train.lstm_compile={compile_mode}"]
     if smoke:
@@ -135,7 +135,7 @@ def _train_config(smoke: bool, impl: str, precision: str, clips: bool, compile_m
 
 
 def part_train(smoke: bool, variant: str) -> dict:
-    from bilm.distributed import DistEnv
+    from bilm.training.distributed import DistEnv
     from train import run  # benchmarks/train.py
     impl, precision, compile_mode, clips = TRAIN_VARIANTS[variant]
     device = _device()
@@ -153,13 +153,13 @@ def part_train(smoke: bool, variant: str) -> dict:
 def part_profile(smoke: bool) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from bilm.distributed import DistEnv
-    from bilm.train import Trainer
+    from bilm.training.distributed import DistEnv
+    from bilm.training.step import TrainStep
     from train import synthetic_batches
     device = _device()
     cfg = _train_config(smoke, "exact", "bf16", True, "off")
     vocab = 500 if smoke else VOCAB_1B
-    trainer = Trainer(cfg, vocab, DistEnv(device=device))
+    trainer = TrainStep(cfg, vocab, DistEnv(device=device))
     batches = synthetic_batches(4, cfg.train.batch_size, cfg.train.unroll_steps, vocab, True)
     for batch in batches[:2]:
         trainer.step(batch)
@@ -216,8 +216,8 @@ def part_embed(smoke: bool) -> dict:
 def part_evaluate(smoke: bool) -> dict:
     import torch
 
-    from bilm.model import LanguageModel
-    from bilm.train import to_device
+    from bilm.modules.language_model import LanguageModel
+    from bilm.training.distributed import to_device
     from train import synthetic_batches
     device = _device()
     cfg = _train_config(smoke, "exact", "fp32", True, "off")

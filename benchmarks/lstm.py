@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from bilm.modules.bilm import BidirectionalLM
+from bilm.modules.bidirectional import BidirectionalLM
 from bilm.options import BiLMOptions, LstmOptions
 
 

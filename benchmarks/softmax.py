@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from bilm.gradients import clip_grad_norm_
+from bilm.training.gradients import clip_grad_norm_
 from bilm.modules.softmax import SoftmaxLayer
 
 

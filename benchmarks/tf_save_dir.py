@@ -8,7 +8,7 @@ A save_dir is what bilm-tf's ``train()`` leaves: ``checkpoint`` (the listing), `
 ``model.ckpt-N.data-00000-of-00001`` (the tensors, raw little-endian), plus the ``vocab.txt`` of
 its softmax rows. Variables have bilm-tf's names (``lm/RNN_0/rnn/multi_rnn_cell/cell_0/lstm_cell/
 kernel``, ``lm/softmax/W``) and each has its Adagrad slot (``.../Adagrad``). The files are written
-in the layout ``bilm.bilmtf.read_tf_checkpoint`` reads; they carry no CRC32C checksums, so
+in the layout ``bilm.formats.bilmtf.read_tf_checkpoint`` reads; they carry no CRC32C checksums, so
 TensorFlow itself would refuse them: they stand in for a real bilm-tf run where TensorFlow is not
 installed, and for the 4 GB published checkpoint (which cannot be downloaded here).
 """
@@ -89,7 +89,7 @@ def write_tf_checkpoint(prefix: str, tensors: dict[str, np.ndarray]) -> None:
 
 
 def tf_name(published: str) -> str:
-    """Dataset name of the published weight file -> bilm-tf variable name (``bilm.bilmtf.published_name``
+    """Dataset name of the published weight file -> bilm-tf variable name (``bilm.formats.bilmtf.published_name``
     backwards, for stacks of any depth)."""
     name = published
     if "/RNN/" in name:
@@ -106,7 +106,7 @@ def _published_arrays(bilm_module) -> dict[str, np.ndarray]:
     """A ``BidirectionalLM``'s parameters in the published layout, by dataset name."""
     import h5py
 
-    from bilm.weights import save_weights
+    from bilm.formats.weights import save_weights
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "w.hdf5")
@@ -141,7 +141,7 @@ def from_run(run: str, out: str) -> str:
 
     import torch
 
-    from bilm.pretrained import model_from_checkpoint, resolve_checkpoint
+    from bilm.training.trained_model import model_from_checkpoint, resolve_checkpoint
 
     trained = model_from_checkpoint(run)
     cfg = trained.config
@@ -166,8 +166,8 @@ def from_run(run: str, out: str) -> str:
 def synthetic(out: str, vocab_size: int, config: str, seed: int = 0) -> str:
     """Random weights with the shapes of ``config``'s architecture and a ``vocab_size`` softmax,
     accumulators >= 1; the softmax and its accumulators go through mapped temporary files."""
-    from bilm.config import load_config
-    from bilm.modules.bilm import BidirectionalLM
+    from bilm.training.config import load_config
+    from bilm.modules.bidirectional import BidirectionalLM
 
     options = load_config(config).model
     body = _published_arrays(BidirectionalLM(options))

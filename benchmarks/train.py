@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bilm.chars import CharIdMapper  # noqa: E402
-from bilm.config import load_config  # noqa: E402
-from bilm.distributed import init_distributed, shutdown  # noqa: E402
-from bilm.train import Trainer  # noqa: E402
+from bilm.training.config import load_config  # noqa: E402
+from bilm.training.distributed import init_distributed, shutdown  # noqa: E402
+from bilm.training.step import TrainStep  # noqa: E402
 from machine import cpu_model  # noqa: E402  (benchmarks/machine.py; the script's folder is on sys.path)
 
 
@@ -48,7 +48,7 @@ def synthetic_batches(n: int, batch_size: int, unroll: int, vocab_size: int, cha
 
 def run(cfg, vocab_size: int, steps: int, warmup: int, env) -> dict:
     t = cfg.train
-    trainer = Trainer(cfg, vocab_size, env)
+    trainer = TrainStep(cfg, vocab_size, env)
     trainer.timing = True
     data_start = time.perf_counter()
     batches = synthetic_batches(warmup + steps, t.batch_size, t.unroll_steps, vocab_size, cfg.model.char_cnn is not None)

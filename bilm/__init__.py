@@ -7,10 +7,10 @@ from bilm.chars import CharIdMapper  # noqa: E402
 def __getattr__(name):
     # Heavy imports (torch, h5py) only when the embedder is asked for.
     if name in ("ElmoEmbedder",):
-        from bilm.embedder import ElmoEmbedder
+        from bilm.inference.embedder import ElmoEmbedder
         return ElmoEmbedder
     if name in ("Elmo",):
-        from bilm.elmo import Elmo
+        from bilm.inference.elmo import Elmo
         return Elmo
     if name == "ScalarMix":
         from bilm.modules.scalar_mix import ScalarMix

@@ -27,7 +27,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _model_files(args: argparse.Namespace) -> tuple[str, str]:
-    from bilm.published import model_files
+    from bilm.inference.published_models import model_files
     if args.model and (args.options or args.weights):
         raise InputError("give --model, or --options and --weights, not both")
     if bool(args.options) != bool(args.weights):
@@ -65,9 +65,9 @@ def _add_embed(sub: argparse._SubParsersAction) -> Callable:
                         "built once into the cache; implies --stateless; needs the onnx extra)")
 
     def run(args: argparse.Namespace) -> int:
-        from bilm.embedder import ElmoEmbedder
+        from bilm.inference.embedder import ElmoEmbedder
         if args.runtime == "onnx":
-            from bilm.onnx_runtime import serving_files
+            from bilm.inference.onnx_runtime import serving_files
             if args.model and (args.options or args.weights):
                 raise InputError("give --model, or --options and --weights, not both")
             options, weights = serving_files(args.model, None) if not args.options else _model_files(args)
@@ -99,7 +99,7 @@ def _add_dump_token_embeddings(sub: argparse._SubParsersAction) -> Callable:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
 
     def run(args: argparse.Namespace) -> int:
-        from bilm.embedder import dump_token_embeddings
+        from bilm.inference.embedder import dump_token_embeddings
         options, weights = _model_files(args)
         n = dump_token_embeddings(args.vocab, options, weights, args.out, args.batch_size, args.device)
         print(f"wrote {n} token vectors -> {args.out}")
@@ -142,8 +142,8 @@ def _add_train(sub: argparse._SubParsersAction) -> Callable:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args: argparse.Namespace) -> int:
-        from bilm.config import load_config
-        from bilm.train import train
+        from bilm.training.config import load_config
+        from bilm.training.run import train
         overrides = list(args.overrides)
         if args.device:
             overrides.append(f"train.device={args.device}")
@@ -154,11 +154,11 @@ def _add_train(sub: argparse._SubParsersAction) -> Callable:
         if args.init_model:
             if args.init_weights or args.init_options:
                 raise InputError("give --init-model, or --init-weights and --init-options, not both")
-            from bilm.continue_tf import resolve_start
+            from bilm.training.continue_tf import resolve_start
             tf_start = resolve_start(args.init_model, args.init_vocab, args.keep_vocab, args.new_rows,
                                      progress=not args.no_progress)
             if tf_start is None:
-                from bilm.published import resolve_model
+                from bilm.inference.published_models import resolve_model
                 args.init_options, args.init_weights = resolve_model(args.init_model)
         if tf_start is None and (args.init_vocab or args.keep_vocab or args.new_rows):
             raise InputError("--init-vocab, --keep-vocab and --new-rows go with a bilm-tf checkpoint as --init-model")
@@ -244,14 +244,14 @@ def _add_export(sub: argparse._SubParsersAction) -> Callable:
 
     def run(args: argparse.Namespace) -> int:
         import sys
-        from bilm.export import export
+        from bilm.formats.export import export
         if args.format == "onnx":
-            from bilm.onnx_export import check_onnx_target
+            from bilm.formats.onnx_export import check_onnx_target
             check_onnx_target(args.out, args.force)  # before anything is written
         result = export(args.checkpoint, args.out, args.force, args.include_softmax, args.strict, args.best)
         if args.format == "onnx":
-            from bilm.onnx_export import write_onnx
-            from bilm.onnx_runtime import ONNX_FILE
+            from bilm.formats.onnx_export import write_onnx
+            from bilm.inference.onnx_runtime import ONNX_FILE
             write_onnx(os.path.join(args.out, "options.json"), os.path.join(args.out, "weights.hdf5"),
                        os.path.join(args.out, ONNX_FILE), force=True)
             result["files"].append(ONNX_FILE)
@@ -273,7 +273,7 @@ def _add_export_onnx(sub: argparse._SubParsersAction) -> Callable:
     p.add_argument("--force", action="store_true", help="overwrite files already in --out")
 
     def run(args: argparse.Namespace) -> int:
-        from bilm.onnx_export import check_onnx_target, export_onnx_dir
+        from bilm.formats.onnx_export import check_onnx_target, export_onnx_dir
         check_onnx_target(args.out, args.force)
         options, weights = _model_files(args)
         written = export_onnx_dir(options, weights, args.out, args.force)
@@ -307,7 +307,7 @@ def _add_score(sub: argparse._SubParsersAction) -> Callable:
     def run(args: argparse.Namespace) -> int:
         import json
         from bilm.errors import not_utf8
-        from bilm.score import LanguageModelScorer, corpus_summary
+        from bilm.inference.score import LanguageModelScorer, corpus_summary
         if args.out != "-" and os.path.exists(args.out) and not args.force:
             raise FileExistsError(f"{args.out} already exists; pass --force to overwrite it")
         try:
@@ -350,7 +350,7 @@ def _add_import_bilmtf(sub: argparse._SubParsersAction) -> Callable:
     p.add_argument("--force", action="store_true", help="write even if --out already holds checkpoints")
 
     def run(args: argparse.Namespace) -> int:
-        from bilm.bilmtf import import_bilmtf
+        from bilm.formats.bilmtf import import_bilmtf
         result = import_bilmtf(args.tf_save_dir, args.vocab, args.out, args.overrides, args.force)
         print(f"imported {result['source']} (step {result['step']}) -> {result['checkpoint']}; "
               f"config {result['config']}")
@@ -369,7 +369,7 @@ def _add_convert_checkpoint(sub: argparse._SubParsersAction) -> Callable:
 
     def run(args: argparse.Namespace) -> int:
         import os
-        from bilm.checkpoint import OLD_FORMAT, CheckpointError, convert_checkpoint, list_checkpoints
+        from bilm.training.checkpoint import OLD_FORMAT, CheckpointError, convert_checkpoint, list_checkpoints
         files = []
         for path in args.paths:
             if os.path.isdir(path):

@@ -2,7 +2,7 @@
 
 These classes are the one schema of the architecture, read by ``bilm.schema`` both from an
 ``options.json`` (``BiLMOptions.from_dict`` / ``from_file``) and from a config's ``model:``
-section (``bilm.config``). A field's default is the value a key missing from the file takes,
+section (``bilm.training.config``). A field's default is the value a key missing from the file takes,
 as bilm-tf reads its own files (``options['lstm'].get('cell_clip')`` and so on): no clipping,
 no skip connections, no highway layers, word inputs when ``char_cnn`` is absent. A field
 without a default is a required key. A clip of 0 (or less) means no clipping, as in bilm-tf.
@@ -23,7 +23,7 @@ from bilm.schema import OMIT, FieldError, SchemaError, dump, load
 
 class OptionsError(SchemaError):
     """A missing or mistyped key in an options.json (``from_dict``/``from_file``; a config's model
-    section reports through ``bilm.config.ConfigError``)."""
+    section reports through ``bilm.training.config.ConfigError``)."""
 
 
 @dataclass

@@ -12,10 +12,10 @@ import sys
 import h5py
 import pytest
 
-from bilm.checkpoint import list_checkpoints, load_checkpoint
+from bilm.training.checkpoint import list_checkpoints, load_checkpoint
 from bilm.cli import main as bilm_main
 from bilm.data.manifest import load_manifest
-from bilm.train import train
+from bilm.training.run import train
 from conftest import OPTIONS, WEIGHTS
 from train_helpers import ROOT, TRAIN_DATA, TRAIN_VOCAB, tiny_config
 

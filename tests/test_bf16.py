@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from bilm import ElmoEmbedder
-from bilm.distributed import DistEnv
+from bilm.training.distributed import DistEnv
 from bilm.elmo import Elmo, batch_to_ids
 from bilm.evaluate import evaluate
-from bilm.train import Trainer, train
+from bilm.training.run import train
+from bilm.training.step import TrainStep
 from conftest import OPTIONS, WEIGHTS
 from train_helpers import TRAIN_DATA, TRAIN_VOCAB, tiny_config
 
@@ -42,7 +43,7 @@ def test_elmo_bf16_is_close_to_fp32():
 def test_training_step_in_bf16_on_cpu_follows_fp32():
     losses = {}
     for precision in ("fp32", "bf16"):
-        trainer = Trainer(tiny_config(f"train.precision={precision}", "train.dropout=0.0"), 32, DistEnv())
+        trainer = TrainStep(tiny_config(f"train.precision={precision}", "train.dropout=0.0"), 32, DistEnv())
         from bilm.data import LMDataset
         data = iter(LMDataset(TRAIN_DATA, TRAIN_VOCAB, 2, 10, mode="train", seed=0))
         losses[precision] = [float(trainer.step(next(data)).loss) for _ in range(3)]

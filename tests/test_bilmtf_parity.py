@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from bilm.bilmtf import (config_from_bilmtf_options, latest_tf_checkpoint, load_bilmtf_state, published_name,
+from bilm.formats.bilmtf import (config_from_bilmtf_options, latest_tf_checkpoint, load_bilmtf_state, published_name,
                          read_tf_checkpoint, split_tensors)
-from bilm.config import config_from_dict
-from bilm.distributed import DistEnv
+from bilm.training.config import config_from_dict
+from bilm.training.distributed import DistEnv
 from bilm.modules.softmax import LogUniformSampler, SoftmaxLayer
-from bilm.train import Trainer
-from bilm.weights import save_weights
+from bilm.training.step import TrainStep
+from bilm.formats.weights import save_weights
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "bilmtf_training")
 
@@ -64,18 +64,18 @@ def _batches(name: str = "batches.npz") -> list[dict]:
     return batches
 
 
-def _trainer(*overrides: str) -> Trainer:
+def _trainer(*overrides: str) -> TrainStep:
     options = _options()
     cfg = config_from_dict(config_from_bilmtf_options(options), overrides=["train.device=cpu", *overrides])
-    return Trainer(cfg, options["n_tokens_vocab"], DistEnv())
+    return TrainStep(cfg, options["n_tokens_vocab"], DistEnv())
 
 
-def _start(trainer: Trainer) -> None:
+def _start(trainer: TrainStep) -> None:
     weights, accumulators, step = split_tensors(_read_npz("start.npz"))
     load_bilmtf_state(trainer.model, trainer.optimizer, weights, accumulators, step, "start.npz")
 
 
-def _as_published(trainer: Trainer, tmp_path) -> tuple[dict, dict]:
+def _as_published(trainer: TrainStep, tmp_path) -> tuple[dict, dict]:
     """The trainer's weights and Adagrad accumulators in bilm-tf's names and layouts."""
     import copy
 
@@ -169,7 +169,7 @@ def test_gradient_is_unroll_steps_times_the_mean_loss_gradient():
 def test_one_adagrad_step_with_bilm_tf_scale_by_hand():
     """Two parameters, loss = mean over T=4 steps of (w1 x + w2)^2 / 2 at x = 1: bilm-tf differentiates
     T x loss, clips the global norm to 5, then Adagrad (lr 0.2, accumulator 1.0)."""
-    from bilm.gradients import clip_grad_norm_
+    from bilm.training.gradients import clip_grad_norm_
 
     w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     opt = torch.optim.Adagrad([w], lr=0.2, initial_accumulator_value=1.0)
@@ -190,7 +190,7 @@ def test_one_adagrad_step_with_bilm_tf_scale_by_hand():
 def test_top_output_is_dropped_before_the_softmax():
     """bilm-tf drops the top LSTM output before the softmax (training.py: tf.nn.dropout(lstm_output_flat)):
     with everything dropped the softmax sees zeros, so with zero biases the loss is log V exactly."""
-    from bilm.model import LanguageModel
+    from bilm.modules.language_model import LanguageModel
 
     options = _options()
     cfg = config_from_dict(config_from_bilmtf_options(options))
@@ -224,7 +224,7 @@ def test_packing_equals_bilm_tf_batches():
 @pytest.mark.parametrize("case", ["relu", "tanh", "word"])
 def test_initialization_matches_bilm_tf(case, tmp_path):
     """Every variable's quantiles (10% .. 90%) within 10% of TF's 1%-99% range; constants exactly."""
-    from bilm.model import LanguageModel
+    from bilm.modules.language_model import LanguageModel
 
     with open(os.path.join(FIXTURE, "init_quantiles.json")) as f:
         fixture = json.load(f)
@@ -297,8 +297,8 @@ def test_tf_checkpoint_reader_equals_tensorflow_reader():
 
 
 def test_import_exports_what_dump_weights_wrote(tmp_path):
-    from bilm.bilmtf import import_bilmtf
-    from bilm.export import export
+    from bilm.formats.bilmtf import import_bilmtf
+    from bilm.formats.export import export
 
     result = import_bilmtf(os.path.join(FIXTURE, "tf_checkpoint"), os.path.join(FIXTURE, "vocab.txt"),
                            str(tmp_path / "run"))
@@ -351,10 +351,10 @@ def test_import_errors_name_the_file(tmp_path, capsys):
 
 def test_imported_run_resumes_with_its_optimizer_state(tmp_path):
     """bilm train --resume on an imported run continues from TF's step and accumulators."""
-    from bilm.bilmtf import import_bilmtf
-    from bilm.checkpoint import list_checkpoints, load_checkpoint
-    from bilm.config import load_config
-    from bilm.train import train
+    from bilm.formats.bilmtf import import_bilmtf
+    from bilm.training.checkpoint import list_checkpoints, load_checkpoint
+    from bilm.training.config import load_config
+    from bilm.training.run import train
 
     run = tmp_path / "run"
     import_bilmtf(os.path.join(FIXTURE, "tf_checkpoint"), os.path.join(FIXTURE, "vocab.txt"), str(run))
@@ -415,7 +415,7 @@ class FixedDropout:
         return x * torch.tensor(scale) * torch.from_numpy(mask.astype(np.float32))
 
 
-def replay_long(case: str, monkeypatch, *overrides: str) -> tuple[Trainer, np.ndarray]:
+def replay_long(case: str, monkeypatch, *overrides: str) -> tuple[TrainStep, np.ndarray]:
     """bilm trains the case's 50 batches from bilm-tf's step-0 weights with TF's masks and candidates.
     Returns the trainer and the per-step losses (steps x [forward, backward])."""
     with open(os.path.join(LONG, case, "options.json")) as f:
@@ -423,7 +423,7 @@ def replay_long(case: str, monkeypatch, *overrides: str) -> tuple[Trainer, np.nd
     assert options["unroll_steps"] == UNROLL_LONG and options["dropout"] > 0 and options["sample_softmax"]
     cfg = config_from_dict(config_from_bilmtf_options(options),
                            overrides=["train.device=cpu", "train.sparse_softmax=true", *overrides])
-    trainer = Trainer(cfg, options["n_tokens_vocab"], DistEnv())
+    trainer = TrainStep(cfg, options["n_tokens_vocab"], DistEnv())
     weights, _, step = split_tensors(_read_npz(os.path.join("long", case, "start.npz")))
     load_bilmtf_state(trainer.model, None, weights, {}, step, "start.npz")  # step 0: accumulators 1.0
     fixed = np.load(os.path.join(LONG, case, "candidates.npz"))

@@ -92,17 +92,17 @@ def test_user_errors_are_one_line(error, line):
 
 def test_every_user_facing_error_derives_from_bilm_error():
     from bilm.errors import BilmError
-    from bilm.bilmtf import TFCheckpointError
-    from bilm.checkpoint import CheckpointError, CheckpointRefused
-    from bilm.config import ConfigError
-    from bilm.continue_tf import TFStartError
+    from bilm.formats.bilmtf import TFCheckpointError
+    from bilm.training.checkpoint import CheckpointError, CheckpointRefused
+    from bilm.training.config import ConfigError
+    from bilm.training.continue_tf import TFStartError
     from bilm.errors import CheckpointWriteError, InputError, MissingExtra, RunDirectoryLocked
-    from bilm.onnx_runtime import OnnxModelError
+    from bilm.inference.onnx_runtime import OnnxModelError
     from bilm.options import OptionsError
-    from bilm.published import ModelUnavailable
+    from bilm.inference.published_models import ModelUnavailable
     from bilm.schema import FieldError, SchemaError
     from bilm.vocab import VocabularyError
-    from bilm.weights import WeightFileError
+    from bilm.formats.weights import WeightFileError
     from data_tools.prepare import PrepareError
     for cls in (TFCheckpointError, CheckpointError, CheckpointRefused, ConfigError, TFStartError, CheckpointWriteError,
                 InputError, MissingExtra, RunDirectoryLocked, OnnxModelError, OptionsError, ModelUnavailable,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bilm.config import (Config, ConfigError, OptimConfig, TrainConfig, config_from_dict, config_to_dict,
+from bilm.training.config import (Config, ConfigError, OptimConfig, TrainConfig, config_from_dict, config_to_dict,
                          load_config, save_config)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -1,4 +1,4 @@
-"""Continue a bilm-tf training checkpoint in bilm (bilm/continue_tf.py): by name from a loopback server
+"""Continue a bilm-tf training checkpoint in bilm (bilm/training/continue_tf.py): by name from a loopback server
 (as the published checkpoint would be), or from a local save_dir; the softmax rows of the words it
 knows and their Adagrad accumulators carried bit for bit, new words by a rule, --keep-vocab, resume.
 
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from bilm import published
-from bilm.bilmtf import latest_tf_checkpoint, read_tf_checkpoint, split_tensors
-from bilm.checkpoint import list_checkpoints, load_checkpoint
+from bilm.inference import published_models as published
+from bilm.formats.bilmtf import latest_tf_checkpoint, read_tf_checkpoint, split_tensors
+from bilm.training.checkpoint import list_checkpoints, load_checkpoint
 from bilm.cli import main as bilm_main
-from bilm.continue_tf import TFStart, report_line
+from bilm.training.continue_tf import TFStart, report_line
 from bilm.vocab import read_tokens
 from test_faults import CLI_THAT_DIES_IN_A_WRITE
 from test_published import _Server
@@ -98,10 +98,10 @@ def test_by_name_downloads_once_and_carries_the_rows_bit_for_bit(server, tmp_pat
 
 
 def test_carried_accumulators_equal_the_checkpoints_new_rows_start_fresh():
-    from bilm.config import load_config
-    from bilm.distributed import DistEnv
+    from bilm.training.config import load_config
+    from bilm.training.distributed import DistEnv
     from bilm.options import BiLMOptions
-    from bilm.train import Trainer
+    from bilm.training.step import TrainStep
 
     weights, accumulators, old_tokens = _checkpoint()
     tokens = read_tokens(TRAIN_VOCAB)
@@ -109,7 +109,7 @@ def test_carried_accumulators_equal_the_checkpoints_new_rows_start_fresh():
     cfg.model = BiLMOptions.from_file(os.path.join(SAVE_DIR, "options.json"))
     results = {}
     for rule in ("char", "mean", "unk", "fresh"):
-        trainer = Trainer(cfg, len(tokens), DistEnv())
+        trainer = TrainStep(cfg, len(tokens), DistEnv())
         report = TFStart(SAVE_DIR, TF_VOCAB, new_rows=rule).load_into(trainer.model, trainer.optimizer, tokens)
         assert (report["carried"], report["new"], report["dropped"], report["accumulators"]) == (11, 21, 22, True)
         softmax = trainer.model.softmax
@@ -149,7 +149,7 @@ def test_keep_vocab_trains_with_the_checkpoints_words(tmp_path, monkeypatch):
     # The published vocabulary starts </S>, <S>: the run's starts <S>, </S>, rows follow their words.
     swapped = tmp_path / "swapped.txt"
     swapped.write_text("\n".join([old_tokens[1], old_tokens[0], *old_tokens[2:]]) + "\n")
-    from bilm.model import LanguageModel
+    from bilm.modules.language_model import LanguageModel
     from bilm.options import BiLMOptions
     start = TFStart(SAVE_DIR, str(swapped), keep_vocab=True)
     vocab = start.vocabulary()

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bilm import ElmoEmbedder
-from bilm.embedder import dump_token_embeddings
-from bilm.weights import WeightFileError
+from bilm.inference.embedder import dump_token_embeddings
+from bilm.formats.weights import WeightFileError
 from conftest import MODEL_DIR, OPTIONS, WEIGHTS, tf_embedding_batches
 
 TOLERANCE = 1e-5

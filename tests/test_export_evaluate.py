@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from bilm import ElmoEmbedder
-from bilm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from bilm.training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from bilm.evaluate import evaluate
-from bilm.export import export
-from bilm.pretrained import model_from_checkpoint
-from bilm.config import config_to_dict
-from bilm.distributed import DistEnv
-from bilm.train import Trainer, train
+from bilm.formats.export import export
+from bilm.training.trained_model import model_from_checkpoint
+from bilm.training.config import config_to_dict
+from bilm.training.distributed import DistEnv
+from bilm.training.run import train
+from bilm.training.step import TrainStep
 from bilm.vocab import Vocabulary
 from conftest import OPTIONS, WEIGHTS
 from train_helpers import TRAIN_DATA, TRAIN_VOCAB, tiny_config
@@ -107,7 +108,7 @@ def test_export_init_export_is_bit_identical(trained_run, tmp_path):
             "softmax": os.path.join(first, "softmax.hdf5"), "vocab_tokens": Vocabulary.from_file(TRAIN_VOCAB).tokens}
     # The model `bilm train --init-weights ...` starts from, saved before any step.
     cfg = tiny_config()
-    trainer = Trainer(cfg, 32, DistEnv(), init)
+    trainer = TrainStep(cfg, 32, DistEnv(), init)
     rerun = str(tmp_path / "step-00000000.pt")
     save_checkpoint({"step": 0, "config": config_to_dict(cfg), "model": trainer.model.state_dict(),
                      "vocab": init["vocab_tokens"]}, rerun)

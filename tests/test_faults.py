@@ -16,9 +16,9 @@ import time
 import pytest
 import torch
 
-from bilm.checkpoint import LOCK_NAME, list_checkpoints, load_checkpoint
+from bilm.training.checkpoint import LOCK_NAME, list_checkpoints, load_checkpoint
 from bilm.cli import main as bilm_main
-from bilm.train import train
+from bilm.training.run import train
 from conftest import OPTIONS, WEIGHTS
 from train_helpers import BILM_TF_TEST_MODEL, ROOT, TRAIN_DATA, TRAIN_VOCAB, assert_same_trained_params, tiny_config
 
@@ -193,14 +193,14 @@ def _check_second_run_refused(first, run):
 def test_sigterm_exits_143_with_a_resume_hint(tmp_path):
     run = tmp_path / "run"
     script = ("import os, signal, sys\n"
-              "import bilm.train as t\n"
+              "import bilm.training.run as t\n"
               "from bilm.cli import main\n"
-              "orig = t.Trainer.step\n"
+              "orig = t.TrainStep.step\n"
               "def step(self, batch):\n"
               "    r = orig(self, batch)\n"
               "    if self.steps_done == 3: os.kill(os.getpid(), signal.SIGTERM)\n"
               "    return r\n"
-              "t.Trainer.step = step\n"
+              "t.TrainStep.step = step\n"
               f"sys.exit(main({_train_args(run, 'train.max_steps=50')!r}))\n")
     out = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 143, out.stderr

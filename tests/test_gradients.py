@@ -1,4 +1,4 @@
-"""bilm.gradients: clipping and cross-rank averaging of dense and sparse gradients."""
+"""bilm.training.gradients: clipping and cross-rank averaging of dense and sparse gradients."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bilm.gradients import all_reduce_gradients_, clip_grad_norm_
+from bilm.training.gradients import all_reduce_gradients_, clip_grad_norm_
 
 
 def grads_with_duplicates():

@@ -15,17 +15,17 @@ import sys
 import pytest
 import torch
 
-import bilm.heldout as heldout_module
-import bilm.train as train_module
-from bilm.checkpoint import best_checkpoint_path, list_checkpoints, load_checkpoint
+import bilm.training.heldout as heldout_module
+import bilm.training.run as train_module
+from bilm.training.checkpoint import best_checkpoint_path, list_checkpoints, load_checkpoint
 from bilm.cli import EXIT_DIVERGED, main as bilm_main
 from bilm.evaluate import evaluate
-from bilm.export import export
-from bilm.guard import DivergenceGuard
-from bilm.heldout import SAMPLE_NAME, unigram_perplexity
+from bilm.formats.export import export
+from bilm.training.guard import DivergenceGuard
+from bilm.training.heldout import SAMPLE_NAME, unigram_perplexity
 from bilm.logs import log
 from bilm.progress import progress_bar
-from bilm.train import train
+from bilm.training.run import train
 from bilm.vocab import Vocabulary
 from train_helpers import BILM_TF_TEST_MODEL, ROOT, TRAIN_DATA, TRAIN_VOCAB, tiny_config
 
@@ -159,7 +159,7 @@ def test_bilm_evaluate_logs_few_progress_lines_into_a_file(tmp_path, corpus):
 
 def _nan_at(monkeypatch, k):
     """The softmax bias becomes NaN just before step k (once): the loss of step k is the first non-finite one."""
-    original = train_module.Trainer.step
+    original = train_module.TrainStep.step
     done = []
 
     def step(self, batch):
@@ -168,7 +168,7 @@ def _nan_at(monkeypatch, k):
             with torch.no_grad():
                 self.model.softmax.bias[0] = float("nan")
         return original(self, batch)
-    monkeypatch.setattr(train_module.Trainer, "step", step)
+    monkeypatch.setattr(train_module.TrainStep, "step", step)
 
 
 def _train_argv(run, data, *overrides):

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 import bilm.modules.lstm as lstm_module
-from bilm.modules.bilm import BidirectionalLM
-from bilm.distributed import DistEnv
-from bilm.model import LanguageModel
+import bilm.modules.lstm.fused as fused
+from bilm.modules.bidirectional import BidirectionalLM
+from bilm.training.distributed import DistEnv
+from bilm.modules.language_model import LanguageModel
 from bilm.modules.lstm import LstmStack, LstmWithProjection
 from bilm.options import BiLMOptions, LstmOptions
-from bilm.train import Trainer
+from bilm.training.step import TrainStep
 from train_helpers import tiny_config
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -311,8 +312,7 @@ def _counting_compile(monkeypatch):
         return compiled
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    monkeypatch.setattr(lstm_module, "_compiled", {})
-    monkeypatch.setattr(lstm_module, "_compile_failed", False)
+    monkeypatch.setattr(fused, "COMPILED_STEPS", fused.CompiledSteps())  # a fresh cache
     return calls
 
 
@@ -323,14 +323,13 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(lstm_module, "_compiled", {})
-    monkeypatch.setattr(lstm_module, "_compile_failed", False)
+    monkeypatch.setattr(fused, "COMPILED_STEPS", fused.CompiledSteps())  # a fresh cache
     ref, fast = _pair(cell_clip=0.5, proj_clip=0.5, compile="on")
     x = torch.randn(2, 4, 5)
     with pytest.warns(RuntimeWarning, match="torch.compile of the LSTM step failed"):
         out, _ = fast(x)
     torch.testing.assert_close(out, ref(x)[0], **TOL)
-    assert lstm_module._compile_failed
+    assert fused.COMPILED_STEPS.failed
     for cls, args in ((LstmWithProjection, (5, 7, 3)), (LstmStack, (4, LstmOptions(dim=6, projection_dim=4, n_layers=1)))):
         with pytest.raises(ValueError, match="compile mode"):
             cls(*args, compile="sometimes")
@@ -361,10 +360,10 @@ def test_compile_is_per_module_not_per_process(monkeypatch):
 
 
 def test_compile_setting_reaches_the_stacks_from_the_config(monkeypatch):
-    """train.lstm_compile -> Trainer -> LanguageModel -> BidirectionalLM -> both stacks and their
+    """train.lstm_compile -> TrainStep -> LanguageModel -> BidirectionalLM -> both stacks and their
     layers; stacks of different settings do not run in lock step."""
     for mode in ("on", "off"):
-        trainer = Trainer(tiny_config(f"train.lstm_compile={mode}", "train.device=cpu"), 32, DistEnv())
+        trainer = TrainStep(tiny_config(f"train.lstm_compile={mode}", "train.device=cpu"), 32, DistEnv())
         bilm = trainer.model.bilm
         for stack in (bilm.forward_lstm, bilm.backward_lstm):
             assert stack.compile_mode == mode and all(layer.compile_mode == mode for layer in stack.layers)
@@ -380,11 +379,11 @@ def test_compile_setting_reaches_the_stacks_from_the_config(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("BILM_TEST_COMPILE") != "1", reason="compiling takes ~20 s on CPU; BILM_TEST_COMPILE=1 runs it")
 def test_compiled_step_equals_reference(monkeypatch):
-    monkeypatch.setattr(lstm_module, "_compile_failed", False)
+    monkeypatch.setattr(fused, "COMPILED_STEPS", fused.CompiledSteps())
     for seed in range(2):
         _check_random_shapes(seed, (0.4, 0.1), compile="on")
     _check_run_lstms(True, compile="on")
-    assert not lstm_module._compile_failed
+    assert not fused.COMPILED_STEPS.failed
 
 
 # ----- CUDA: the same checks on the GPU -----

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from bilm.chars import DEFAULT_MAX_CHARACTERS, N_CHARACTERS
-from bilm.config import ConfigError, config_from_dict, config_to_dict, load_config
+from bilm.training.config import ConfigError, config_from_dict, config_to_dict, load_config
 from bilm.options import BiLMOptions, CharCNNOptions, LstmOptions, OptionsError
 from conftest import OPTIONS
 

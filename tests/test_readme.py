@@ -45,3 +45,24 @@ def test_demo_inputs_exist():
         for token in command.split():
             if token.startswith(("data/", "configs/", "examples/")):
                 assert (ROOT / token).exists(), f"{token} (in `{command}`) is missing"
+
+
+def code_map_modules() -> set[str]:
+    """The module paths the README's code map names (its table, up to the next section)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Code map\n")
+    section = text[start:text.index("\n## ", start + 1)]
+    return set(re.findall(r"`((?:bilm|data_tools)/[\w/]+\.py)`", section))
+
+
+def tree_modules() -> set[str]:
+    """Every module of bilm/ and data_tools/ (a package's __init__.py is its folder's, not a row)."""
+    return {str(p.relative_to(ROOT)) for package in ("bilm", "data_tools") for p in (ROOT / package).rglob("*.py")
+            if p.name != "__init__.py"}
+
+
+def test_code_map_lists_exactly_the_modules_of_the_tree():
+    listed, tree = code_map_modules(), tree_modules()
+    assert len(tree) > 40
+    assert not tree - listed, f"modules missing from the README's code map: {sorted(tree - listed)}"
+    assert not listed - tree, f"the README's code map names modules that do not exist: {sorted(listed - tree)}"

@@ -114,9 +114,9 @@ def test_first_batch_encodes_one_shard_not_all(tmp_path, monkeypatch):
 
 
 def _tiny_checkpoint(tmp_path, vocab_size=500):
-    from bilm.checkpoint import save_checkpoint
-    from bilm.config import config_to_dict, load_config
-    from bilm.model import LanguageModel
+    from bilm.training.checkpoint import save_checkpoint
+    from bilm.training.config import config_to_dict, load_config
+    from bilm.modules.language_model import LanguageModel
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_config(os.path.join(root, "configs", "tiny.yaml"))
@@ -143,7 +143,7 @@ def _mapped_file(address: int):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
 def test_evaluate_and_export_hold_one_mapped_copy_of_the_weights(tmp_path):
-    from bilm.pretrained import model_from_checkpoint
+    from bilm.training.trained_model import model_from_checkpoint
 
     path, original = _tiny_checkpoint(tmp_path)
     model = model_from_checkpoint(str(tmp_path)).model
@@ -160,7 +160,7 @@ def test_evaluate_and_export_hold_one_mapped_copy_of_the_weights(tmp_path):
 
 def test_dump_token_embeddings_memory_does_not_grow_with_the_vocabulary(tmp_path):
     import h5py
-    from bilm.embedder import dump_token_embeddings
+    from bilm.inference.embedder import dump_token_embeddings
     from conftest import OPTIONS, WEIGHTS
 
     def dump(n):

@@ -9,9 +9,9 @@ import pytest
 
 from bilm.cli import main as bilm_main
 from bilm.evaluate import evaluate
-from bilm.export import export
-from bilm.score import LanguageModelScorer, corpus_summary
-from bilm.train import train
+from bilm.formats.export import export
+from bilm.inference.score import LanguageModelScorer, corpus_summary
+from bilm.training.run import train
 from train_helpers import TRAIN_DATA, TRAIN_VOCAB, tiny_config
 
 EXTRA_LINES = ["", "zzyzx qwertyuiop the", "the"]  # an empty line, unknown words, a one-word line

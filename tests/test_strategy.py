@@ -6,15 +6,16 @@ import os
 import pytest
 import torch
 
-import bilm.train as train_module
-from bilm.config import ConfigError
+import bilm.training.run as train_module
+from bilm.training.config import ConfigError
 from bilm.data import LMDataset
-from bilm.distributed import DistEnv
-from bilm.strategy import LocalStrategy, check_config, deepspeed_config
-from bilm.train import Trainer, train
+from bilm.training.distributed import DistEnv
+from bilm.training.strategy import DDPStrategy, check_config, deepspeed_config
+from bilm.training.run import train
+from bilm.training.step import TrainStep
 from train_helpers import ROOT, TRAIN_DATA, TRAIN_VOCAB, tiny_config
 
-TRAINING_SIDE = ("bilm/train.py", "bilm/strategy.py", "bilm/gradients.py", "bilm/distributed.py", "bilm/model.py")
+TRAINING_SIDE = ("bilm/training/run.py", "bilm/training/strategy.py", "bilm/training/gradients.py", "bilm/training/distributed.py", "bilm/modules/language_model.py")
 
 
 class HostReads:
@@ -41,7 +42,7 @@ class HostReads:
 
 
 def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch):
-    trainer = Trainer(tiny_config(), 32, DistEnv())
+    trainer = TrainStep(tiny_config(), 32, DistEnv())
     data = iter(LMDataset(TRAIN_DATA, TRAIN_VOCAB, 2, 10, mode="train", seed=0))
     for _ in range(2):  # first steps build caches (sampler chunk sizes)
         trainer.step(next(data))
@@ -66,8 +67,8 @@ def test_the_loop_reads_the_figures_once_per_log_interval(tmp_path, monkeypatch)
 
 def test_local_strategy_clips_to_max_grad_norm_and_returns_the_norm_before():
     cfg = tiny_config("optim.max_grad_norm=0.001")
-    trainer = Trainer(cfg, 32, DistEnv())
-    assert isinstance(trainer.strategy, LocalStrategy)
+    trainer = TrainStep(cfg, 32, DistEnv())
+    assert isinstance(trainer.strategy, DDPStrategy)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     result = trainer.step(next(iter(LMDataset(TRAIN_DATA, TRAIN_VOCAB, 2, 10, mode="train", seed=0))))
     assert result.grad_norm.dim() == 0 and float(result.grad_norm) > 0.001

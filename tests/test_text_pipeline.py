@@ -17,9 +17,9 @@ from bilm import ElmoEmbedder
 from bilm.cli import main as bilm_main
 from bilm.data import load_manifest
 from bilm.evaluate import evaluate
-from bilm.export import export
-from bilm.pretrained import model_from_checkpoint
-from bilm.train import train
+from bilm.formats.export import export
+from bilm.training.trained_model import model_from_checkpoint
+from bilm.training.run import train
 from conftest import OPTIONS, WEIGHTS
 from bilm.text import TextPipeline
 from data_tools.prepare import main as prepare_main

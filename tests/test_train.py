@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from bilm.checkpoint import list_checkpoints, load_checkpoint
+from bilm.training.checkpoint import list_checkpoints, load_checkpoint
 from bilm.evaluate import evaluate
-from bilm.train import train
+from bilm.training.run import train
 from train_helpers import TRAIN_DATA, TRAIN_VOCAB, tiny_config
 
 
@@ -65,13 +65,13 @@ def test_resume_keeps_neither_a_copy_nor_a_mapping_of_the_checkpoint(tmp_path, m
     import gc
     import weakref
 
-    import bilm.train as bilm_train
+    import bilm.training.run as bilm_train
 
     overrides = ("train.checkpoint_every_steps=2", "train.log_every_steps=1", f"optim.name={optimizer}")
     run = tmp_path / "run"
     train(tiny_config(*overrides, "train.max_steps=2"), TRAIN_DATA, str(run), vocab_file=TRAIN_VOCAB, progress=False)
     payload_tensors, at_first_step = [], []
-    load, step = bilm_train.load_latest_valid, bilm_train.Trainer.step
+    load, step = bilm_train.load_latest_valid, bilm_train.TrainStep.step
 
     def load_and_watch(*args, **kwargs):
         path, payload = load(*args, **kwargs)
@@ -87,7 +87,7 @@ def test_resume_keeps_neither_a_copy_nor_a_mapping_of_the_checkpoint(tmp_path, m
         return step(self, batch)
 
     monkeypatch.setattr(bilm_train, "load_latest_valid", load_and_watch)
-    monkeypatch.setattr(bilm_train.Trainer, "step", step_and_look)
+    monkeypatch.setattr(bilm_train.TrainStep, "step", step_and_look)
     train(tiny_config(*overrides, "train.max_steps=3"), TRAIN_DATA, str(run), resume=True, vocab_file=TRAIN_VOCAB,
           progress=False)
     assert payload_tensors and at_first_step == [(0, [])]
@@ -105,16 +105,16 @@ def test_checkpoint_holds_config_and_states(tmp_path):
 def test_sigterm_writes_checkpoint_and_exits(tmp_path):
     script = (
         "import os, signal, sys; sys.path.insert(0, %r)\n"
-        "import bilm.train as t\n"
+        "import bilm.training.run as t\n"
         "from train_helpers import tiny_config, TRAIN_DATA, TRAIN_VOCAB\n"
-        "orig = t.Trainer.step\n"
+        "orig = t.TrainStep.step\n"
         "def step(self, batch):\n"
         "    r = orig(self, batch)\n"
         "    if not hasattr(self, 'n'): self.n = 0\n"
         "    self.n += 1\n"
         "    if self.n == 3: os.kill(os.getpid(), signal.SIGTERM)\n"
         "    return r\n"
-        "t.Trainer.step = step\n"
+        "t.TrainStep.step = step\n"
         "s = t.train(tiny_config('train.max_steps=50'), TRAIN_DATA, %r, vocab_file=TRAIN_VOCAB, progress=False)\n"
         "print('STOPPED AT', s['step'])\n" % (os.path.dirname(__file__), str(tmp_path)))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -46,7 +46,7 @@ def test_errors_name_file_and_line(tmp_path, text, line, words):
 def test_bytes_that_are_not_utf8_are_named_by_line_far_into_a_file(tmp_path):
     """A text-mode reader decodes in chunks, so its error's offset is within a chunk: the
     message must name the line of the bad bytes, here well past the first chunk."""
-    from bilm.config import ConfigError, load_config
+    from bilm.training.config import ConfigError, load_config
     from bilm.errors import read_json
 
     words = [f"word{i}" for i in range(5000)]

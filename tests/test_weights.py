@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from bilm.modules.bilm import BidirectionalLM
+from bilm.modules.bidirectional import BidirectionalLM
 from bilm.options import BiLMOptions, OptionsError
-from bilm.weights import WeightFileError, load_bilm, load_weights, save_weights
+from bilm.formats.weights import WeightFileError, load_bilm, load_weights, save_weights
 from conftest import OPTIONS, WEIGHTS
 
 

@@ -1,5 +1,5 @@
 """The biLM's building blocks, shared by training, evaluation and the embedder."""
-from bilm.modules.bilm import BidirectionalLM
+from bilm.modules.bidirectional import BidirectionalLM
 from bilm.modules.lstm import LstmStack, LstmWithProjection
 from bilm.modules.scalar_mix import ScalarMix
 from bilm.modules.token_encoder import CharCNNEncoder, Highway, WordEmbeddingEncoder

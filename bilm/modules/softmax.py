@@ -9,7 +9,7 @@ Evaluation uses the full softmax.
 
 With an 800k-word vocabulary ``weight`` is 400M floats, so the rows used by a step
 are gathered with ``F.embedding(sparse=True)``: the gradient then touches only
-those rows, and the training side (``bilm.gradients``: clipping and all-reduce of
+those rows, and the training side (``bilm.training.gradients``: clipping and all-reduce of
 sparse gradients) and ``torch.optim.Adagrad`` keep the step's work proportional to them.
 """
 from __future__ import annotations
@@ -126,7 +126,7 @@ class SoftmaxLayer(nn.Module):
 
     ``sparse=True`` makes the gradients of ``weight`` and ``bias`` sparse COO tensors
     holding only the rows a step used (give them to ``torch.optim.Adagrad`` or
-    ``torch.optim.SparseAdam``, and to ``bilm.gradients``' ``clip_grad_norm_`` and
+    ``torch.optim.SparseAdam``, and to ``bilm.training.gradients``' ``clip_grad_norm_`` and
     ``all_reduce_gradients_``); ``sparse=False`` gives ordinary dense gradients.
     """
 

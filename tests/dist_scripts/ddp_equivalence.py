@@ -10,8 +10,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bilm.data import LMDataset  # noqa: E402
-from bilm.distributed import init_distributed, shutdown  # noqa: E402
-from bilm.train import Trainer  # noqa: E402
+from bilm.training.distributed import init_distributed, shutdown  # noqa: E402
+from bilm.training.step import TrainStep  # noqa: E402
 from train_helpers import TRAIN_DATA, TRAIN_VOCAB, tiny_config  # noqa: E402
 
 GLOBAL_ROWS, STEPS = 4, 4
@@ -37,7 +37,7 @@ def main(out_path, strategy="ddp"):
     cfg = tiny_config(*overrides)
     env = init_distributed("cpu")
     share = GLOBAL_ROWS // env.world_size
-    trainer = Trainer(cfg, 32, env)
+    trainer = TrainStep(cfg, 32, env)
     initial = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     losses = []
     for batch in global_batches():

@@ -1,7 +1,7 @@
 """Run under torchrun (or alone), for tests/test_guard.py.
 
     guard_ranks.py eval CHECKPOINT MANIFEST OUT_DIR OUT_JSON
-        the heldout evaluation of training (bilm.heldout) of CHECKPOINT's model on MANIFEST's heldout
+        the heldout evaluation of training (bilm.training.heldout) of CHECKPOINT's model on MANIFEST's heldout
         split; rank 0 writes the figures to OUT_JSON
     guard_ranks.py train BLOW_UP_AT_CALL BILM_TRAIN_ARGS...
         bilm train, the heldout figure of the BLOW_UP_AT_CALL-th evaluation (0: none) made 100 times larger
@@ -11,10 +11,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import bilm.heldout as heldout  # noqa: E402
+import bilm.training.heldout as heldout  # noqa: E402
 from bilm.data import load_manifest  # noqa: E402
-from bilm.distributed import init_distributed, shutdown  # noqa: E402
-from bilm.pretrained import model_from_checkpoint  # noqa: E402
+from bilm.training.distributed import init_distributed, shutdown  # noqa: E402
+from bilm.training.trained_model import model_from_checkpoint  # noqa: E402
 from bilm.vocab import Vocabulary  # noqa: E402
 
 

@@ -21,12 +21,12 @@ from typing import Optional
 import torch
 
 from bilm.atomic import atomic_open
-from bilm.config import Config
+from bilm.training.config import Config
 from bilm.data import LMDataset, load_manifest, resolve_shards
-from bilm.distributed import DistEnv
+from bilm.training.distributed import DistEnv
 from bilm.errors import InputError
 from bilm.evaluate import score, tokenize_files
-from bilm.model import DIRECTIONS, LanguageModel
+from bilm.modules.language_model import DIRECTIONS, LanguageModel
 from bilm.vocab import Vocabulary
 from bilm.text import TextPipeline
 

@@ -71,7 +71,7 @@ def reverse_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 class BidirectionalLM(nn.Module):
     """Token encoder + forward and backward LSTM stacks (separate weights), as bilm-tf.
 
-    The softmax is not here: it belongs to training (``bilm.model``); inference needs only this.
+    The softmax is not here: it belongs to training (``bilm.modules.language_model``); inference needs only this.
     ``lstm_impl`` and ``lstm_compile`` are the stacks' ``impl`` and ``compile`` (``LstmStack``).
     """
 

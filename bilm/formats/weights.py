@@ -17,9 +17,11 @@ import numpy as np
 import torch
 
 from bilm.errors import InputError
-from bilm.modules.bilm import BidirectionalLM
+from bilm.modules.bidirectional import BidirectionalLM
 from bilm.modules.token_encoder import CharCNNEncoder
 from bilm.options import BiLMOptions
+
+SOFTMAX_WEIGHT, SOFTMAX_BIAS = "softmax/W", "softmax/b"  # datasets of softmax.hdf5 (export --include-softmax)
 
 
 class WeightFileError(InputError):

@@ -64,7 +64,7 @@ class TrainConfig:
     # torch.compile of the exact LSTM's per-step math: auto = on for CUDA only (on a CPU compiling
     # took ~20 s and did not pay), on, off. The other lstm_impls ignore it.
     lstm_compile: Literal["auto", "on", "off"] = "auto"
-    # Heldout perplexity while training (bilm.heldout) and the divergence guard (bilm.guard).
+    # Heldout perplexity while training (bilm.training.heldout) and the divergence guard (bilm.training.guard).
     eval_every_steps: int = 1000           # score the heldout sample every N steps and at the end
     eval_tokens: int = 30000               # heldout sample: its first sentences up to this many tokens; 0: none
     divergence_factor: float = 2.0         # heldout perplexity above this x the direction's best so far is a divergence

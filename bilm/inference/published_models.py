@@ -135,7 +135,7 @@ def resolve_tf_checkpoint(model: str, vocab_file: Optional[str] = None, progress
 def _check_tf_checkpoint(directory: str, vocab_file: str, paths: list[str], entry: PublishedTFCheckpoint) -> None:
     """Every tensor of the index lies inside the data file and the vocabulary has a word per softmax
     row; else every file goes (the data file is mapped: nothing is read but the index)."""
-    from bilm.bilmtf import latest_tf_checkpoint, read_tf_checkpoint
+    from bilm.formats.bilmtf import latest_tf_checkpoint, read_tf_checkpoint
     from bilm.vocab import read_tokens
 
     try:
@@ -220,7 +220,7 @@ def cached_url(url: str, progress: bool = True) -> str:
 
 def _check_model(options: str, weights: str, entry: PublishedModel) -> None:
     """The downloaded weights open as HDF5 with the shapes the options describe; else both go."""
-    from bilm.weights import load_bilm
+    from bilm.formats.weights import load_bilm
 
     try:
         load_bilm(options, weights)

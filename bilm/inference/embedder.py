@@ -9,7 +9,7 @@ Stateful by default, like bilm-tf's inference graph: batch row k carries its LST
 into row k of the next call, so vectors depend on what was embedded before (the original
 warms up this way). ``stateful=False`` starts every batch from zero states: the same
 sentence always gets the same vectors. ``runtime="onnx"`` runs that stateless model with
-onnxruntime instead of PyTorch (``bilm.onnx_runtime``).
+onnxruntime instead of PyTorch (``bilm.inference.onnx_runtime``).
 """
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ import torch
 from bilm.atomic import atomic_path
 from bilm.chars import CharIdMapper, char_id_table
 from bilm.errors import InputError, not_utf8
-from bilm.modules.bilm import BidirectionalLM, RowStates
+from bilm.modules.bidirectional import BidirectionalLM, RowStates
 from bilm.precision import autocast, check_precision
 from bilm.progress import progress_bar
-from bilm.published import model_files
+from bilm.inference.published_models import model_files
 from bilm.vocab import read_tokens
-from bilm.weights import WeightFileError, load_bilm, reading
+from bilm.formats.weights import WeightFileError, load_bilm, reading
 from bilm.text import TextPipeline, warn_suspicious_lines
 
 OUTPUT_FORMATS = ("all", "top", "average")
@@ -59,7 +59,7 @@ class ElmoEmbedder:
         ``precision``: "fp32", or "bf16" (autocast: matrix multiplies in bfloat16, the LSTM cell
         state in fp32; vectors are returned as float32 either way).
 
-        ``runtime``: "torch", or "onnx": the stateless ONNX model (``bilm.onnx_runtime``) run by
+        ``runtime``: "torch", or "onnx": the stateless ONNX model (``bilm.inference.onnx_runtime``) run by
         onnxruntime on the CPU, from ``model.onnx`` in the model's directory when present, else
         built once into the cache. It is stateless only (``stateful=True`` is refused), fp32, and
         reads char ids (no ``token_embedding_file``); tokenizer and outputs are the same."""
@@ -69,7 +69,7 @@ class ElmoEmbedder:
         self.runtime = runtime
         self._onnx = None
         if runtime == "onnx":
-            from bilm.onnx_runtime import check_onnx_arguments, serving_files
+            from bilm.inference.onnx_runtime import check_onnx_arguments, serving_files
             check_onnx_arguments(stateful, precision, token_embedding_file, device if cuda_device is None
                                  else cuda_device)
             options_file, weight_file = serving_files(options_file, weight_file)
@@ -87,8 +87,8 @@ class ElmoEmbedder:
         self.batch_size = batch_size
         self.stateful = (runtime == "torch") if stateful is None else stateful  # default: stateful in PyTorch
         if runtime == "onnx":
-            from bilm.onnx_export import write_onnx
-            from bilm.onnx_runtime import load_onnx_bilm
+            from bilm.formats.onnx_export import write_onnx
+            from bilm.inference.onnx_runtime import load_onnx_bilm
             self._onnx = load_onnx_bilm(options_file, weight_file, build=write_onnx)
             self.options = self._onnx.options
             self.model = None

@@ -1,4 +1,4 @@
-"""Run the ONNX biLM that ``bilm.onnx_export`` writes, with onnxruntime and numpy only (no PyTorch).
+"""Run the ONNX biLM that ``bilm.formats.onnx_export`` writes, with onnxruntime and numpy only (no PyTorch).
 
 ``OnnxBiLM(path, options_file)`` checks the file (its format, and that it was built from these
 options and, when given, these weights) and maps char ids to ELMo layers. ``onnx_model_path``
@@ -113,7 +113,7 @@ def onnx_model_path(options_file: str, weight_file: Optional[str], build: Option
                     progress: bool = True) -> tuple[str, Optional[str]]:
     """The ONNX file for a model and the SHA-256 of its weights (None without weights): the
     model directory's ``model.onnx`` when present, else ``$BILM_CACHE/onnx/KEY/model.onnx``, built
-    now if missing by ``build(options_file, weight_file, path)`` (``bilm.onnx_export.write_onnx``, which
+    now if missing by ``build(options_file, weight_file, path)`` (``bilm.formats.onnx_export.write_onnx``, which
     needs PyTorch: the caller passes it, so this module imports no exporter; once per model, one
     builder at a time)."""
     beside = os.path.join(os.path.dirname(os.path.abspath(options_file)), ONNX_FILE)
@@ -122,7 +122,7 @@ def onnx_model_path(options_file: str, weight_file: Optional[str], build: Option
         return beside, weights_sha
     if weight_file is None:
         raise FileNotFoundError(f"no {ONNX_FILE} beside {options_file} and no weights to build one from")
-    from bilm.published import cache_dir
+    from bilm.inference.published_models import cache_dir
 
     with open(options_file, "rb") as f:
         key = hashlib.sha256(f.read() + b"\0" + weights_sha.encode()).hexdigest()[:24]
@@ -161,7 +161,7 @@ def check_onnx_arguments(stateful: Optional[bool], precision: str, token_embeddi
 def serving_files(options_file: Optional[str], weight_file: Optional[str]) -> tuple[str, Optional[str]]:
     """``model_files`` for the ONNX runtime: a directory with ``options.json`` + ``model.onnx`` (what
     ``bilm export-onnx`` writes) needs no weights; anything else as ``model_files``."""
-    from bilm.published import OPTIONS_NAME, WEIGHTS_NAME, model_files
+    from bilm.inference.published_models import OPTIONS_NAME, WEIGHTS_NAME, model_files
 
     if weight_file is None and options_file is not None and os.path.isdir(options_file):
         options = os.path.join(options_file, OPTIONS_NAME)

@@ -1,6 +1,6 @@
 """How one optimizer step runs on this rank: plain/DDP or DeepSpeed, behind one interface.
 
-The training loop (``bilm.train``) calls only what ``Strategy`` offers, so it has no
+The training loop (``bilm.training.run``) calls only what ``Strategy`` offers, so it has no
 per-strategy branches:
 
     forward_module     what to call for the loss: the model, its DDP wrapper or DeepSpeed's engine
@@ -29,11 +29,11 @@ import torch
 import yaml
 from torch import nn
 
-from bilm.checkpoint import CheckpointError, check_deepspeed_state, deepspeed_dir
-from bilm.config import Config, ConfigError
-from bilm.distributed import DistEnv
-from bilm.errors import InputError
-from bilm.gradients import all_reduce_gradients_, clip_grad_norm_
+from bilm.training.checkpoint import CheckpointError, check_deepspeed_state, deepspeed_dir
+from bilm.training.config import Config, ConfigError
+from bilm.training.distributed import DistEnv
+from bilm.training.gradients import all_reduce_gradients_, clip_grad_norm_
+from bilm.training.optimizers import build_optimizer
 from bilm.precision import autocast as precision_autocast
 
 Mark = Callable[[str], None]  # called after each phase of a step, with its name (for timings)
@@ -95,63 +95,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return ds
 
 
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    o = cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    if o.name == "adagrad":
-        # bilm-tf: Adagrad, lr 0.2, initial accumulator 1.0. It updates only the rows a sparse
-        # softmax gradient touched. The softmax gets its own group: torch falls back to its slow
-        # per-tensor path for every parameter of a group that holds a sparse gradient. Dense
-        # softmax gradients (DeepSpeed) keep one group: ZeRO's flat partitions expect that.
-        softmax = list(model.softmax.parameters())
-        dense = [p for p in params if all(p is not s for s in softmax)]
-        groups = [{"params": dense}, {"params": softmax}] if model.softmax.sparse else [{"params": params}]
-        return torch.optim.Adagrad(groups, lr=o.lr,
-                                   initial_accumulator_value=o.initial_accumulator_value, weight_decay=o.weight_decay)
-    if o.name == "adam":
-        sparse = [p for n, p in model.named_parameters() if n.startswith("softmax.") and model.softmax.sparse]
-        dense = [p for p in params if all(p is not s for s in sparse)]
-        if sparse:
-            return _MultiOptimizer([torch.optim.Adam(dense, lr=o.lr, betas=tuple(o.adam_betas), eps=o.adam_eps),
-                                    torch.optim.SparseAdam(sparse, lr=o.lr, betas=tuple(o.adam_betas), eps=o.adam_eps)])
-        return torch.optim.Adam(dense, lr=o.lr, betas=tuple(o.adam_betas), eps=o.adam_eps,
-                                weight_decay=o.weight_decay)
-    raise InputError(f"optim.name must be 'adagrad' or 'adam', got {o.name!r}")
-
-
-class _MultiOptimizer:
-    """Adam for dense parameters plus SparseAdam for the sparse softmax, stepped together."""
-
-    def __init__(self, optimizers: list[torch.optim.Optimizer]):
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self):
-        return [g for o in self.optimizers for g in o.param_groups]
-
-    @property
-    def state(self):
-        """Per-parameter state of both (the inner dicts are theirs: changing one changes it there)."""
-        return {p: s for o in self.optimizers for p, s in o.state.items()}
-
-    def step(self):
-        for o in self.optimizers:
-            o.step()
-
-    def zero_grad(self, set_to_none: bool = True):
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        return {"optimizers": [o.state_dict() for o in self.optimizers]}
-
-    def load_state_dict(self, state):
-        for o, s in zip(self.optimizers, state["optimizers"]):
-            o.load_state_dict(s)
-
-
 class Strategy:
-    """The interface; ``LocalStrategy`` and ``DeepSpeedStrategy`` implement it."""
+    """The interface; ``DDPStrategy`` and ``DeepSpeedStrategy`` implement it."""
 
     forward_module: nn.Module
     optimizer: torch.optim.Optimizer
@@ -180,7 +125,7 @@ class Strategy:
         """The checkpoints ``removed`` were deleted: delete what ``save`` wrote for them."""
 
 
-class LocalStrategy(Strategy):
+class DDPStrategy(Strategy):
     """One process, or DDP under torchrun. DDP averages the dense gradients during backward; the
     softmax is kept out of DDP and its sparse gradient is all-gathered by hand (rows touched only)."""
 
@@ -279,4 +224,4 @@ class DeepSpeedStrategy(Strategy):
 
 
 def make_strategy(cfg: Config, model: nn.Module, env: DistEnv) -> Strategy:
-    return (DeepSpeedStrategy if cfg.train.strategy == "deepspeed" else LocalStrategy)(cfg, model, env)
+    return (DeepSpeedStrategy if cfg.train.strategy == "deepspeed" else DDPStrategy)(cfg, model, env)

@@ -1,6 +1,6 @@
 """``bilm export``: a checkpoint -> ``weights.hdf5`` + ``options.json`` + ``vocab.txt`` (the published
 ELMo format), with the tokenizer beside them. The reverse, for continued pretraining, is
-``bilm.pretrained.load_pretrained``."""
+``bilm.training.trained_model.load_pretrained``."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,8 @@ import h5py
 from bilm.atomic import fsync_path, remove_stale, temporary_name
 from bilm.errors import InputError
 from bilm.options import BiLMOptions
-from bilm.pretrained import SOFTMAX_BIAS, SOFTMAX_WEIGHT, model_from_checkpoint
-from bilm.weights import save_weights
+from bilm.formats.weights import SOFTMAX_BIAS, SOFTMAX_WEIGHT, save_weights
+from bilm.training.trained_model import model_from_checkpoint
 from bilm.text import SP_MODEL_FILE, TOKENIZER_FILE
 
 OPTIONS = "options.json"

@@ -23,7 +23,7 @@ import torch
 
 from bilm.chars import BOS_TOKEN, EOS_TOKEN, char_id_table
 from bilm.errors import InputError
-from bilm.model import DIRECTIONS, LanguageModel
+from bilm.modules.language_model import DIRECTIONS, LanguageModel
 from bilm.precision import autocast, check_precision
 from bilm.progress import progress_bar
 from bilm.vocab import Vocabulary
@@ -35,11 +35,11 @@ SOFTMAX_FILE = "softmax.hdf5"
 def load_scoring_model(path: str) -> tuple[LanguageModel, Vocabulary, Optional[TextPipeline]]:
     """A run directory or checkpoint (``model_from_checkpoint``), or an export directory with the
     softmax; the model in eval mode on the CPU, its vocabulary and its text pipeline."""
-    from bilm.published import OPTIONS_NAME, WEIGHTS_NAME
+    from bilm.inference.published_models import OPTIONS_NAME, WEIGHTS_NAME
 
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, OPTIONS_NAME)):
         from bilm.options import BiLMOptions
-        from bilm.pretrained import load_pretrained
+        from bilm.training.init_weights import load_pretrained
 
         softmax, vocab_file = os.path.join(path, SOFTMAX_FILE), os.path.join(path, "vocab.txt")
         if not os.path.isfile(softmax):
@@ -52,7 +52,7 @@ def load_scoring_model(path: str) -> tuple[LanguageModel, Vocabulary, Optional[T
                               sparse_softmax=False)
         load_pretrained(model, os.path.join(path, WEIGHTS_NAME), softmax_file=softmax)
         return model.eval(), vocab, TextPipeline.load(path)
-    from bilm.pretrained import model_from_checkpoint
+    from bilm.training.trained_model import model_from_checkpoint
 
     model, _, tokens, found, pipeline = model_from_checkpoint(path)
     return model, Vocabulary(tokens, source=found), pipeline

@@ -252,7 +252,7 @@ def load_bilmtf_state(model, optimizer, weights: dict[str, np.ndarray], accumula
     """Copy bilm-tf weights (and, when ``optimizer`` is an Adagrad, its accumulators) into a ``LanguageModel``."""
     import torch
 
-    from bilm.weights import WeightFileError
+    from bilm.formats.weights import WeightFileError
 
     carry = load_bilmtf_body(model, optimizer, weights, accumulators, step, source)
     softmax_w, softmax_b = softmax_arrays(weights, source)
@@ -271,8 +271,8 @@ def load_bilmtf_state(model, optimizer, weights: dict[str, np.ndarray], accumula
 
 def softmax_arrays(arrays: dict[str, np.ndarray], source: str) -> tuple[np.ndarray, np.ndarray]:
     """``lm/softmax/W`` (vocabulary x dim) and ``lm/softmax/b`` of a split checkpoint, checked."""
-    from bilm.pretrained import SOFTMAX_BIAS, SOFTMAX_WEIGHT
-    from bilm.weights import WeightFileError
+    from bilm.formats.weights import SOFTMAX_BIAS, SOFTMAX_WEIGHT
+    from bilm.formats.weights import WeightFileError
 
     for name in (SOFTMAX_WEIGHT, SOFTMAX_BIAS):
         if name not in arrays:
@@ -304,8 +304,8 @@ def load_bilmtf_body(model, optimizer, weights: dict[str, np.ndarray], accumulat
     accumulators into ``optimizer``; True when the accumulators were carried."""
     import copy
 
-    from bilm.pretrained import SOFTMAX_BIAS, SOFTMAX_WEIGHT
-    from bilm.weights import load_weight_arrays
+    from bilm.formats.weights import SOFTMAX_BIAS, SOFTMAX_WEIGHT
+    from bilm.formats.weights import load_weight_arrays
 
     load_weight_arrays(model.bilm, weights, source, ignore=(SOFTMAX_WEIGHT, SOFTMAX_BIAS))
     if not carries_adagrad_state(optimizer, source):
@@ -329,8 +329,8 @@ def load_bilmtf_body(model, optimizer, weights: dict[str, np.ndarray], accumulat
 def import_bilmtf(save_dir: str, vocab_file: str, out_dir: str, overrides: Sequence[str] = (),
                   force: bool = False) -> dict:
     """Write ``out_dir/checkpoints/step-N.pt`` and ``out_dir/config.yaml`` from a bilm-tf save_dir."""
-    from bilm.checkpoint import RunLock
-    from bilm.config import config_from_dict
+    from bilm.training.checkpoint import RunLock
+    from bilm.training.config import config_from_dict
     from bilm.vocab import Vocabulary
 
     options_path = os.path.join(save_dir, "options.json")
@@ -357,10 +357,10 @@ def import_bilmtf(save_dir: str, vocab_file: str, out_dir: str, overrides: Seque
 def _write_import(cfg, vocab, weights, accumulators, step, prefix, out_dir, ckpt_dir, force) -> dict:
     import torch
 
-    from bilm.checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
-    from bilm.config import config_to_dict, save_config
-    from bilm.model import LanguageModel
-    from bilm.strategy import build_optimizer
+    from bilm.training.checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
+    from bilm.training.config import config_to_dict, save_config
+    from bilm.modules.language_model import LanguageModel
+    from bilm.training.optimizers import build_optimizer
 
     if list_checkpoints(ckpt_dir) and not force:
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints; pass --force to add the imported one")

@@ -8,7 +8,7 @@ are both dynamic. (The exact path's per-step Python loop and host-side mask chec
 unrolled by tracing to one fixed length; ONNX's own LSTM op has neither the projection nor
 the cell clip of bilm-tf's cell.) No state goes in or out: stateful embedding is PyTorch only.
 
-Interface of the file (``ONNX_FORMAT`` names it; ``bilm.onnx_runtime`` checks it on loading):
+Interface of the file (``ONNX_FORMAT`` names it; ``bilm.inference.onnx_runtime`` checks it on loading):
 
 - input ``char_ids``: int32 (batch, steps, max_characters_per_token), shifted ids as
   ``CharIdMapper.batch`` makes them, ``<S>`` and ``</S>`` around each sentence, 0 = padding;
@@ -28,16 +28,16 @@ from torch import nn
 from bilm.version import __version__
 from bilm.atomic import atomic_path
 from bilm.errors import InputError, MissingExtra
-from bilm.modules.bilm import BidirectionalLM, reverse_padded
-from bilm.modules.lstm import GATES, _plus_forget_bias
-from bilm.onnx_runtime import (INPUT_NAME, META_FORMAT, META_OPTIONS, META_VERSION, META_WEIGHTS_SHA256,
+from bilm.modules.bidirectional import BidirectionalLM, reverse_padded
+from bilm.modules.lstm.cell import GATES, plus_forget_bias
+from bilm.inference.onnx_runtime import (INPUT_NAME, META_FORMAT, META_OPTIONS, META_VERSION, META_WEIGHTS_SHA256,
                                MISSING_EXTRA, ONNX_FORMAT, OUTPUT_NAME, canonical_options, sha256_of)
-from bilm.weights import load_bilm
+from bilm.formats.weights import load_bilm
 
 OPSET = 17
 
 if GATES != "ijfo":  # the scripted step below spells the blocks out in this order
-    raise ImportError(f"bilm.onnx_export assumes gate order 'ijfo', the cell uses {GATES!r}")
+    raise ImportError(f"bilm.formats.onnx_export assumes gate order 'ijfo', the cell uses {GATES!r}")
 
 
 def _recurrence_eager(xz: torch.Tensor, w_hh_t: torch.Tensor, w_proj_t: torch.Tensor, keep: torch.Tensor,
@@ -86,7 +86,7 @@ class StatelessBiLM(nn.Module):
         for k, (fwd, bwd) in enumerate(zip(bilm.forward_lstm.layers, bilm.backward_lstm.layers)):
             pair = (fwd, bwd)
             self.register_buffer(f"w_ih_t_{k}", torch.stack([l.input_weight.detach().t() for l in pair]))
-            self.register_buffer(f"bias_{k}", _plus_forget_bias(torch.stack([l.bias.detach() for l in pair])))
+            self.register_buffer(f"bias_{k}", plus_forget_bias(torch.stack([l.bias.detach() for l in pair])))
             self.register_buffer(f"w_hh_t_{k}", torch.stack([l.state_weight.detach().t() for l in pair]))
             proj = [l.projection_weight.detach().t() if l.projection_weight is not None
                     else torch.eye(l.cell_dim) for l in pair]
@@ -161,7 +161,7 @@ def export_onnx_dir(options_file: str, weight_file: str, out_dir: str, force: bo
     Refuses to replace any of them without ``force``; returns the names written."""
     import shutil
 
-    from bilm.onnx_runtime import ONNX_FILE, RUNTIME_FILES
+    from bilm.inference.onnx_runtime import ONNX_FILE, RUNTIME_FILES
 
     source_dir = os.path.dirname(os.path.abspath(options_file))
     names = [ONNX_FILE]
@@ -182,7 +182,7 @@ def export_onnx_dir(options_file: str, weight_file: str, out_dir: str, force: bo
 def check_onnx_target(out_dir: str, force: bool) -> None:
     """``bilm export --format onnx``: the extra is installed and ``model.onnx`` may be written,
     checked before the export writes anything."""
-    from bilm.onnx_runtime import ONNX_FILE, _import_onnxruntime
+    from bilm.inference.onnx_runtime import ONNX_FILE, _import_onnxruntime
 
     try:
         import onnx  # noqa: F401

@@ -8,7 +8,7 @@ It fires on
   model of the training counts after having been below it, or that is above
   ``train.divergence_factor`` times the direction's best so far.
 
-The training loop (``bilm.train``) asks, acts on ``train.on_divergence`` (rollback, stop,
+The training loop (``bilm.training.run``) asks, acts on ``train.on_divergence`` (rollback, stop,
 warn) and reports; this module holds no tensors, files or ranks.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from bilm.model import DIRECTIONS
+from bilm.modules.language_model import DIRECTIONS
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from bilm.modules.bilm import BiState, BidirectionalLM, map_state
+from bilm.modules.bidirectional import BiState, BidirectionalLM, map_state
 from bilm.modules.softmax import SoftmaxLayer
 from bilm.options import BiLMOptions
 

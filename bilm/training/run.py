@@ -1,8 +1,8 @@
-"""``bilm train``: the biLM training loop, read top to bottom.
+"""``bilm train``: the biLM training run, read top to bottom.
 
-One process per device under torchrun. ``Trainer.step`` is one optimizer step; how the
+One process per device under torchrun. ``TrainStep.step`` (``bilm.training.step``) is one optimizer step; how the
 gradients are communicated, clipped and applied (plain/DDP with a sparse softmax, or
-DeepSpeed ZeRO) is the strategy's business (``bilm.strategy``), so the loop in ``train``
+DeepSpeed ZeRO) is the strategy's business (``bilm.training.strategy``), so the loop in ``train``
 reads the same for all: data, step, log (where the loop reads figures back from the device),
 checkpoint, stop.
 """
@@ -11,34 +11,29 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-import numpy as np
 import torch
 
 from bilm.atomic import atomic_open
-from bilm.checkpoint import (CheckpointWriteError, RunLock, check_resume, checkpoint_path, checkpoint_step,
+from bilm.training.checkpoint import (CheckpointWriteError, RunLock, check_resume, checkpoint_path, checkpoint_step,
                              keep_as_best, list_checkpoints, load_checkpoint, load_latest_valid, load_model_state,
-                             numpy_rng_from_plain, numpy_rng_to_plain, prune_checkpoints, remove_stale_temporaries,
-                             save_checkpoint)
-from bilm.config import Config, config_to_dict, save_config
+                             prune_checkpoints, remove_stale_temporaries, save_checkpoint)
+from bilm.training.config import Config, config_to_dict, save_config
 from bilm.data import LMDataset, load_manifest
-from bilm.distributed import (DistEnv, all_reduce_max, gather_objects, init_distributed, shutdown,  # noqa: F401
-                              to_device)  # to_device: also imported from here
+from bilm.training.distributed import DistEnv, all_reduce_max, gather_objects, init_distributed, shutdown
 from bilm.errors import InputError
-from bilm.guard import Divergence, DivergenceGuard, GuardState
-from bilm.heldout import figures as heldout_figures, no_heldout_message, prepare_heldout
+from bilm.training.guard import Divergence, DivergenceGuard, GuardState
+from bilm.training.heldout import figures as heldout_figures, no_heldout_message, prepare_heldout
 from bilm.logs import log
-from bilm.model import DIRECTIONS, LanguageModel
-from bilm.modules.bilm import map_state
+from bilm.modules.language_model import DIRECTIONS
 from bilm.options import BiLMOptions
 from bilm.progress import progress_bar
-from bilm.strategy import check_config, make_strategy
+from bilm.training.step import StepResult, TrainStep
+from bilm.training.strategy import check_config
 from bilm.vocab import Vocabulary
 from bilm.text import TextPipeline
 
@@ -49,135 +44,9 @@ warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitl
 STOP_CHECK_STEPS = 10
 
 
-# ---------------------------------------------------------------- setup helpers
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": numpy_rng_to_plain(np.random.get_state()),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(numpy_rng_from_plain(state["numpy"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---------------------------------------------------------------- one step
-
-@dataclass
-class StepResult:
-    """One step's figures, as tensors on the device: reading them (``values()``) waits for the
-    device, so the loop does it only when it logs."""
-    loss: torch.Tensor
-    perplexity: dict[str, torch.Tensor]
-    grad_norm: torch.Tensor
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def values(self) -> dict[str, float]:
-        return {"loss": float(self.loss), "grad_norm": float(self.grad_norm),
-                **{f"perplexity/{d}": float(p) for d, p in self.perplexity.items()}}
-
-
-class Trainer:
-    """Owns the model, the strategy (optimizer), carried LSTM states and sampling generator of one rank.
-
-    ``step(batch)`` is one optimizer step; the loop in ``train`` adds data, logging and
-    checkpoints around it. Tests drive ``step`` directly with batches they build.
-    """
-
-    def __init__(self, cfg: Config, vocab_size: int, env: DistEnv,
-                 init: Optional[dict[str, Optional[str]]] = None):
-        self.cfg, self.env = cfg, env
-        t = cfg.train
-        check_config(cfg)
-        seed_everything(t.seed)  # same initial weights on every rank
-        self.model = LanguageModel(cfg.model, vocab_size, dropout=t.dropout, lstm_impl=t.lstm_impl,
-                                   lstm_compile=t.lstm_compile, sparse_softmax=t.sparse_softmax)
-        if init and init.get("weights"):
-            from bilm.pretrained import load_pretrained
-            report = load_pretrained(self.model, init["weights"], init.get("options"), init.get("softmax"),
-                                     init.get("softmax_vocab"), init.get("vocab_tokens"))
-            log.info(f"initialized from {init['weights']}"
-                     + (f" (softmax: {report['softmax_rows_loaded']} rows from {init['softmax']})" if init.get("softmax")
-                        else " (softmax freshly initialized)"))
-        self.model.to(env.device)
-        # The sampler's generator lives on the CPU: cheap, and its state is easy to checkpoint.
-        # Ranks draw different negatives unless the config asks for the same ones.
-        self.generator = torch.Generator()
-        self.generator.manual_seed(t.seed * 1000 + (0 if t.same_negative_samples_across_ranks else env.rank) + 1)
-        self.state = None  # carried LSTM states (truncated BPTT)
-        # bilm-tf differentiates unroll_steps x the mean loss (training.py: compute_gradients(loss *
-        # unroll_steps)): its clip and Adagrad see that gradient. "none": the mean loss itself.
-        self.loss_scale = float(t.unroll_steps) if cfg.optim.loss_scale == "unroll_steps" else 1.0
-        self.steps_done = 0  # optimizer steps so far (set on resume): drives the learning-rate warm-up
-        self.lr_factor = 1.0  # lowered by the divergence guard's rollbacks
-        self.timing = False  # True: wait for the device at each phase, so the timings are exact
-        self.strategy = make_strategy(cfg, self.model, env)
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        return self.strategy.optimizer
-
-    def _clock(self) -> float:
-        if self.timing and self.env.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def step(self, batch: dict) -> StepResult:
-        t = self.cfg.train
-        self.model.train()
-        timings, last = {}, [self._clock()]
-
-        def mark(phase: str) -> None:
-            now = self._clock()
-            timings[phase] = now - last[0]
-            last[0] = now
-
-        batch = to_device(batch, self.env.device)
-        self._set_learning_rate()
-        with self.strategy.autocast():
-            loss, losses, self.state = self.strategy.forward_module(batch, self.state, t.n_negative_samples_batch,
-                                                                    self.generator)
-        mark("forward")
-        grad_norm = self.strategy.step(loss * self.loss_scale, mark)
-        self.steps_done += 1
-        perplexity = {d: torch.exp(losses[d].mean.detach().double().clamp(max=50.0)) for d in DIRECTIONS}
-        return StepResult(loss.detach(), perplexity, grad_norm.detach(), timings)
-
-    def _set_learning_rate(self) -> None:
-        """optim.lr, ramped up linearly over the first optim.warmup_steps steps (bilm-tf: none)."""
-        o = self.cfg.optim
-        scale = min(1.0, (self.steps_done + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
-        for group in self.optimizer.param_groups:
-            group["lr"] = o.lr * self.lr_factor * scale
-
-    # ----- checkpoint state -----
-    def rank_state(self, dataset: Optional[LMDataset]) -> dict:
-        return {"data": dataset.state_dict() if dataset is not None else None, "rng": rng_state(),
-                "generator": self.generator.get_state(), "lstm_state": map_state(self.state, lambda t: t.to("cpu"))}
-
-    def load_rank_state(self, state: dict, dataset: Optional[LMDataset]) -> None:
-        if dataset is not None and state["data"] is not None:
-            dataset.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        self.generator.set_state(state["generator"])
-        self.state = map_state(state["lstm_state"], lambda t: t.to(self.env.device, copy=True))  # not a view of the file
-
-
 # ---------------------------------------------------------------- the loop
 
-def _log_values(result: StepResult, trainer: Trainer, dataset: LMDataset, env: DistEnv, data_time: float,
+def _log_values(result: StepResult, trainer: TrainStep, dataset: LMDataset, env: DistEnv, data_time: float,
                 tokens_per_second: float) -> dict[str, float]:
     figures = result.values()
     values = {**figures, "loss/forward": math.log(figures["perplexity/forward"]),
@@ -364,7 +233,7 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
         # The published options decide the architecture; the config keeps the training settings.
         cfg.model = BiLMOptions.from_file(init["options"])
         init = {**init, "vocab_tokens": vocab.tokens}
-    tf_start = (init or {}).get("tf")  # a bilm-tf training checkpoint (bilm.continue_tf.TFStart)
+    tf_start = (init or {}).get("tf")  # a bilm-tf training checkpoint (bilm.training.continue_tf.TFStart)
     if tf_start is not None:
         if t.strategy == "deepspeed":
             raise InputError("train.strategy=deepspeed cannot start from a bilm-tf checkpoint (its optimizer "
@@ -382,7 +251,7 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
             log.info(f"removed {stale}, left by an interrupted checkpoint write")
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
 
-    trainer = Trainer(cfg, len(vocab), env, init)
+    trainer = TrainStep(cfg, len(vocab), env, init)
     char_inputs = cfg.model.char_cnn is not None
     dataset = LMDataset(data, vocab, t.batch_size, t.unroll_steps, mode="train", seed=t.seed,
                         rank=env.rank, world_size=env.world_size, char_inputs=char_inputs,
@@ -421,7 +290,7 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
             log.info(f"no checkpoint in {ckpt_dir}; starting from scratch")
         del payload
     if tf_start is not None and step == 0:  # not resumed: a resumed run has it all in its checkpoint
-        from bilm.continue_tf import report_line
+        from bilm.training.continue_tf import report_line
         log.info(report_line(tf_start.load_into(trainer.model, trainer.optimizer, vocab.tokens)))
 
     stop = {"signal": 0}
@@ -575,7 +444,7 @@ def _on_divergence(divergence: Divergence, guard: DivergenceGuard, cfg: Config) 
 
 
 def _report(logger: _Logger, divergence: Divergence, step: int, action: str, guard: DivergenceGuard,
-            trainer: Trainer, message: str, **extra) -> None:
+            trainer: TrainStep, message: str, **extra) -> None:
     """A firing: one line (``message``; the CLI prints a stop's), a metrics.jsonl event and TensorBoard
     scalars at the step it was seen."""
     if action != "stop":
@@ -601,7 +470,7 @@ def _healthy_checkpoint(ckpt_dir: str, healthy_step: Optional[int]) -> Optional[
     return found[-1] if found else None
 
 
-def _rollback(trainer: Trainer, dataset: LMDataset, ckpt_dir: str, healthy_step: Optional[int],
+def _rollback(trainer: TrainStep, dataset: LMDataset, ckpt_dir: str, healthy_step: Optional[int],
               env: DistEnv) -> Optional[tuple[str, int, Optional[int], list[str]]]:
     """Every rank reloads the newest healthy checkpoint (rank 0's pick) as ``--resume`` does: weights,
     optimizer, data positions, random states, LSTM states. The checkpoints after it belong to the
@@ -625,7 +494,7 @@ def _rollback(trainer: Trainer, dataset: LMDataset, ckpt_dir: str, healthy_step:
     return path, step, offset, removed
 
 
-def _save(trainer: Trainer, dataset: LMDataset, cfg: Config, step: int, ckpt_dir: str, env: DistEnv,
+def _save(trainer: TrainStep, dataset: LMDataset, cfg: Config, step: int, ckpt_dir: str, env: DistEnv,
           text_pipeline: Optional[TextPipeline] = None, extra: Optional[dict] = None,
           name: Optional[str] = None, healthy_step: Optional[int] = None) -> str:
     """Write step ``step``'s checkpoint (rank 0, plus what the strategy keeps beside it on every rank)
@@ -660,7 +529,7 @@ def _save(trainer: Trainer, dataset: LMDataset, cfg: Config, step: int, ckpt_dir
     return path
 
 
-def _restore(trainer: Trainer, dataset: LMDataset, payload: dict, path: str, env: DistEnv) -> int:
+def _restore(trainer: TrainStep, dataset: LMDataset, payload: dict, path: str, env: DistEnv) -> int:
     load_model_state(trainer.model, payload["model"], path)
     trainer.steps_done = int(payload["step"])
     trainer.strategy.load(payload, path)

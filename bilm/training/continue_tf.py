@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from bilm.bilmtf import (latest_tf_checkpoint, load_bilmtf_body, read_tf_checkpoint, softmax_arrays,
+from bilm.formats.bilmtf import (latest_tf_checkpoint, load_bilmtf_body, read_tf_checkpoint, softmax_arrays,
                          split_tensors)
 from bilm.errors import InputError
 from bilm.progress import progress_bar
@@ -204,7 +204,7 @@ def _token_vectors(model, tokens: list[str], batch_size: int = 512) -> torch.Ten
         out = [bilm.embed_tokens(torch.from_numpy(char_id_table(tokens[s:s + batch_size], width)).long().to(device))
                .float().cpu() for s in starts]
     finally:
-        bilm.train(was_training)
+        bilm.training.run(was_training)
     return torch.cat(out)
 
 
@@ -214,7 +214,7 @@ _NEW_ROWS = {"char": _char_rows, "mean": _mean_rows, "unk": _unk_rows}
 def resolve_start(init_model: str, vocab_file: Optional[str], keep_vocab: bool, new_rows: Optional[str],
                   progress: bool = True) -> Optional[TFStart]:
     """``--init-model`` as a bilm-tf checkpoint (a published name of one, or a ``save_dir``), else None."""
-    from bilm.published import resolve_tf_checkpoint, tf_checkpoint_entry
+    from bilm.inference.published_models import resolve_tf_checkpoint, tf_checkpoint_entry
 
     if not (is_tf_save_dir(init_model) or tf_checkpoint_entry(init_model) is not None):
         return None
