@@ -429,8 +429,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from bilm.logs import setup_logging
     setup_logging()
     # Not evaluate: its tensors vary in size from batch to batch (the last softmax chunk, the
-    # distinct tokens of the char CNN), and a heap that is never trimmed fragments: peak RSS
-    # 2.7 GiB instead of 1.8 (elmo_original with 50k words, batch 128 x 20; benchmarks/scale.py), for no speed.
+    # distinct tokens of the char CNN), and a heap that is never trimmed fragments, for no speed
+    # (docs/measurements.md, "malloc").
     if args.command in ("train", "embed"):
         from bilm.malloc import keep_freed_memory
         keep_freed_memory()  # large tensors every step: reuse their memory (see bilm/malloc.py)

@@ -2,11 +2,11 @@
 
 glibc serves every allocation above 32 MB (a softmax logits matrix, a char-CNN activation)
 with a fresh ``mmap`` and unmaps it on free, so each training step page-faults its largest
-tensors in again: about a fifth of a CPU step at ``elmo_small``. Turning ``mmap``
+tensors in again, a sizeable part of a CPU step (docs/measurements.md, "malloc"). Turning ``mmap``
 allocations off and trimming the heap only above 16 GiB lets the allocator reuse that
 memory. Freed memory is not handed back between steps, and the heap can fragment when
 the sizes vary: ``bilm train`` (same shapes every step) keeps it, ``bilm evaluate`` does
-not (its peak RSS was 0.9 GiB higher with it; see benchmarks/scale.py).
+not (its peak RSS was higher with it, for no speed).
 Set ``BILM_KEEP_FREED_MEMORY=0`` to leave the allocator alone.
 """
 from __future__ import annotations

@@ -132,8 +132,7 @@ class ShardCache:
     Shards no longer read are kept (least recently used first out) while their memory stays
     under ``max_bytes``, so a corpus that fits is encoded once per run, not once per epoch.
     The budget counts each shard's char table: with a large vocabulary it outweighs the ids
-    (2.9M positions of a 1B-Word-like corpus: 382k distinct words, a 36 MB table against 22 MB
-    of ids and rows). The next shard is encoded ahead in a thread (``prefetch``): it holds the GIL
+    (docs/measurements.md, "shard-cache"). The next shard is encoded ahead in a thread (``prefetch``): it holds the GIL
     for most of its work, so it does not add throughput, but it runs while the trainer waits
     on the GPU, instead of stalling a step at every shard boundary.
     """

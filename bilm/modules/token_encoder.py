@@ -75,7 +75,7 @@ class CharCNNEncoder(nn.Module):
         flat = char_ids.reshape(-1, char_ids.shape[-1])
         if flat.shape[0] > 256:  # below that, the sort inside torch.unique costs more than it saves
             # A batch repeats its frequent words many times: run the CNN once per distinct
-            # token (5,120 rows -> about 1,200 in a 128 x 20 x 2-direction Zipfian batch), then
+            # token (a fraction of the rows: docs/measurements.md, "char-cnn-distinct"), then
             # copy the rows out.
             distinct, inverse = torch.unique(flat, dim=0, return_inverse=True)
             x = self.encode_distinct(distinct)[inverse]

@@ -62,7 +62,7 @@ class TrainConfig:
     # config loads no torch (tests/test_config.py checks the two agree).
     lstm_impl: Literal["exact", "reference", "cudnn"] = "exact"
     # torch.compile of the exact LSTM's per-step math: auto = on for CUDA only (on a CPU compiling
-    # took ~20 s and did not pay), on, off. The other lstm_impls ignore it.
+    # does not pay: docs/measurements.md, "lstm-compile"), on, off. The other lstm_impls ignore it.
     lstm_compile: Literal["auto", "on", "off"] = "auto"
     # Heldout perplexity while training (bilm.training.heldout) and the divergence guard (bilm.training.guard).
     eval_every_steps: int = 1000           # score the heldout sample every N steps and at the end

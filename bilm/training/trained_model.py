@@ -46,8 +46,8 @@ def model_from_checkpoint(path: str, best: bool = False) -> Trained:
 
     The weights stay one copy, mapped from the checkpoint file: the model is built on the meta
     device and takes the checkpoint's tensors, and the optimizer state (as large as the model
-    with Adagrad) is never read. Loading the file and then copying it into a fresh model held
-    about three times the model (1.6 GB each for an 800k-word softmax)."""
+    with Adagrad) is never read (loading the file and then copying it into a fresh model held
+    several copies: docs/measurements.md, "checkpoint-model")."""
     found, payload = resolve_checkpoint(path, mmap=True, best=best)
     try:
         cfg = config_from_dict(payload["config"], where=f"{found} (its config)")

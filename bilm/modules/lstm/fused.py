@@ -29,8 +29,8 @@ from bilm.modules.lstm.cell import GATE_POSITIONS, clip, clip_grad, gate_block, 
 # --------------------------------------------------------------------------------------
 
 def _tanh(x: torch.Tensor, via_sigmoid: bool) -> torch.Tensor:
-    """tanh(x). ``via_sigmoid``: as 2 sigmoid(2x) - 1, for CPU, where ATen's tanh measured ~6x
-    slower than its sigmoid (x86, AVX-512 build); the identity is within ~2e-7 of tanh."""
+    """tanh(x). ``via_sigmoid``: as 2 sigmoid(2x) - 1, for CPU, where ATen's tanh is much slower
+    than its sigmoid; the identity is within float32 rounding of tanh (docs/measurements.md, "lstm-tanh")."""
     if not via_sigmoid:
         return torch.tanh(x)
     return torch.mul(x, 2.0).sigmoid_().mul_(2.0).sub_(1.0)
@@ -122,8 +122,8 @@ def _step_backward(dh: torch.Tensor, dc: torch.Tensor, dout_t: torch.Tensor, gat
 #
 # The mode belongs to the module that runs the step (the ``compile`` argument of
 # LstmWithProjection and LstmStack): ``"on"``, ``"off"``, or ``"auto"`` (default; on for
-# CUDA tensors only: on CPU at 2 cores compiling took ~20 s and did not pay for itself in
-# our benchmarks, see ``benchmarks/lstm.py``). What is process-wide is only a cache: the
+# CUDA tensors only: on a CPU compiling did not pay for itself, docs/measurements.md,
+# "lstm-compile"). What is process-wide is only a cache (``CompiledSteps``): the
 # compiled functions (PyTorch also caches kernels, in memory and on disk by Inductor), and
 # that compiling failed once: then the eager step is used from then on, with a warning.
 # --------------------------------------------------------------------------------------
