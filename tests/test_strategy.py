@@ -15,7 +15,9 @@ from bilm.training.run import train
 from bilm.training.step import TrainStep
 from train_helpers import ROOT, TRAIN_DATA, TRAIN_VOCAB, tiny_config
 
-TRAINING_SIDE = ("bilm/training/run.py", "bilm/training/strategy.py", "bilm/training/gradients.py", "bilm/training/distributed.py", "bilm/modules/language_model.py")
+TRAINING_SIDE = ("bilm/training/run.py", "bilm/training/step.py", "bilm/training/checkpointer.py",
+                 "bilm/training/strategy.py", "bilm/training/optimizers.py",
+                 "bilm/training/gradients.py", "bilm/training/distributed.py", "bilm/modules/language_model.py")
 
 
 class HostReads:

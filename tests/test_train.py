@@ -65,13 +65,14 @@ def test_resume_keeps_neither_a_copy_nor_a_mapping_of_the_checkpoint(tmp_path, m
     import gc
     import weakref
 
+    import bilm.training.checkpointer as checkpointer_module
     import bilm.training.run as bilm_train
 
     overrides = ("train.checkpoint_every_steps=2", "train.log_every_steps=1", f"optim.name={optimizer}")
     run = tmp_path / "run"
     train(tiny_config(*overrides, "train.max_steps=2"), TRAIN_DATA, str(run), vocab_file=TRAIN_VOCAB, progress=False)
     payload_tensors, at_first_step = [], []
-    load, step = bilm_train.load_latest_valid, bilm_train.TrainStep.step
+    load, step = checkpointer_module.load_latest_valid, bilm_train.TrainStep.step
 
     def load_and_watch(*args, **kwargs):
         path, payload = load(*args, **kwargs)
@@ -86,7 +87,7 @@ def test_resume_keeps_neither_a_copy_nor_a_mapping_of_the_checkpoint(tmp_path, m
             at_first_step.append((sum(ref() is not None for ref in payload_tensors), mapped))
         return step(self, batch)
 
-    monkeypatch.setattr(bilm_train, "load_latest_valid", load_and_watch)
+    monkeypatch.setattr(checkpointer_module, "load_latest_valid", load_and_watch)
     monkeypatch.setattr(bilm_train.TrainStep, "step", step_and_look)
     train(tiny_config(*overrides, "train.max_steps=3"), TRAIN_DATA, str(run), resume=True, vocab_file=TRAIN_VOCAB,
           progress=False)

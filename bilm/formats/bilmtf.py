@@ -357,23 +357,21 @@ def import_bilmtf(save_dir: str, vocab_file: str, out_dir: str, overrides: Seque
 def _write_import(cfg, vocab, weights, accumulators, step, prefix, out_dir, ckpt_dir, force) -> dict:
     import torch
 
-    from bilm.training.checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
+    from bilm.training.checkpoint import checkpoint_path, checkpoint_payload, list_checkpoints, save_checkpoint
     from bilm.training.config import config_to_dict, save_config
-    from bilm.modules.language_model import LanguageModel
+    from bilm.training.model_builder import build_model
     from bilm.training.optimizers import build_optimizer
 
     if list_checkpoints(ckpt_dir) and not force:
         raise FileExistsError(f"{ckpt_dir} already holds checkpoints; pass --force to add the imported one")
     torch.manual_seed(0)
-    model = LanguageModel(cfg.model, len(vocab), dropout=cfg.train.dropout, lstm_impl=cfg.train.lstm_impl,
-                          sparse_softmax=cfg.train.sparse_softmax)
+    model = build_model(cfg, len(vocab))
     optimizer = build_optimizer(cfg, model)
     load_bilmtf_state(model, optimizer, weights, accumulators, step, prefix)
     os.makedirs(ckpt_dir, exist_ok=True)
     save_config(cfg, os.path.join(out_dir, "config.yaml"))
     path = checkpoint_path(ckpt_dir, step)
     # No rank states: a resumed run starts its data order and LSTM states afresh, as bilm-tf's restart does.
-    save_checkpoint({"step": step, "config": config_to_dict(cfg), "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "deepspeed_tag": None, "world_size": None,
-                     "rank_states": None, "vocab": vocab.tokens, "imported_from": prefix}, path)
+    save_checkpoint(checkpoint_payload(step, config_to_dict(cfg), model.state_dict(), vocab.tokens,
+                                       optimizer.state_dict(), imported_from=prefix), path)
     return {"checkpoint": path, "step": step, "source": prefix, "config": os.path.join(out_dir, "config.yaml")}

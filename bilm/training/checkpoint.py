@@ -137,6 +137,22 @@ def list_checkpoints(directory: str) -> list[str]:
     return sorted(paths, key=lambda p: int(_NAME.search(p).group(1)))
 
 
+def checkpoint_payload(step: int, config: dict, model: dict, vocab: list[str], optimizer: Optional[dict] = None,
+                       deepspeed_tag: Optional[str] = None, world_size: Optional[int] = None,
+                       rank_states: Optional[list] = None, text_pipeline: Optional[dict] = None,
+                       **extra: Any) -> dict[str, Any]:
+    """What a checkpoint holds, for every writer (``bilm train``, ``bilm import-bilm-tf``); ``save_checkpoint``
+    adds ``format``. ``config``: ``config_to_dict``; ``model``: the state dict; ``vocab``: the softmax
+    rows' tokens; ``optimizer``: its state (None: DeepSpeed keeps it beside, under ``deepspeed_tag``);
+    ``rank_states``: per rank, data positions, random and LSTM states (None: they start afresh, as
+    after a bilm-tf import); ``text_pipeline``: ``TextPipeline.to_state()`` (None: not known);
+    ``extra``: the run's health (``guard``, ``metrics_bytes``, ``heldout``) or where it came from
+    (``imported_from``)."""
+    return {"step": step, "config": config, "model": model, "optimizer": optimizer, "deepspeed_tag": deepspeed_tag,
+            "world_size": world_size, "rank_states": rank_states, "vocab": vocab, "text_pipeline": text_pipeline,
+            **extra}
+
+
 def save_checkpoint(payload: dict[str, Any], path: str) -> None:
     """Temporary file, flush to disk, then rename: a crash leaves the old files intact.
 

@@ -204,7 +204,7 @@ def _token_vectors(model, tokens: list[str], batch_size: int = 512) -> torch.Ten
         out = [bilm.embed_tokens(torch.from_numpy(char_id_table(tokens[s:s + batch_size], width)).long().to(device))
                .float().cpu() for s in starts]
     finally:
-        bilm.training.run(was_training)
+        bilm.train(was_training)
     return torch.cat(out)
 
 

@@ -1,17 +1,18 @@
-"""``bilm train``: the biLM training run, read top to bottom.
+"""``bilm train``: the biLM training run, read top to bottom: set up (vocab, text pipeline, model,
+data, heldout sample, guard), resume, loop (data, step, log, evaluate, checkpoint, stop), close.
 
-One process per device under torchrun. ``TrainStep.step`` (``bilm.training.step``) is one optimizer step; how the
-gradients are communicated, clipped and applied (plain/DDP with a sparse softmax, or
-DeepSpeed ZeRO) is the strategy's business (``bilm.training.strategy``), so the loop in ``train``
-reads the same for all: data, step, log (where the loop reads figures back from the device),
-checkpoint, stop.
+One process per device under torchrun. ``TrainStep.step`` (``bilm.training.step``) is one optimizer
+step; how the gradients are communicated, clipped and applied (DDP with a sparse softmax, or
+DeepSpeed ZeRO) is the strategy's business (``bilm.training.strategy``); when to checkpoint, what a
+checkpoint holds and how a run resumes or rolls back is the ``Checkpointer``'s
+(``bilm.training.checkpointer``). So the loop reads the same for all: data, step, log (where the
+loop reads figures back from the device), checkpoint, stop.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import signal
 import time
 import warnings
 from typing import Iterator, Optional
@@ -19,12 +20,11 @@ from typing import Iterator, Optional
 import torch
 
 from bilm.atomic import atomic_open
-from bilm.training.checkpoint import (CheckpointWriteError, RunLock, check_resume, checkpoint_path, checkpoint_step,
-                             keep_as_best, list_checkpoints, load_checkpoint, load_latest_valid, load_model_state,
-                             prune_checkpoints, remove_stale_temporaries, save_checkpoint)
-from bilm.training.config import Config, config_to_dict, save_config
+from bilm.training.checkpoint import RunLock
+from bilm.training.checkpointer import Checkpointer
+from bilm.training.config import Config, save_config
 from bilm.data import LMDataset, load_manifest
-from bilm.training.distributed import DistEnv, all_reduce_max, gather_objects, init_distributed, shutdown
+from bilm.training.distributed import DistEnv, init_distributed, shutdown
 from bilm.errors import InputError
 from bilm.training.guard import Divergence, DivergenceGuard, GuardState
 from bilm.training.heldout import figures as heldout_figures, no_heldout_message, prepare_heldout
@@ -195,9 +195,6 @@ def train(cfg: Config, data: str, out_dir: str, resume: bool = False, vocab_file
             lock.release()
 
 
-_NO_STEP = float(2**62)  # "no non-finite step" in the all-reduce of the earliest one
-
-
 class _NonFinite:
     """The first step whose training loss or gradient norm was not finite, tracked on the device
     (no wait for it each step) and read where the loop reads figures anyway."""
@@ -244,11 +241,9 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
     n_train_tokens = t.n_train_tokens or (manifest or {}).get("n_train_tokens")
     total_steps = _total_steps(cfg, n_train_tokens, env.world_size)
 
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    checkpoints = Checkpointer(out_dir, cfg, env, text_pipeline)
     if env.is_main:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        for stale in remove_stale_temporaries(ckpt_dir):
-            log.info(f"removed {stale}, left by an interrupted checkpoint write")
+        checkpoints.prepare_directory()
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
 
     trainer = TrainStep(cfg, len(vocab), env, init)
@@ -267,43 +262,21 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
                  f"sentences ({heldout.n_tokens:,} tokens) of {heldout.source}, written to {heldout.path}{unigram}")
     guard = DivergenceGuard(t.divergence_factor, heldout.unigram if heldout else None)
     step, metrics_offset = 0, None
-    if resume:
-        # Rank 0 looks first and sets unreadable checkpoints aside; then the others find the same one.
-        # The file is mapped, not read (ranks on a node share its pages); what is kept is copied out
-        # and the payload dropped, so neither a second copy of the weights nor the mapping outlives this.
-        path, payload = load_latest_valid(ckpt_dir, set_aside_corrupt=True, mmap=True) if env.is_main else (None, None)
-        if env.distributed:
-            torch.distributed.barrier()
-            if not env.is_main:
-                path, payload = load_latest_valid(ckpt_dir, mmap=True)
-        if payload is not None:
-            changed = check_resume(payload, path, config_to_dict(cfg), vocab.tokens, vocab_path,
-                                   text_pipeline.to_state() if text_pipeline is not None else None)
-            if changed:
-                log.info(f"settings changed since {path}: {'; '.join(changed)}")
-            step = _restore(trainer, dataset, payload, path, env)
-            guard.state = GuardState.from_dict(payload.get("guard"))
-            trainer.lr_factor = guard.state.lr_factor
-            metrics_offset = payload.get("metrics_bytes")
-            log.info(f"resumed from {path} (step {step})")
-        else:
-            log.info(f"no checkpoint in {ckpt_dir}; starting from scratch")
-        del payload
+    resumed = checkpoints.resume(trainer, dataset, vocab.tokens, vocab_path) if resume else None
+    if resumed is not None:
+        step, health = resumed
+        guard.state = GuardState.from_dict(health["guard"])
+        trainer.lr_factor = guard.state.lr_factor
+        metrics_offset = health["metrics_bytes"]
     if tf_start is not None and step == 0:  # not resumed: a resumed run has it all in its checkpoint
         from bilm.training.continue_tf import report_line
         log.info(report_line(tf_start.load_into(trainer.model, trainer.optimizer, vocab.tokens)))
 
-    stop = {"signal": 0}
-
-    def on_sigterm(signum, frame):  # clusters send SIGTERM before preemption
-        stop["signal"] = 1
-
-    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    checkpoints.start()
     logger = _Logger(out_dir, env.is_main, resumed_step=step, offset=metrics_offset)
     bar = progress_bar(total=total_steps, initial=step, disable=not (progress and env.is_main), unit="step",
                        dynamic_ncols=True, desc="train")
     tokens_per_step = t.batch_size * t.unroll_steps * env.world_size  # one direction, all ranks
-    last_checkpoint_time = time.time()
     window_start, window_steps = time.perf_counter(), 0
     batches: Iterator[dict] = iter(dataset)
     result: Optional[StepResult] = None
@@ -333,20 +306,13 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
             # decide. With several ranks they must agree, which takes an all-reduce (a wait for every rank):
             # at log, checkpoint and evaluation steps and every STOP_CHECK_STEPS, so a preempted run stops
             # within a few steps whatever the log interval.
-            by_steps = step % t.checkpoint_every_steps == 0 or step == total_steps
+            by_steps = checkpoints.due_by_steps(step, total_steps)
             eval_by_steps = heldout is not None and (step % t.eval_every_steps == 0 or step == total_steps)
             agree_now = log_now or by_steps or eval_by_steps or step % STOP_CHECK_STEPS == 0
-            due_by_time = env.is_main and (time.time() - last_checkpoint_time) >= 60 * t.checkpoint_every_minutes
-            signal_seen, time_due = float(stop["signal"]), float(due_by_time)
+            signal_seen, time_due = checkpoints.local_view()
             check_now = agree_now if env.distributed else agree_now or signal_seen or time_due
             bad_step = nonfinite.read() if nonfinite is not None and check_now else 0
-            if env.distributed:
-                if agree_now:  # the max of -step is the earliest bad step of any rank
-                    signal_seen, time_due, neg_bad = all_reduce_max(
-                        [signal_seen, time_due, -float(bad_step or _NO_STEP)], env)
-                    bad_step = 0 if -neg_bad >= _NO_STEP else int(-neg_bad)
-                else:
-                    signal_seen, time_due = 0.0, 0.0
+            signal_seen, time_due, bad_step = checkpoints.agree(agree_now, signal_seen, time_due, bad_step)
             save_now = by_steps or bool(time_due) or bool(signal_seen)
             divergence: Optional[Divergence] = None
             if bad_step:
@@ -374,7 +340,7 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
             if divergence is not None:
                 action = _on_divergence(divergence, guard, cfg)
                 if action == "rollback":
-                    target = _rollback(trainer, dataset, ckpt_dir, guard.state.healthy_step, env)
+                    target = checkpoints.rollback(trainer, dataset, guard.state.healthy_step)
                     if target is None:
                         action = "stop"
                     else:
@@ -393,12 +359,11 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
                         bar.n = step
                         bar.refresh()
                         window_start, window_steps = time.perf_counter(), 0
-                        last_checkpoint_time = time.time()
                         continue
                 if action == "stop":
-                    last_good = _healthy_checkpoint(ckpt_dir, guard.state.healthy_step)
-                    path = _save(trainer, dataset, cfg, step, ckpt_dir, env, text_pipeline,
-                                 _guard_payload(guard, heldout_result, logger), name=f"diverged-step-{step:08d}")
+                    last_good = checkpoints.healthy_checkpoint(guard.state.healthy_step)
+                    path = checkpoints.save(trainer, dataset, step, _guard_payload(guard, heldout_result, logger),
+                                            name=f"diverged-step-{step:08d}")
                     why = "train.on_divergence: stop" if t.on_divergence == "stop" else \
                         "no healthy checkpoint to roll back to" if last_good is None else \
                         f"{guard.state.rollbacks_in_a_row} rollbacks in a row did not get past it (train.max_rollbacks)"
@@ -413,23 +378,19 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
                     nonfinite = None  # said once: the weights stay non-finite from here on
 
             if save_now:
-                path = _save(trainer, dataset, cfg, step, ckpt_dir, env, text_pipeline,
-                             _guard_payload(guard, heldout_result, logger),
-                             healthy_step=guard.state.healthy_step)
-                if best and env.is_main:
-                    keep_as_best(path)
-                last_checkpoint_time = time.time()
+                checkpoints.save(trainer, dataset, step, _guard_payload(guard, heldout_result, logger),
+                                 healthy_step=guard.state.healthy_step, best=best)
             if signal_seen:
                 stopped_by_signal = True
                 break
     finally:
         bar.close()
         logger.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+        checkpoints.close()
     figures = result.values() if result else None
     return {"step": step, "total_steps": total_steps, "loss": figures["loss"] if figures else None,
             "perplexity": {d: figures[f"perplexity/{d}"] for d in DIRECTIONS} if figures else None, "out_dir": out_dir,
-            "checkpoint": checkpoint_path(ckpt_dir, step), "stopped_by_signal": stopped_by_signal,
+            "checkpoint": checkpoints.path(step), "stopped_by_signal": stopped_by_signal,
             "diverged": diverged, "guard": guard.state.to_dict(), "is_main": env.is_main}
 
 
@@ -460,85 +421,3 @@ def _guard_payload(guard: DivergenceGuard, heldout_result: Optional[dict], logge
     """What a checkpoint says about the run's health (plain data)."""
     return {"guard": guard.state.to_dict(), "metrics_bytes": logger.offset(),
             "heldout": None if heldout_result is None else heldout_figures(heldout_result)}
-
-
-def _healthy_checkpoint(ckpt_dir: str, healthy_step: Optional[int]) -> Optional[str]:
-    """The newest checkpoint at or before the last step the guard found healthy: where a rollback goes."""
-    if healthy_step is None:
-        return None
-    found = [p for p in list_checkpoints(ckpt_dir) if checkpoint_step(p) <= healthy_step]
-    return found[-1] if found else None
-
-
-def _rollback(trainer: TrainStep, dataset: LMDataset, ckpt_dir: str, healthy_step: Optional[int],
-              env: DistEnv) -> Optional[tuple[str, int, Optional[int], list[str]]]:
-    """Every rank reloads the newest healthy checkpoint (rank 0's pick) as ``--resume`` does: weights,
-    optimizer, data positions, random states, LSTM states. The checkpoints after it belong to the
-    abandoned stretch and are deleted (a later --resume must not pick them). Returns (its path,
-    step, metrics offset, the deleted paths), or None when there is none."""
-    path = gather_objects(_healthy_checkpoint(ckpt_dir, healthy_step) if env.is_main else None, env)[0]
-    if path is None:
-        return None
-    payload = load_checkpoint(path, mmap=True)
-    step = _restore(trainer, dataset, payload, path, env)
-    offset = payload.get("metrics_bytes")
-    del payload
-    removed = []
-    if env.is_main:
-        removed = [p for p in list_checkpoints(ckpt_dir) if checkpoint_step(p) > step]
-        for later in removed:
-            os.remove(later)
-        trainer.strategy.prune(ckpt_dir, removed)
-    if env.distributed:
-        torch.distributed.barrier()
-    return path, step, offset, removed
-
-
-def _save(trainer: TrainStep, dataset: LMDataset, cfg: Config, step: int, ckpt_dir: str, env: DistEnv,
-          text_pipeline: Optional[TextPipeline] = None, extra: Optional[dict] = None,
-          name: Optional[str] = None, healthy_step: Optional[int] = None) -> str:
-    """Write step ``step``'s checkpoint (rank 0, plus what the strategy keeps beside it on every rank)
-    and prune old ones but the rollback target (the newest at or before ``healthy_step``); returns its path.
-    A failed write on any rank stops every rank with ``CheckpointWriteError``, the previous checkpoints intact. ``name``
-    (without ``.pt``): a file outside the ``step-N.pt`` series, neither resumed from nor pruned."""
-    rank_states = gather_objects(trainer.rank_state(dataset), env)
-    error: Optional[str] = None
-    path = checkpoint_path(ckpt_dir, step) if name is None else os.path.join(ckpt_dir, f"{name}.pt")
-    try:
-        tag = trainer.strategy.save(ckpt_dir, name or f"step-{step:08d}")
-        if env.is_main:
-            payload = {"step": step, "config": config_to_dict(cfg), "model": trainer.model.state_dict(),
-                       "optimizer": trainer.strategy.optimizer_state(), "deepspeed_tag": tag,
-                       "world_size": env.world_size, "rank_states": rank_states,
-                       "vocab": dataset.vocab.tokens,
-                       "text_pipeline": text_pipeline.to_state() if text_pipeline is not None else None,
-                       **(extra or {})}
-            save_checkpoint(payload, path)
-    except (CheckpointWriteError, OSError) as e:
-        error = str(e) if isinstance(e, CheckpointWriteError) else f"cannot write checkpoint of step {step} in " \
-            f"{ckpt_dir}: {e.strerror or e}"
-    failed = all_reduce_max([float(error is not None)], env)[0] if env.distributed else float(error is not None)
-    if failed:
-        raise CheckpointWriteError(error or f"another rank could not write the checkpoint of step {step}")
-    if env.is_main and name is None:
-        target = _healthy_checkpoint(ckpt_dir, healthy_step)
-        trainer.strategy.prune(ckpt_dir, prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints,
-                                                           protect=[target] if target else ()))
-    if env.distributed:
-        torch.distributed.barrier()
-    return path
-
-
-def _restore(trainer: TrainStep, dataset: LMDataset, payload: dict, path: str, env: DistEnv) -> int:
-    load_model_state(trainer.model, payload["model"], path)
-    trainer.steps_done = int(payload["step"])
-    trainer.strategy.load(payload, path)
-    if payload.get("rank_states") is None:
-        # e.g. imported from bilm-tf, whose restart also starts them afresh
-        log.info(f"{path} holds no data positions or LSTM states: they start afresh")
-    elif payload["world_size"] == env.world_size:
-        trainer.load_rank_state(payload["rank_states"][env.rank], dataset)
-    elif env.is_main:
-        warnings.warn(f"{path} was written by {payload['world_size']} ranks, this run has {env.world_size}: "
-                      "model and optimizer resume, data order and LSTM states start afresh")
-    return int(payload["step"])

@@ -15,10 +15,11 @@ import torch
 from bilm.data import LMDataset
 from bilm.logs import log
 from bilm.modules.bidirectional import map_state
-from bilm.modules.language_model import DIRECTIONS, LanguageModel
+from bilm.modules.language_model import DIRECTIONS
 from bilm.training.checkpoint import numpy_rng_from_plain, numpy_rng_to_plain
 from bilm.training.config import Config
 from bilm.training.distributed import DistEnv, to_device
+from bilm.training.model_builder import build_model
 from bilm.training.strategy import check_config, make_strategy
 
 
@@ -71,8 +72,7 @@ class TrainStep:
         t = cfg.train
         check_config(cfg)
         seed_everything(t.seed)  # same initial weights on every rank
-        self.model = LanguageModel(cfg.model, vocab_size, dropout=t.dropout, lstm_impl=t.lstm_impl,
-                                   lstm_compile=t.lstm_compile, sparse_softmax=t.sparse_softmax)
+        self.model = build_model(cfg, vocab_size)
         if init and init.get("weights"):
             from bilm.training.init_weights import load_pretrained
             report = load_pretrained(self.model, init["weights"], init.get("options"), init.get("softmax"),

@@ -11,6 +11,7 @@ from bilm.training.checkpoint import (BEST_NAME, CheckpointError, best_checkpoin
 from bilm.training.config import Config, config_from_dict
 from bilm.errors import InputError
 from bilm.modules.language_model import LanguageModel
+from bilm.training.model_builder import build_model
 from bilm.text import TextPipeline
 
 def resolve_checkpoint(path: str, mmap: bool = False, best: bool = False) -> tuple[str, dict]:
@@ -57,8 +58,7 @@ def model_from_checkpoint(path: str, best: bool = False) -> Trained:
     if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
         raise CheckpointError(f"{found}: checkpoint has no vocabulary (key 'vocab': a list of tokens)")
     with torch.device("meta"):
-        model = LanguageModel(cfg.model, len(vocab), dropout=0.0, lstm_impl=cfg.train.lstm_impl,
-                          lstm_compile=cfg.train.lstm_compile, sparse_softmax=False)
+        model = build_model(cfg, len(vocab), training=False)
     load_model_state(model, {k: v.float() if v.is_floating_point() else v for k, v in payload["model"].items()},
                      found, assign=True)
     state = payload.get("text_pipeline")

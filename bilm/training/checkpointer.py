@@ -1,0 +1,202 @@
+"""``Checkpointer``: a training run's checkpoints, owned by one object.
+
+It decides when to save (every ``train.checkpoint_every_steps``, every
+``train.checkpoint_every_minutes`` by rank 0's clock, at the end, and on SIGTERM: under torchrun
+the ranks agree on the clock and the signal in one all-reduce), writes the payload
+(``checkpoint_payload``, the one schema every writer uses) and reads it back (``resume``,
+``rollback``), keeps the last ``train.keep_checkpoints`` of the ``step-N.pt`` series (never the
+rollback target) and ``best.pt``. The files themselves (atomic writes, the safe unpickler, the
+format version) are ``bilm.training.checkpoint``'s.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+import warnings
+from typing import Optional
+
+import torch
+
+from bilm.data import LMDataset
+from bilm.logs import log
+from bilm.training.checkpoint import (CheckpointWriteError, check_resume, checkpoint_path, checkpoint_payload,
+                                      checkpoint_step, keep_as_best, list_checkpoints, load_checkpoint,
+                                      load_latest_valid, load_model_state, prune_checkpoints,
+                                      remove_stale_temporaries, save_checkpoint)
+from bilm.training.config import Config, config_to_dict
+from bilm.training.distributed import DistEnv, all_reduce_max, gather_objects
+from bilm.training.step import TrainStep
+from bilm.text import TextPipeline
+
+_NO_STEP = float(2**62)  # "no non-finite step" in the all-reduce of the earliest one
+
+
+class Checkpointer:
+    """The checkpoints of the run in ``out_dir`` (``out_dir/checkpoints``) on this rank."""
+
+    def __init__(self, out_dir: str, cfg: Config, env: DistEnv, text_pipeline: Optional[TextPipeline]):
+        self.dir = os.path.join(out_dir, "checkpoints")
+        self.cfg, self.env = cfg, env
+        self.text_pipeline = text_pipeline  # how raw text became the tokens: saved in every checkpoint
+        self.last_save_time = time.time()
+        self._signal = 0
+        self._previous_handler = None
+
+    def prepare_directory(self) -> None:
+        """Rank 0, before the run writes anything: the directory, and what a killed write left behind."""
+        os.makedirs(self.dir, exist_ok=True)
+        for stale in remove_stale_temporaries(self.dir):
+            log.info(f"removed {stale}, left by an interrupted checkpoint write")
+
+    def path(self, step: int) -> str:
+        return checkpoint_path(self.dir, step)
+
+    # ----- when to save -----
+    def start(self) -> None:
+        """The loop begins: the clock of time-based saves starts, and SIGTERM is watched (clusters send
+        it before preemption: noted here, saved and stopped on at the next agreement)."""
+        def on_sigterm(signum, frame):
+            self._signal = 1
+        self._previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+        self.last_save_time = time.time()
+
+    def close(self) -> None:
+        """The loop ended: SIGTERM's previous handler back."""
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+
+    def due_by_steps(self, step: int, total_steps: int) -> bool:
+        return step % self.cfg.train.checkpoint_every_steps == 0 or step == total_steps
+
+    def local_view(self) -> tuple[float, float]:
+        """This rank's view: a SIGTERM seen, and (rank 0's clock) a save due by time."""
+        due_by_time = self.env.is_main and (time.time() - self.last_save_time) >= 60 * self.cfg.train.checkpoint_every_minutes
+        return float(self._signal), float(due_by_time)
+
+    def agree(self, agree_now: bool, signal_seen: float, time_due: float, bad_step: int) -> tuple[float, float, int]:
+        """Under torchrun every rank must take the same decision, which takes an all-reduce (a wait
+        for every rank), done only at ``agree_now`` steps; the earliest non-finite step of any rank
+        (``bad_step``, 0: none) rides in the same all-reduce. Returns the agreed (signal, time due,
+        bad step); one process: its own view."""
+        if not self.env.distributed:
+            return signal_seen, time_due, bad_step
+        if not agree_now:
+            return 0.0, 0.0, bad_step
+        signal_seen, time_due, neg_bad = all_reduce_max([signal_seen, time_due, -float(bad_step or _NO_STEP)], self.env)
+        return signal_seen, time_due, 0 if -neg_bad >= _NO_STEP else int(-neg_bad)
+
+    # ----- write -----
+    def save(self, trainer: TrainStep, dataset: LMDataset, step: int, extra: Optional[dict] = None,
+             name: Optional[str] = None, healthy_step: Optional[int] = None, best: bool = False) -> str:
+        """Write step ``step``'s checkpoint (rank 0, plus what the strategy keeps beside it on every rank)
+        and prune old ones but the rollback target (the newest at or before ``healthy_step``); ``best``:
+        also keep it as ``best.pt``. Returns its path. A failed write on any rank stops every rank with
+        ``CheckpointWriteError``, the previous checkpoints intact. ``name`` (without ``.pt``): a file
+        outside the ``step-N.pt`` series, neither resumed from nor pruned."""
+        env = self.env
+        rank_states = gather_objects(trainer.rank_state(dataset), env)
+        error: Optional[str] = None
+        path = self.path(step) if name is None else os.path.join(self.dir, f"{name}.pt")
+        try:
+            tag = trainer.strategy.save(self.dir, name or f"step-{step:08d}")
+            if env.is_main:
+                payload = checkpoint_payload(
+                    step, config_to_dict(self.cfg), trainer.model.state_dict(), dataset.vocab.tokens,
+                    trainer.strategy.optimizer_state(), tag, env.world_size, rank_states,
+                    self.text_pipeline.to_state() if self.text_pipeline is not None else None, **(extra or {}))
+                save_checkpoint(payload, path)
+        except (CheckpointWriteError, OSError) as e:
+            error = str(e) if isinstance(e, CheckpointWriteError) else f"cannot write checkpoint of step {step} in " \
+                f"{self.dir}: {e.strerror or e}"
+        failed = all_reduce_max([float(error is not None)], env)[0] if env.distributed else float(error is not None)
+        if failed:
+            raise CheckpointWriteError(error or f"another rank could not write the checkpoint of step {step}")
+        if env.is_main and name is None:
+            target = self.healthy_checkpoint(healthy_step)
+            trainer.strategy.prune(self.dir, prune_checkpoints(self.dir, self.cfg.train.keep_checkpoints,
+                                                               protect=[target] if target else ()))
+        if env.distributed:
+            torch.distributed.barrier()
+        if best and env.is_main:
+            keep_as_best(path)
+        self.last_save_time = time.time()
+        return path
+
+    # ----- read back -----
+    def resume(self, trainer: TrainStep, dataset: LMDataset, vocab_tokens: list[str], vocab_source: str
+               ) -> Optional[tuple[int, dict]]:
+        """``--resume``: load the newest valid checkpoint into ``trainer`` and ``dataset``; returns its
+        step and what it says about the run's health (``guard``, ``metrics_bytes``), or None when
+        there is none. Refuses a different model, vocabulary or text pipeline (``check_resume``)."""
+        env = self.env
+        # Rank 0 looks first and sets unreadable checkpoints aside; then the others find the same one.
+        # The file is mapped, not read (ranks on a node share its pages); what is kept is copied out
+        # and the payload dropped, so neither a second copy of the weights nor the mapping outlives this.
+        path, payload = load_latest_valid(self.dir, set_aside_corrupt=True, mmap=True) if env.is_main else (None, None)
+        if env.distributed:
+            torch.distributed.barrier()
+            if not env.is_main:
+                path, payload = load_latest_valid(self.dir, mmap=True)
+        if payload is None:
+            log.info(f"no checkpoint in {self.dir}; starting from scratch")
+            return None
+        changed = check_resume(payload, path, config_to_dict(self.cfg), vocab_tokens, vocab_source,
+                               self.text_pipeline.to_state() if self.text_pipeline is not None else None)
+        if changed:
+            log.info(f"settings changed since {path}: {'; '.join(changed)}")
+        step = self._restore(trainer, dataset, payload, path)
+        health = {"guard": payload.get("guard"), "metrics_bytes": payload.get("metrics_bytes")}
+        del payload
+        log.info(f"resumed from {path} (step {step})")
+        return step, health
+
+    def healthy_checkpoint(self, healthy_step: Optional[int]) -> Optional[str]:
+        """The newest checkpoint at or before the last step the guard found healthy: where a rollback goes."""
+        if healthy_step is None:
+            return None
+        found = [p for p in list_checkpoints(self.dir) if checkpoint_step(p) <= healthy_step]
+        return found[-1] if found else None
+
+    def rollback(self, trainer: TrainStep, dataset: LMDataset, healthy_step: Optional[int]
+                 ) -> Optional[tuple[str, int, Optional[int], list[str]]]:
+        """Every rank reloads the newest healthy checkpoint (rank 0's pick) as ``--resume`` does: weights,
+        optimizer, data positions, random states, LSTM states. The checkpoints after it belong to the
+        abandoned stretch and are deleted (a later --resume must not pick them). Returns (its path,
+        step, metrics offset, the deleted paths), or None when there is none."""
+        env = self.env
+        path = gather_objects(self.healthy_checkpoint(healthy_step) if env.is_main else None, env)[0]
+        if path is None:
+            return None
+        payload = load_checkpoint(path, mmap=True)
+        step = self._restore(trainer, dataset, payload, path)
+        offset = payload.get("metrics_bytes")
+        del payload
+        removed = []
+        if env.is_main:
+            removed = [p for p in list_checkpoints(self.dir) if checkpoint_step(p) > step]
+            for later in removed:
+                os.remove(later)
+            trainer.strategy.prune(self.dir, removed)
+        if env.distributed:
+            torch.distributed.barrier()
+        self.last_save_time = time.time()
+        return path, step, offset, removed
+
+    def _restore(self, trainer: TrainStep, dataset: LMDataset, payload: dict, path: str) -> int:
+        """The payload into the trainer (model, optimizer, steps done) and, when written by as many
+        ranks as this run has, this rank's data positions, random and LSTM states."""
+        env = self.env
+        load_model_state(trainer.model, payload["model"], path)
+        trainer.steps_done = int(payload["step"])
+        trainer.strategy.load(payload, path)
+        if payload.get("rank_states") is None:
+            # e.g. imported from bilm-tf, whose restart also starts them afresh
+            log.info(f"{path} holds no data positions or LSTM states: they start afresh")
+        elif payload["world_size"] == env.world_size:
+            trainer.load_rank_state(payload["rank_states"][env.rank], dataset)
+        elif env.is_main:
+            warnings.warn(f"{path} was written by {payload['world_size']} ranks, this run has {env.world_size}: "
+                          "model and optimizer resume, data order and LSTM states start afresh")
+        return int(payload["step"])
