@@ -1,4 +1,4 @@
-"""Embedder throughput (sentences/s): the exact LSTM path against the per-step baseline.
+"""Embedder throughput (sentences/s): the fused LSTM path against the per-step baseline.
 
     python benchmarks/embed.py                      # original-size ELMo, 256 sentences x 20 tokens, batch 64
     python benchmarks/embed.py --small              # a smaller architecture, for a quick check

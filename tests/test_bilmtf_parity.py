@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from bilm.formats.bilmtf import (config_from_bilmtf_options, latest_tf_checkpoint, load_bilmtf_state, published_name,
-                         read_tf_checkpoint, split_tensors)
+                                 read_tf_checkpoint, split_tensors)
 from bilm.training.config import config_from_dict
 from bilm.training.distributed import DistEnv
 from bilm.modules.softmax import LogUniformSampler, SoftmaxLayer
@@ -438,7 +438,7 @@ def replay_long(case: str, monkeypatch, *overrides: str) -> tuple[TrainStep, np.
         return ids, int(fixed[f"{name}_tries"][step])
 
     trainer.model.softmax.sampler.sample = sample
-    lock_step = trainer.cfg.train.lstm_impl == "exact"
+    lock_step = trainer.cfg.train.lstm_impl == "fused"
     dropout = FixedDropout(_read_npz(os.path.join("long", case, "masks.npz")), options["lstm"]["n_layers"], lock_step)
     monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
     curve = []

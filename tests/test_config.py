@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bilm.training.config import (Config, ConfigError, OptimConfig, TrainConfig, config_from_dict, config_to_dict,
-                         load_config, save_config)
+                                  load_config, save_config)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = ["elmo_original", "elmo_medium", "elmo_small", "tiny"]
@@ -169,7 +169,7 @@ def test_bad_values_and_syntax(tmp_path):
         load_config(CONFIGS / "tiny.yaml", ["train.batch_size=0"])
     with pytest.raises(ConfigError, match=r"key 'train\.dropout' must be in \[0, 1\)"):
         load_config(CONFIGS / "tiny.yaml", ["train.dropout=1.5"])
-    with pytest.raises(ConfigError, match=r"key 'train\.lstm_impl' must be one of 'exact', 'reference', 'cudnn', got 'fast'"):
+    with pytest.raises(ConfigError, match=r"key 'train\.lstm_impl' must be one of 'fused', 'reference', 'cudnn', got 'fast'"):
         load_config(CONFIGS / "tiny.yaml", ["train.lstm_impl=fast"])
     with pytest.raises(ConfigError, match=r"expected key=value"):
         load_config(CONFIGS / "tiny.yaml", ["train.batch_size"])
@@ -227,3 +227,16 @@ def test_config_from_dict_checks_like_the_loader():
     with pytest.raises(ConfigError, match=r"^checkpoint: unknown key 'train\.unroll' \(did you mean 'unroll_steps'\?\)"):
         config_from_dict(plain, where="checkpoint")
     assert isinstance(config_from_dict({"model": plain["model"]}), Config)
+
+
+def test_exact_the_former_name_of_the_fused_lstm_is_still_read(tmp_path):
+    from bilm.modules.lstm import LstmStack
+    from bilm.options import LstmOptions
+
+    assert load_config(CONFIGS / "tiny.yaml").train.lstm_impl == "fused"
+    assert load_config(CONFIGS / "tiny.yaml", ["train.lstm_impl=exact"]).train.lstm_impl == "fused"
+    old = config_to_dict(load_config(CONFIGS / "tiny.yaml"))
+    old["train"]["lstm_impl"] = "exact"  # as a checkpoint written before the rename holds it
+    assert config_from_dict(old).train.lstm_impl == "fused"
+    stack = LstmStack(4, LstmOptions(dim=8, projection_dim=4, n_layers=1), impl="exact")
+    assert stack.impl == "fused" and stack.layers[0].impl == "fused"

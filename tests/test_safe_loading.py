@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bilm.training.checkpoint import (FORMAT, OLD_FORMAT, CheckpointError, CheckpointRefused, check_resume, list_checkpoints,
-                             load_checkpoint, save_checkpoint)
+                                      load_checkpoint, save_checkpoint)
 from bilm.cli import main as bilm_main
 from bilm.training.run import train
 from bilm.training.step import rng_state, set_rng_state

@@ -135,3 +135,18 @@ def test_learning_rate_warmup_ramps_and_resumes(tmp_path):
     train(tiny_config(*overrides, "train.max_steps=6"), TRAIN_DATA, str(part), resume=True, vocab_file=TRAIN_VOCAB,
           progress=False)
     assert lrs(part) == pytest.approx(lrs(full))
+
+
+def test_resumes_a_checkpoint_that_names_the_fused_lstm_exact(tmp_path):
+    """Checkpoints written before the fused LSTM path was renamed say lstm_impl 'exact': they resume."""
+    from bilm.training.checkpoint import save_checkpoint
+
+    train(tiny_config("train.max_steps=2"), TRAIN_DATA, str(tmp_path), vocab_file=TRAIN_VOCAB, progress=False)
+    path = list_checkpoints(str(tmp_path / "checkpoints"))[-1]
+    payload = load_checkpoint(path)
+    assert payload["config"]["train"]["lstm_impl"] == "fused"
+    payload["config"]["train"]["lstm_impl"] = "exact"
+    save_checkpoint({k: v for k, v in payload.items() if k != "format"}, path)
+    summary = train(tiny_config("train.max_steps=3"), TRAIN_DATA, str(tmp_path), resume=True, vocab_file=TRAIN_VOCAB,
+                    progress=False)
+    assert summary["step"] == 3

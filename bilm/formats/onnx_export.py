@@ -4,7 +4,7 @@ The graph is the embedder's ``stateful=False`` computation (``BidirectionalLM.fo
 zero states): the char CNN, then both LSTM stacks, the backward one reading each sentence
 reversed within its length. The LSTM recurrence is a TorchScript loop, which the TorchScript
 exporter turns into one ONNX ``Loop`` over the time steps, so batch size and sentence length
-are both dynamic. (The exact path's per-step Python loop and host-side mask checks would be
+are both dynamic. (The fused path's per-step Python loop and host-side mask checks would be
 unrolled by tracing to one fixed length; ONNX's own LSTM op has neither the projection nor
 the cell clip of bilm-tf's cell.) No state goes in or out: stateful embedding is PyTorch only.
 
@@ -31,7 +31,7 @@ from bilm.errors import InputError, MissingExtra
 from bilm.modules.bidirectional import BidirectionalLM, reverse_padded
 from bilm.modules.lstm.cell import GATES, plus_forget_bias
 from bilm.inference.onnx_runtime import (INPUT_NAME, META_FORMAT, META_OPTIONS, META_VERSION, META_WEIGHTS_SHA256,
-                               MISSING_EXTRA, ONNX_FORMAT, OUTPUT_NAME, canonical_options, sha256_of)
+                                         MISSING_EXTRA, ONNX_FORMAT, OUTPUT_NAME, canonical_options, sha256_of)
 from bilm.formats.weights import load_bilm
 
 OPSET = 17
@@ -45,7 +45,7 @@ def _recurrence_eager(xz: torch.Tensor, w_hh_t: torch.Tensor, w_proj_t: torch.Te
     """D layers in lock step from zero states. xz (D, T, B, 4C): input projections with the bias
     (forget bias included); w_hh_t (D, P, 4C); w_proj_t (D, C, P) (the identity when a layer has
     no projection); keep (D, T, B, 1) bool. Returns outputs (D, T, B, P), zero where not kept;
-    a masked step leaves the state as it was (the exact path's semantics)."""
+    a masked step leaves the state as it was (the fused path's semantics)."""
     n_dirs, n_steps, batch_size, four_c = xz.shape
     n_cells = four_c // 4
     h = torch.zeros(n_dirs, batch_size, w_hh_t.shape[1], dtype=xz.dtype)
@@ -71,7 +71,7 @@ with warnings.catch_warnings():
 class StatelessBiLM(nn.Module):
     """``BidirectionalLM`` from zero states, written for export: char ids (B, T, C) -> layers
     (B, n_layers + 1, T, 2P). Shares the model's parameters; stacks the two directions'
-    weights of each layer so one batched matmul per step serves both (as ``run_exact_stacks``)."""
+    weights of each layer so one batched matmul per step serves both (as ``run_fused_stacks``)."""
 
     def __init__(self, bilm: BidirectionalLM):
         super().__init__()
@@ -107,7 +107,7 @@ class StatelessBiLM(nn.Module):
         keep = mask.t().unsqueeze(-1).unsqueeze(0).expand(2, -1, -1, -1)
         layers = [torch.cat([tokens, tokens], dim=-1)]
         for k in range(self.n_lstm_layers):
-            # All steps' input projections in one batched matmul per direction, as the exact path.
+            # All steps' input projections in one batched matmul per direction, as the fused path.
             xz = torch.baddbmm(getattr(self, f"bias_{k}").unsqueeze(1), x.reshape(2, -1, x.shape[-1]),
                                getattr(self, f"w_ih_t_{k}")).reshape(2, n_steps, batch_size, -1)
             y = _recurrence(xz, getattr(self, f"w_hh_t_{k}"), getattr(self, f"w_proj_t_{k}"), keep,

@@ -180,7 +180,7 @@ def save_weights(model: BidirectionalLM, weight_file: str) -> None:
             f.create_dataset(ds.name, data=np.asarray(ds.to_file(), dtype=np.float32))
 
 
-def load_bilm(options_file: str, weight_file: str, lstm_impl: str = "exact") -> BidirectionalLM:
+def load_bilm(options_file: str, weight_file: str, lstm_impl: str = "fused") -> BidirectionalLM:
     """A ``BidirectionalLM`` in eval mode from ``options.json`` + ``weights.hdf5``."""
     options = BiLMOptions.from_file(options_file)
     if options.char_cnn is None and options.n_tokens_vocab is None:

@@ -36,7 +36,7 @@ class Elmo(nn.Module):
                  num_output_representations: int = 1, requires_grad: bool = False, do_layer_norm: bool = False,
                  dropout: float = 0.5, vocab_to_cache: Optional[list[str]] = None,
                  keep_sentence_boundaries: bool = False, scalar_mix_parameters: Optional[list[float]] = None,
-                 *, stateful: bool = True, lstm_impl: str = "exact", precision: str = "fp32"):
+                 *, stateful: bool = True, lstm_impl: str = "fused", precision: str = "fp32"):
         """``options_file``/``weight_file`` as ``ElmoEmbedder`` takes them: paths or URLs, or a
         published model's name (or a model directory) alone, or nothing for ``original``.
         ``scalar_mix_parameters``: fixed, untrained mixing weights (AllenNLP's meaning).

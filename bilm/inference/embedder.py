@@ -43,7 +43,7 @@ class ElmoEmbedder:
     def __init__(self, options_file: Optional[str] = None, weight_file: Optional[str] = None,
                  device: Union[str, int] = "cpu", batch_size: int = 64,
                  stateful: Optional[bool] = None, token_embedding_file: Optional[str] = None,
-                 vocab_file: Optional[str] = None, lstm_impl: str = "exact",
+                 vocab_file: Optional[str] = None, lstm_impl: str = "fused",
                  text_pipeline: Union[TextPipeline, None, str] = "auto", cuda_device: Optional[int] = None,
                  precision: str = "fp32", runtime: str = "torch"):
         """AllenNLP's ``ElmoEmbedder``: ``ElmoEmbedder()`` is the published ``original`` model

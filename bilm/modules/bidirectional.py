@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bilm.errors import InputError
-from bilm.modules.lstm import LstmStack, State, can_run_together, run_exact_stacks
+from bilm.modules.lstm import LstmStack, State, can_run_together, run_fused_stacks
 from bilm.modules.token_encoder import CharCNNEncoder, WordEmbeddingEncoder
 from bilm.options import BiLMOptions
 
@@ -75,7 +75,7 @@ class BidirectionalLM(nn.Module):
     ``lstm_impl`` and ``lstm_compile`` are the stacks' ``impl`` and ``compile`` (``LstmStack``).
     """
 
-    def __init__(self, options: BiLMOptions, dropout: float = 0.0, lstm_impl: str = "exact",
+    def __init__(self, options: BiLMOptions, dropout: float = 0.0, lstm_impl: str = "fused",
                  lstm_compile: str = "auto"):
         super().__init__()
         self.options = options
@@ -135,7 +135,7 @@ class BidirectionalLM(nn.Module):
         stacks, inputs = [self.forward_lstm, self.backward_lstm], [forward_inputs, backward_inputs]
         if can_run_together(stacks, inputs):
             # Both directions in lock step: one batched matmul per time step serves both.
-            (forward_out, forward_state), (backward_out, backward_state) = run_exact_stacks(
+            (forward_out, forward_state), (backward_out, backward_state) = run_fused_stacks(
                 stacks, inputs, [state["forward"], state["backward"]], [forward_mask, backward_mask])
         else:
             forward_out, forward_state = self.forward_lstm(forward_inputs, state["forward"], forward_mask)

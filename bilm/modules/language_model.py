@@ -56,7 +56,7 @@ class LanguageModel(nn.Module):
     """
 
     def __init__(self, options: BiLMOptions, vocab_size: int, dropout: float = 0.1,
-                 lstm_impl: str = "exact", sparse_softmax: bool = True, lstm_compile: str = "auto"):
+                 lstm_impl: str = "fused", sparse_softmax: bool = True, lstm_compile: str = "auto"):
         super().__init__()
         if options.char_cnn is None and options.n_tokens_vocab is None:
             options.n_tokens_vocab = vocab_size

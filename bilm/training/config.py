@@ -60,8 +60,9 @@ class TrainConfig:
     deepspeed_config: str | None = None    # path of a DeepSpeed JSON/YAML config
     # How the LSTM runs: the names of bilm.modules.lstm.LSTM_IMPLS, spelled here so that reading a
     # config loads no torch (tests/test_config.py checks the two agree).
-    lstm_impl: Literal["exact", "reference", "cudnn"] = "exact"
-    # torch.compile of the exact LSTM's per-step math: auto = on for CUDA only (on a CPU compiling
+    # "exact", the fused path's former name, is read as "fused" (_build): older configs and checkpoints load.
+    lstm_impl: Literal["fused", "reference", "cudnn"] = "fused"
+    # torch.compile of the fused LSTM's per-step math: auto = on for CUDA only (on a CPU compiling
     # does not pay: docs/measurements.md, "lstm-compile"), on, off. The other lstm_impls ignore it.
     lstm_compile: Literal["auto", "on", "off"] = "auto"
     # Heldout perplexity while training (bilm.training.heldout) and the divergence guard (bilm.training.guard).
@@ -211,6 +212,9 @@ def _build(raw: Any, source: _Source) -> Config:
             raise ConfigError(f"{source.where(str(key))}: unknown key '{key}'{suggest(str(key), list(_SECTIONS))}")
     if "model" not in raw:
         raise ConfigError(f"{source.path}: missing section 'model'")
+    train = raw.get("train")
+    if isinstance(train, dict) and train.get("lstm_impl") == "exact":
+        train = raw["train"] = {**train, "lstm_impl": "fused"}  # the former name (LSTM_IMPL_ALIASES)
     return Config(**{name: _build_section(name, raw["model"] if name == "model" else raw.get(name) or {}, source)
                      for name in _SECTIONS})
 

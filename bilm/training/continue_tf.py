@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from bilm.formats.bilmtf import (latest_tf_checkpoint, load_bilmtf_body, read_tf_checkpoint, softmax_arrays,
-                         split_tensors)
+                                 split_tensors)
 from bilm.errors import InputError
 from bilm.progress import progress_bar
 from bilm.vocab import SPECIAL_TOKENS, Vocabulary, VocabularyError, read_tokens

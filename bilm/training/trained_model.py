@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from bilm.training.checkpoint import (BEST_NAME, CheckpointError, best_checkpoint_path, load_checkpoint, load_latest_valid,
-                             load_model_state)
+                                      load_model_state)
 from bilm.training.config import Config, config_from_dict
 from bilm.errors import InputError
 from bilm.modules.language_model import LanguageModel

@@ -14,13 +14,13 @@ TF's dynamic_rnn past a sequence's length.
 
 Three implementations (``impl``), all with the same parameters and state dict:
 
-``exact`` (default)
+``fused`` (default; ``exact`` is its former name, still accepted)
     The fast path with the semantics above. Input projections of all time steps in one
     batched matrix multiply; the recurrence is an autograd Function with a hand-written
     backward (per step only the two recurrent matrix multiplies and the pointwise gate
     math; weight gradients in one matrix multiply over all steps at the end). It runs D
     independent layers in lock step, stacked on a leading dim, so the forward and
-    backward LMs advance in one ``bmm`` per step (``run_exact_stacks``). The per-step
+    backward LMs advance in one ``bmm`` per step (``run_fused_stacks``). The per-step
     pointwise math can be fused with ``torch.compile`` (the ``compile`` argument of the
     layer and the stack: ``auto``, ``on``, ``off``; config key ``train.lstm_compile``).
     Gate math and the cell state are fp32 even under bf16 autocast.
@@ -34,15 +34,15 @@ Three implementations (``impl``), all with the same parameters and state dict:
     lengths.
 
 The package, by job: ``cell`` (the cell defined once: the gate layout, the forget bias, the
-clips, the reference step), ``fused`` (the exact path and the cache of compiled steps),
+clips, the reference step), ``fused`` (the fused path and the cache of compiled steps),
 ``cudnn`` (nn.LSTM fed with our parameters), ``layer`` (``LstmWithProjection``: one layer, its
 parameters, the choice of implementation) and ``stack`` (``LstmStack``: dropout and skip
-connections around the layers, for every implementation, and exact stacks in lock step).
+connections around the layers, for every implementation, and fused stacks in lock step).
 """
 from bilm.modules.lstm.cell import FORGET_BIAS, GATES, State
 from bilm.modules.lstm.fused import COMPILE_MODES
-from bilm.modules.lstm.layer import LSTM_IMPLS, LstmWithProjection
-from bilm.modules.lstm.stack import LstmStack, can_run_together, run_exact_stacks
+from bilm.modules.lstm.layer import LSTM_IMPL_ALIASES, LSTM_IMPLS, LstmWithProjection, lstm_impl_name
+from bilm.modules.lstm.stack import LstmStack, can_run_together, run_fused_stacks
 
-__all__ = ["COMPILE_MODES", "FORGET_BIAS", "GATES", "LSTM_IMPLS", "LstmStack", "LstmWithProjection", "State",
-           "can_run_together", "run_exact_stacks"]
+__all__ = ["COMPILE_MODES", "FORGET_BIAS", "GATES", "LSTM_IMPLS", "LSTM_IMPL_ALIASES", "LstmStack", "LstmWithProjection",
+           "State", "can_run_together", "lstm_impl_name", "run_fused_stacks"]

@@ -1,4 +1,4 @@
-"""The fused path (``lstm_impl: exact``): the cell's semantics, fast.
+"""The fused path (``lstm_impl: fused``, formerly ``exact``): the cell's semantics, fast.
 
 Input projections of all time steps in one batched matrix multiply; the recurrence is an
 autograd Function with a hand-written backward (per step only the two recurrent matrix
@@ -21,7 +21,7 @@ from bilm.modules.lstm.cell import GATE_POSITIONS, clip, clip_grad, gate_block, 
 
 
 # --------------------------------------------------------------------------------------
-# The exact path: one step forward and backward, for D layers stacked on dim 0.
+# The fused path: one step forward and backward, for D layers stacked on dim 0.
 #
 # Shapes: B batch, C cells, P projection (P == C and no projection matrix when the layer
 # has none). ``keep`` is (D, B, 1) bool or None (no masking). Gate math runs in fp32; the
@@ -208,7 +208,7 @@ def _run_recurrence(xz: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: 
 
 
 class _Recurrence(torch.autograd.Function):
-    """The recurrence of the exact path, with a hand-written backward: per step only the two
+    """The recurrence of the fused path, with a hand-written backward: per step only the two
     recurrent matmuls and the pointwise math; the weight gradients in one bmm over all steps."""
 
     @staticmethod

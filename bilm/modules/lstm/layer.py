@@ -14,22 +14,32 @@ from bilm.modules.lstm.cell import State, reference_cell
 from bilm.modules.lstm.cudnn import cudnn_forward
 from bilm.modules.lstm.fused import check_compile_mode, fused_layers, keep_mask
 
-LSTM_IMPLS = ("exact", "reference", "cudnn")
+LSTM_IMPLS = ("fused", "reference", "cudnn")
+# "exact": the fused path's name before it was renamed (it made "reference" look inexact); configs,
+# checkpoints and callers that still say it get the fused path.
+LSTM_IMPL_ALIASES = {"exact": "fused"}
+
+
+def lstm_impl_name(impl: str) -> str:
+    """The implementation ``impl`` names (an alias resolved); refuses an unknown one."""
+    impl = LSTM_IMPL_ALIASES.get(impl, impl)
+    if impl not in LSTM_IMPLS:
+        raise InputError(f"lstm impl must be one of {LSTM_IMPLS}, got {impl!r}")
+    return impl
 
 
 class LstmWithProjection(nn.Module):
-    """One layer. ``impl``: one of LSTM_IMPLS. ``compile``: torch.compile of the exact path's
+    """One layer. ``impl``: one of LSTM_IMPLS. ``compile``: torch.compile of the fused path's
     step, one of COMPILE_MODES (``auto``: on CUDA only); the other impls ignore it."""
 
     def __init__(self, input_dim: int, cell_dim: int, projection_dim: int,
-                 cell_clip: Optional[float] = None, proj_clip: Optional[float] = None, impl: str = "exact",
+                 cell_clip: Optional[float] = None, proj_clip: Optional[float] = None, impl: str = "fused",
                  compile: str = "auto"):
         super().__init__()
-        if impl not in LSTM_IMPLS:
-            raise InputError(f"lstm impl must be one of {LSTM_IMPLS}, got {impl!r}")
+        impl = lstm_impl_name(impl)
         if impl == "cudnn" and (cell_clip is not None or proj_clip is not None):
             raise InputError(f"lstm impl 'cudnn' cannot clip (cell_clip={cell_clip}, proj_clip={proj_clip}): "
-                             "use impl 'exact', or set both clips to 0/None in the options")
+                             "use impl 'fused', or set both clips to 0/None in the options")
         self.input_dim, self.cell_dim, self.projection_dim = input_dim, cell_dim, projection_dim
         self.cell_clip, self.proj_clip, self.impl = cell_clip, proj_clip, impl
         # Not ``self.compile``: that would hide nn.Module.compile.
@@ -63,7 +73,7 @@ class LstmWithProjection(nn.Module):
         h, c = state if state is not None else self.zero_state(batch_size, inputs)
         if n_steps == 0:
             return inputs.new_zeros(batch_size, 0, self.projection_dim), (h, c)
-        if self.impl == "exact":
+        if self.impl == "fused":
             keep = keep_mask(mask.unsqueeze(0)) if mask is not None else None
             out, h, c = fused_layers([self], inputs.transpose(0, 1).unsqueeze(0), h.unsqueeze(0), c.unsqueeze(0), keep)
             return out[0].transpose(0, 1).contiguous(), (h[0], c[0])

@@ -1,6 +1,6 @@
 """A stack of LSTM layers as bilm-tf builds it (dropout on each layer's input, skip connections
 from the second layer on), the same around every implementation (``_run_layers``); exact
-stacks of one shape advance in lock step (``run_exact_stacks``: the forward and backward LMs)."""
+stacks of one shape advance in lock step (``run_fused_stacks``: the forward and backward LMs)."""
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
@@ -10,7 +10,7 @@ from torch import nn
 
 from bilm.modules.lstm.cell import State
 from bilm.modules.lstm.fused import fused_layers, keep_mask
-from bilm.modules.lstm.layer import LstmWithProjection
+from bilm.modules.lstm.layer import LstmWithProjection, lstm_impl_name
 from bilm.options import LstmOptions
 
 
@@ -19,12 +19,12 @@ class LstmStack(nn.Module):
     ResidualWrapper). ``dropout`` (training only) drops each layer's input, as bilm-tf's DropoutWrapper.
     ``impl`` and ``compile`` as ``LstmWithProjection``'s, for every layer."""
 
-    def __init__(self, input_dim: int, options: LstmOptions, dropout: float = 0.0, impl: str = "exact",
+    def __init__(self, input_dim: int, options: LstmOptions, dropout: float = 0.0, impl: str = "fused",
                  compile: str = "auto"):
         super().__init__()
         self.options = options
         self.dropout = dropout
-        self.impl = impl
+        self.impl = lstm_impl_name(impl)
         dims = [input_dim] + [options.projection_dim] * (options.n_layers - 1)
         self.layers = nn.ModuleList(
             LstmWithProjection(d, options.dim, options.projection_dim, options.cell_clip, options.proj_clip, impl,
@@ -38,8 +38,8 @@ class LstmStack(nn.Module):
     def forward(self, inputs: torch.Tensor, state: Optional[list[State]] = None,
                 mask: Optional[torch.Tensor] = None) -> tuple[list[torch.Tensor], list[State]]:
         """Returns every layer's output (B, T, projection_dim) and the new state of every layer."""
-        if self.impl == "exact":
-            return run_exact_stacks([self], [inputs], [state], [mask])[0]
+        if self.impl == "fused":
+            return run_fused_stacks([self], [inputs], [state], [mask])[0]
         return _run_layers(self, inputs,
                            lambda k, x: self.layers[k](x, state[k] if state is not None else None, mask))
 
@@ -65,10 +65,10 @@ def _run_layers(stack: LstmStack, x: torch.Tensor, run_layer: Callable[[int, tor
 
 
 def can_run_together(stacks: Sequence[LstmStack], inputs: Sequence[torch.Tensor]) -> bool:
-    """Whether ``run_exact_stacks`` can advance these stacks in lock step: all exact, same
+    """Whether ``run_fused_stacks`` can advance these stacks in lock step: all fused, same
     architecture, mode, dropout and compile mode, inputs of one shape, dtype and device."""
     first = stacks[0]
-    return (all(s.impl == "exact" for s in stacks)
+    return (all(s.impl == "fused" for s in stacks)
             and all(s.options == first.options and s.dropout == first.dropout and s.training == first.training
                     and s.compile_mode == first.compile_mode
                     and s.layers[0].input_dim == first.layers[0].input_dim for s in stacks)
@@ -76,10 +76,10 @@ def can_run_together(stacks: Sequence[LstmStack], inputs: Sequence[torch.Tensor]
                     for x in inputs))
 
 
-def run_exact_stacks(stacks: Sequence[LstmStack], inputs: Sequence[torch.Tensor],
+def run_fused_stacks(stacks: Sequence[LstmStack], inputs: Sequence[torch.Tensor],
                      states: Sequence[Optional[list[State]]], masks: Sequence[Optional[torch.Tensor]]
                      ) -> list[tuple[list[torch.Tensor], list[State]]]:
-    """Run D exact stacks (e.g. the forward and backward LMs) in lock step: their layers' weights
+    """Run D fused stacks (e.g. the forward and backward LMs) in lock step: their layers' weights
     are stacked so each time step is one batched matmul for all of them. Each stack gets its own
     inputs (B, T, input_dim), state and mask (B, T) or None; all inputs share one shape
     (``can_run_together``). Returns, per stack, what ``LstmStack.forward`` returns."""
