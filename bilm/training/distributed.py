@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,22 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> DistEn
         else:
             dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), init_method="env://", timeout=timeout)
     return DistEnv(rank, world_size, local_rank, dev)
+
+
+def init_single_process_group(device: torch.device) -> None:
+    """A one-member process group on a free local port, unless a group exists: DeepSpeed wants one
+    even in a single process outside torchrun (else it looks for MPI)."""
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+    for key in ("RANK", "LOCAL_RANK"):
+        os.environ.setdefault(key, "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://", rank=0, world_size=1)
 
 
 def _restart_safe_store(world_size: int, timeout: datetime.timedelta):

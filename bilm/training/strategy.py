@@ -21,7 +21,6 @@ import copy
 import os
 import re
 import shutil
-import socket
 import warnings
 from typing import Callable, Optional
 
@@ -31,7 +30,7 @@ from torch import nn
 
 from bilm.training.checkpoint import CheckpointError, check_deepspeed_state, deepspeed_dir
 from bilm.training.config import Config, ConfigError
-from bilm.training.distributed import DistEnv
+from bilm.training.distributed import DistEnv, init_single_process_group
 from bilm.training.gradients import all_reduce_gradients_, clip_grad_norm_
 from bilm.training.optimizers import build_optimizer
 from bilm.precision import autocast as precision_autocast
@@ -176,21 +175,8 @@ class DeepSpeedStrategy(Strategy):
     def __init__(self, cfg: Config, model: nn.Module, env: DistEnv):
         super().__init__(cfg, model, env)
         import deepspeed
-        import torch.distributed as dist
 
-        if not dist.is_initialized():
-            # A single process outside torchrun: DeepSpeed still wants a process group (else it
-            # looks for MPI). Give it a one-member group on a free local port.
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(port))
-            for key in ("RANK", "LOCAL_RANK"):
-                os.environ.setdefault(key, "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-            dist.init_process_group("nccl" if env.device.type == "cuda" else "gloo", init_method="env://",
-                                    rank=0, world_size=1)
+        init_single_process_group(env.device)  # a single process outside torchrun: DeepSpeed still wants one
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(cfg, model), config=deepspeed_config(cfg, env.world_size))
         self.forward_module = self.engine
