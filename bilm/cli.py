@@ -111,7 +111,9 @@ def _add_train(sub: argparse._SubParsersAction) -> Callable:
     p = sub.add_parser("train", help="train the biLM (one process, or one per device under torchrun)",
                        description="Train forward and backward LSTM language models with sampled softmax. "
                                    "Run under torchrun for several devices or nodes (see launch/).")
-    p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
+    p.add_argument("--config", required=True, action="append",
+                   help="YAML config, e.g. configs/tiny.yaml; repeat it to lay a recipe over a preset, e.g. "
+                        "--config configs/elmo_small.yaml --config configs/recipes/adam.yaml (later files win)")
     p.add_argument("--data", required=True, help="manifest.json from `bilm prepare`, or a shard glob (then --vocab)")
     p.add_argument("--out", required=True, help="run directory: checkpoints/, config.yaml, metrics.jsonl, tensorboard/")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

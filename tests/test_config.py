@@ -240,3 +240,30 @@ def test_exact_the_former_name_of_the_fused_lstm_is_still_read(tmp_path):
     assert config_from_dict(old).train.lstm_impl == "fused"
     stack = LstmStack(4, LstmOptions(dim=8, projection_dim=4, n_layers=1), impl="exact")
     assert stack.impl == "fused" and stack.layers[0].impl == "fused"
+
+
+def test_recipe_laid_over_a_preset(tmp_path):
+    """Several config files: a later one changes only its own keys; mappings merge, --set comes last."""
+    cfg = load_config([CONFIGS / "elmo_small.yaml", CONFIGS / "recipes" / "adam.yaml"], ["optim.lr=0.003"])
+    base = load_config(CONFIGS / "elmo_small.yaml")
+    assert (cfg.optim.name, cfg.optim.lr) == ("adam", 0.003)
+    assert cfg.optim.max_grad_norm == base.optim.max_grad_norm  # the preset's keys the recipe leaves alone
+    assert cfg.model == base.model and cfg.train == base.train
+    assert (base.optim.name, base.optim.lr) == ("adagrad", 0.2)  # the preset itself stays bilm-tf's recipe
+    replaced = tmp_path / "filters.yaml"
+    replaced.write_text("model:\n  char_cnn:\n    filters: [[1, 4]]\n")  # a list is replaced, not merged
+    assert load_config([CONFIGS / "elmo_small.yaml", replaced]).model.char_cnn.filters == [[1, 4]]
+
+
+def test_recipe_errors_name_the_file_that_set_the_key(tmp_path):
+    bad = tmp_path / "recipe.yaml"
+    bad.write_text("optim:\n  name: adam\n  lrr: 0.002\n")
+    with pytest.raises(ConfigError, match=r"recipe\.yaml:3: unknown key 'optim\.lrr'"):
+        load_config([CONFIGS / "elmo_small.yaml", bad])
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=r"wrong\.yaml:2"):
+        load_config([CONFIGS / "elmo_small.yaml", wrong])
+    with pytest.raises(ConfigError, match=r"list\.yaml: expected a mapping"):
+        (tmp_path / "list.yaml").write_text("- 1\n")
+        load_config([CONFIGS / "elmo_small.yaml", tmp_path / "list.yaml"])

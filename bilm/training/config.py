@@ -137,9 +137,33 @@ _SECTIONS: dict[str, tuple[type, Style]] = {"model": (BiLMOptions, "options"), "
 
 # ----- public API -----
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config and apply ``key=value`` overrides (dotted keys, YAML values)."""
-    path = str(path)
+def load_config(path: str | Path | Sequence[str | Path], overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config and apply ``key=value`` overrides (dotted keys, YAML values).
+
+    ``path`` may be several files: each later one is laid over the ones before it, key by key
+    (a mapping merges, any other value replaces), so a recipe such as configs/recipes/adam.yaml
+    that holds only the keys it changes goes on top of a size preset. ``--set`` comes last."""
+    paths = [str(path)] if isinstance(path, (str, Path)) else [str(p) for p in path]
+    if not paths:
+        raise ConfigError("no config file given")
+    raw: dict = {}
+    source = _Source(paths[0], {})
+    for one in paths:
+        text, layer = _read_yaml(one)
+        if not isinstance(layer, dict):
+            raise ConfigError(f"{one}: expected a mapping with sections 'model', 'train', 'optim', "
+                              f"got {type(layer).__name__}")
+        _lay_over(raw, layer)
+        source.lines.update({key: f"{one}:{line}" for key, line in _key_lines(text).items()})
+    for override in overrides:
+        key, value = _parse_override(override, paths[-1])
+        source.overridden[key] = override
+        _set_dotted(raw, key, value, source)
+    return _build(raw, source)
+
+
+def _read_yaml(path: str) -> tuple[str, Any]:
+    """One config file's text and YAML (``{}`` when empty); errors name the file."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
@@ -150,13 +174,16 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
-    raw = {} if raw is None else raw
-    source = _Source(path, _key_lines(text))
-    for override in overrides:
-        key, value = _parse_override(override, path)
-        source.overridden[key] = override
-        _set_dotted(raw, key, value, source)
-    return _build(raw, source)
+    return text, {} if raw is None else raw
+
+
+def _lay_over(base: dict, layer: dict) -> None:
+    """Merge ``layer`` into ``base`` in place: mappings key by key, anything else replaced."""
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _lay_over(base[key], value)
+        else:
+            base[key] = value
 
 
 def config_from_dict(d: dict, where: str = "config", overrides: Sequence[str] = ()) -> Config:
@@ -192,15 +219,14 @@ def save_config(cfg: Config, path: str | Path) -> None:
 class _Source:
     """Where values came from, for error messages."""
     path: str
-    lines: dict[str, int]                       # dotted key -> 1-based line in the file
+    lines: dict[str, str]                       # dotted key -> "file:line" (1-based) that set it last
     overridden: dict[str, str] = field(default_factory=dict)  # dotted key -> the --set text
 
     def where(self, key: str) -> str:
         for k, text in self.overridden.items():
             if key == k or key.startswith(k + "."):
                 return f"{self.path}: --set {text}"
-        line = self.lines.get(key)
-        return f"{self.path}:{line}" if line else self.path
+        return self.lines.get(key, self.path)
 
 
 def _build(raw: Any, source: _Source) -> Config:
