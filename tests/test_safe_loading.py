@@ -199,3 +199,29 @@ def test_deepspeed_state_that_would_run_code_is_refused_before_deepspeed_reads_i
     with pytest.raises(CheckpointRefused, match=r"mp_rank_00_model_states.pt: refused: .*posix.system"):
         check_deepspeed_state(str(tmp_path))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("step", "12", "'step' must be int, got str"),
+    ("step", True, "'step' must be int, got bool"),
+    ("step", -1, "out of range"),
+    ("rank_states", "abc", "'rank_states' must be list or null, got str"),
+    ("rank_states", [{}], "1 rank states for world_size 2"),
+    ("vocab", ["<S>", 7], "'vocab' must be a list of strings"),
+    ("optimizer", [1, 2], "'optimizer' must be dict or null, got list"),
+    ("metrics_bytes", 1.5, "'metrics_bytes' must be int or null, got float"),
+])
+def test_a_payload_off_the_schema_is_refused_on_loading_naming_the_key(tmp_path, run2, capsys, key, value, says):
+    """Every key is checked against PAYLOAD_SCHEMA when the file is read, before any reader uses it;
+    through the CLI, one line."""
+    payload = load_checkpoint(str(list_checkpoints(str(run2 / "checkpoints"))[-1]))
+    assert payload["world_size"] == 1  # what the cases above assume of the run
+    payload = {**payload, "world_size": 2, "rank_states": [{}, {}], key: value}
+    run = tmp_path / "run"
+    shutil.copytree(run2, run)
+    path = list_checkpoints(str(run / "checkpoints"))[-1]
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=f"{os.path.basename(path)}: checkpoint .*{says}"):
+        load_checkpoint(path)
+    assert bilm_main(["export", "--checkpoint", path, "--out", str(tmp_path / "export")]) != 0
+    assert says in _one_line(capsys)

@@ -137,20 +137,37 @@ def list_checkpoints(directory: str) -> list[str]:
     return sorted(paths, key=lambda p: int(_NAME.search(p).group(1)))
 
 
+# The payload's schema: every key a checkpoint may hold and the types its value may take (None: null or
+# absent). ``checkpoint_payload`` is the one writer of these keys and ``load_checkpoint`` the one reader,
+# which checks a file against this table before anything uses it (checkpoints are handed around).
+PAYLOAD_SCHEMA: dict[str, tuple] = {
+    "format": (str,),                   # FORMAT (OLD_FORMAT: convert it first)
+    "step": (int,),                     # steps done
+    "config": (dict,),                  # config_to_dict of the run's config
+    "model": (dict,),                   # the model's state dict
+    "vocab": (list, None),              # the softmax rows' tokens
+    "optimizer": (dict, None),          # its state; None: DeepSpeed keeps it beside, under deepspeed_tag
+    "deepspeed_tag": (str, None),
+    "world_size": (int, None),          # ranks that wrote rank_states
+    "rank_states": (list, None),        # per rank: data position, random and LSTM states; None: start afresh
+    "text_pipeline": (dict, None),      # TextPipeline.to_state(); None: not known
+    "guard": (dict, None),              # the divergence guard's state (GuardState.to_dict)
+    "metrics_bytes": (int, None),       # metrics.jsonl's length at this step (a rollback truncates to it)
+    "heldout": (dict, None),            # the heldout figures at this step
+    "imported_from": (str, None),       # import-bilm-tf: the TensorFlow checkpoint it came from
+}
+
+
 def checkpoint_payload(step: int, config: dict, model: dict, vocab: list[str], optimizer: Optional[dict] = None,
                        deepspeed_tag: Optional[str] = None, world_size: Optional[int] = None,
                        rank_states: Optional[list] = None, text_pipeline: Optional[dict] = None,
-                       **extra: Any) -> dict[str, Any]:
-    """What a checkpoint holds, for every writer (``bilm train``, ``bilm import-bilm-tf``); ``save_checkpoint``
-    adds ``format``. ``config``: ``config_to_dict``; ``model``: the state dict; ``vocab``: the softmax
-    rows' tokens; ``optimizer``: its state (None: DeepSpeed keeps it beside, under ``deepspeed_tag``);
-    ``rank_states``: per rank, data positions, random and LSTM states (None: they start afresh, as
-    after a bilm-tf import); ``text_pipeline``: ``TextPipeline.to_state()`` (None: not known);
-    ``extra``: the run's health (``guard``, ``metrics_bytes``, ``heldout``) or where it came from
-    (``imported_from``)."""
+                       guard: Optional[dict] = None, metrics_bytes: Optional[int] = None,
+                       heldout: Optional[dict] = None, imported_from: Optional[str] = None) -> dict[str, Any]:
+    """What a checkpoint holds, for every writer (``bilm train``, ``bilm import-bilm-tf``); the keys and
+    their meaning are ``PAYLOAD_SCHEMA``'s; ``save_checkpoint`` adds ``format``."""
     return {"step": step, "config": config, "model": model, "optimizer": optimizer, "deepspeed_tag": deepspeed_tag,
             "world_size": world_size, "rank_states": rank_states, "vocab": vocab, "text_pipeline": text_pipeline,
-            **extra}
+            "guard": guard, "metrics_bytes": metrics_bytes, "heldout": heldout, "imported_from": imported_from}
 
 
 def save_checkpoint(payload: dict[str, Any], path: str) -> None:
@@ -216,13 +233,27 @@ def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False) ->
 
 
 def _checked(payload: Any, path: str) -> dict[str, Any]:
+    """The payload, checked against ``PAYLOAD_SCHEMA`` (keys it does not know are left alone)."""
     if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
         raise CheckpointError(f"{path}: not a bilm checkpoint")
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    if not isinstance(payload["config"], dict) or not isinstance(payload["model"], dict):
-        raise CheckpointError(f"{path}: checkpoint keys 'config' and 'model' must be dicts")
+    for key, types in PAYLOAD_SCHEMA.items():
+        value = payload.get(key)
+        if value is None and None in types:
+            continue
+        allowed = tuple(t for t in types if t is not None)
+        if not isinstance(value, allowed) or (int in allowed and isinstance(value, bool)):
+            names = " or ".join("null" if t is None else t.__name__ for t in types)
+            raise CheckpointError(f"{path}: checkpoint key '{key}' must be {names}, got {type(value).__name__}")
+    if payload["step"] < 0 or (payload.get("world_size") is not None and payload["world_size"] < 1):
+        raise CheckpointError(f"{path}: checkpoint key 'step' or 'world_size' out of range")
+    if payload.get("vocab") is not None and not all(isinstance(t, str) for t in payload["vocab"]):
+        raise CheckpointError(f"{path}: checkpoint key 'vocab' must be a list of strings")
+    if payload.get("rank_states") is not None and len(payload["rank_states"]) != payload.get("world_size"):
+        raise CheckpointError(f"{path}: checkpoint has {len(payload['rank_states'])} rank states for world_size "
+                              f"{payload.get('world_size')}")
     return payload
 
 
