@@ -42,25 +42,26 @@ if GATES != "ijfo":  # the scripted step below spells the blocks out in this ord
 
 def _recurrence_eager(xz: torch.Tensor, w_hh_t: torch.Tensor, w_proj_t: torch.Tensor, keep: torch.Tensor,
                       cell_clip: float, proj_clip: float) -> torch.Tensor:
-    """D layers in lock step from zero states. xz (D, T, B, 4C): input projections with the bias
-    (forget bias included); w_hh_t (D, P, 4C); w_proj_t (D, C, P) (the identity when a layer has
-    no projection); keep (D, T, B, 1) bool. Returns outputs (D, T, B, P), zero where not kept;
-    a masked step leaves the state as it was (the fused path's semantics)."""
-    n_dirs, n_steps, batch_size, four_c = xz.shape
+    """One direction's layer from zero states. xz (T, B, 4C): input projections with the bias
+    (forget bias included); w_hh_t (P, 4C); w_proj_t (C, P) (the identity when the layer has no
+    projection); keep (T, B, 1) bool. Returns outputs (T, B, P), zero where not kept; a masked
+    step leaves the state as it was (the fused path's semantics). One direction per loop with 2-D
+    weights: onnxruntime packs a constant 2-D right-hand side once, a batched (3-D) one every step."""
+    n_steps, batch_size, four_c = xz.shape
     n_cells = four_c // 4
-    h = torch.zeros(n_dirs, batch_size, w_hh_t.shape[1], dtype=xz.dtype)
-    c = torch.zeros(n_dirs, batch_size, n_cells, dtype=xz.dtype)
+    h = torch.zeros(batch_size, w_hh_t.shape[0], dtype=xz.dtype)
+    c = torch.zeros(batch_size, n_cells, dtype=xz.dtype)
     outputs: list[torch.Tensor] = []
     for t in range(n_steps):
-        z = xz[:, t] + torch.bmm(h, w_hh_t)
+        z = xz[t] + torch.mm(h, w_hh_t)
         i, j, f, o = z.chunk(4, dim=-1)
         c_new = torch.clamp(torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(j), -cell_clip, cell_clip)
-        h_new = torch.clamp(torch.bmm(torch.sigmoid(o) * torch.tanh(c_new), w_proj_t), -proj_clip, proj_clip)
-        k = keep[:, t]
+        h_new = torch.clamp(torch.mm(torch.sigmoid(o) * torch.tanh(c_new), w_proj_t), -proj_clip, proj_clip)
+        k = keep[t]
         outputs.append(torch.where(k, h_new, torch.zeros_like(h_new)))
         h = torch.where(k, h_new, h)
         c = torch.where(k, c_new, c)
-    return torch.stack(outputs, dim=1)
+    return torch.stack(outputs, dim=0)
 
 
 with warnings.catch_warnings():
@@ -85,12 +86,13 @@ class StatelessBiLM(nn.Module):
         self.proj_clip = lstm.proj_clip if lstm.proj_clip else no_clip
         for k, (fwd, bwd) in enumerate(zip(bilm.forward_lstm.layers, bilm.backward_lstm.layers)):
             pair = (fwd, bwd)
-            self.register_buffer(f"w_ih_t_{k}", torch.stack([l.input_weight.detach().t() for l in pair]))
-            self.register_buffer(f"bias_{k}", plus_forget_bias(torch.stack([l.bias.detach() for l in pair])))
-            self.register_buffer(f"w_hh_t_{k}", torch.stack([l.state_weight.detach().t() for l in pair]))
-            proj = [l.projection_weight.detach().t() if l.projection_weight is not None
-                    else torch.eye(l.cell_dim) for l in pair]
-            self.register_buffer(f"w_proj_t_{k}", torch.stack(proj))
+            for d, layer in enumerate(pair):  # 2-D per direction: see _recurrence_eager
+                self.register_buffer(f"w_ih_t_{k}_{d}", layer.input_weight.detach().t().contiguous())
+                self.register_buffer(f"bias_{k}_{d}", plus_forget_bias(layer.bias.detach()))
+                self.register_buffer(f"w_hh_t_{k}_{d}", layer.state_weight.detach().t().contiguous())
+                proj = (layer.projection_weight.detach().t().contiguous() if layer.projection_weight is not None
+                        else torch.eye(layer.cell_dim))
+                self.register_buffer(f"w_proj_t_{k}_{d}", proj)
         self.n_lstm_layers = lstm.n_layers
 
     def forward(self, char_ids: torch.Tensor) -> torch.Tensor:
@@ -107,11 +109,13 @@ class StatelessBiLM(nn.Module):
         keep = mask.t().unsqueeze(-1).unsqueeze(0).expand(2, -1, -1, -1)
         layers = [torch.cat([tokens, tokens], dim=-1)]
         for k in range(self.n_lstm_layers):
-            # All steps' input projections in one batched matmul per direction, as the fused path.
-            xz = torch.baddbmm(getattr(self, f"bias_{k}").unsqueeze(1), x.reshape(2, -1, x.shape[-1]),
-                               getattr(self, f"w_ih_t_{k}")).reshape(2, n_steps, batch_size, -1)
-            y = _recurrence(xz, getattr(self, f"w_hh_t_{k}"), getattr(self, f"w_proj_t_{k}"), keep,
+            # All steps' input projections in one matmul per direction, as the fused path.
+            y = torch.stack([
+                _recurrence(torch.addmm(getattr(self, f"bias_{k}_{d}"), x[d].reshape(-1, x.shape[-1]),
+                                        getattr(self, f"w_ih_t_{k}_{d}")).reshape(n_steps, batch_size, -1),
+                            getattr(self, f"w_hh_t_{k}_{d}"), getattr(self, f"w_proj_t_{k}_{d}"), keep[d],
                             self.cell_clip, self.proj_clip)
+                for d in range(2)])
             if self.skip and k > 0:
                 y = y + x
             forward_out, backward_out = y[0].transpose(0, 1), y[1].transpose(0, 1)
