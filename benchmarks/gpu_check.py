@@ -16,13 +16,13 @@ output directory are rewritten after every part, so a run cut short keeps what i
 - environment: GPU name, driver, torch and CUDA versions, CPU model;
 - train:<variant>: training tokens/s (forward tokens; synthetic batches) and peak GPU memory for
   `elmo_original` (batch 128 x unroll 20, 8192 negatives, a 793,471-word vocabulary like the 1B
-  Word Benchmark's): `exact` bf16, `exact` fp32, `cudnn` bf16 (clips off: cuDNN cannot clip)
-  and `exact` bf16 with the compiled LSTM step; warm-up steps, then timed steps, synchronised
+  Word Benchmark's): `fused` bf16, `fused` fp32, `cudnn` bf16 (clips off: cuDNN cannot clip)
+  and `fused` bf16 with the compiled LSTM step; warm-up steps, then timed steps, synchronised
   (`reference` fp32 only when asked: --only train:reference-fp32);
-- profile: the 10 kernels that take the most time in a bf16 `exact` training step (torch.profiler);
+- profile: the 10 kernels that take the most time in a bf16 `fused` training step (torch.profiler);
 - embed: embedder sentences/s (original size, batch 256, 20 tokens) in fp32 and bf16;
 - evaluate: `bilm evaluate` tokens/s with the full 793k softmax, and its peak memory;
-- cuda-tests: `pytest -m cuda -x -q` (exact == reference on CUDA for outputs and gradients in
+- cuda-tests: `pytest -m cuda -x -q` (fused == reference on CUDA for outputs and gradients in
   fp32; bf16 within its stated tolerance; the embedder against bilm-tf's vectors).
 The profile and evaluate parts run the LSTM step uncompiled (compiling it would take most of
 their time); the embedder runs as a user gets it (compiled on CUDA, in its warm-up batch).
@@ -50,17 +50,17 @@ from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
 VOCAB_1B = 793_471
 TRAIN_VARIANTS = {  # name -> (lstm_impl, precision, compiled LSTM step, clips)
-    "exact-bf16": ("exact", "bf16", "off", True),
-    "exact-fp32": ("exact", "fp32", "off", True),
+    "fused-bf16": ("fused", "bf16", "off", True),
+    "fused-fp32": ("fused", "fp32", "off", True),
     "cudnn-bf16": ("cudnn", "bf16", "off", False),
-    "exact-bf16-compiled": ("exact", "bf16", "on", True),
+    "fused-bf16-compiled": ("fused", "bf16", "on", True),
     "reference-fp32": ("reference", "fp32", "off", True),
 }
 # Seconds per part on the GPU, in the order they run: the training figures first, the CUDA tests
 # last (they compile the LSTM step for several shapes). The sum must stay well inside the
 # 8 minutes a GPU session can give one command; tests/test_gpu_check.py holds it to 7.
-PARTS = {"environment": 25, "train:exact-bf16": 50, "train:exact-fp32": 45, "train:cudnn-bf16": 35,
-         "train:exact-bf16-compiled": 90, "profile": 35, "embed": 45, "evaluate": 30, "cuda-tests": 65}
+PARTS = {"environment": 25, "train:fused-bf16": 50, "train:fused-fp32": 45, "train:cudnn-bf16": 35,
+         "train:fused-bf16-compiled": 90, "profile": 35, "embed": 45, "evaluate": 30, "cuda-tests": 65}
 OPTIONAL_PARTS = {"train:reference-fp32": 45}  # run only when named in --only
 TOTAL_LIMIT = sum(PARTS.values())
 SMOKE_LIMIT = 120  # seconds per part on a CPU
@@ -157,7 +157,7 @@ def part_profile(smoke: bool) -> dict:
     from bilm.training.step import TrainStep
     from train import synthetic_batches
     device = _device()
-    cfg = _train_config(smoke, "exact", "bf16", True, "off")
+    cfg = _train_config(smoke, "fused", "bf16", True, "off")
     vocab = 500 if smoke else VOCAB_1B
     trainer = TrainStep(cfg, vocab, DistEnv(device=device))
     batches = synthetic_batches(4, cfg.train.batch_size, cfg.train.unroll_steps, vocab, True)
@@ -220,7 +220,7 @@ def part_evaluate(smoke: bool) -> dict:
     from bilm.training.distributed import to_device
     from train import synthetic_batches
     device = _device()
-    cfg = _train_config(smoke, "exact", "fp32", True, "off")
+    cfg = _train_config(smoke, "fused", "fp32", True, "off")
     vocab = 500 if smoke else VOCAB_1B
     model = LanguageModel(cfg.model, vocab, dropout=0.0, lstm_compile="off").to(device).eval()
     batches = synthetic_batches(4 if smoke else 6, cfg.train.batch_size, cfg.train.unroll_steps, vocab, True)
@@ -332,7 +332,7 @@ def _table(results: dict) -> str:
             peak = max((v.get("peak_gpu_gb") or 0 for v in r.values() if isinstance(v, dict)), default=None) or None
         lines.append(f"| {name} | {text} | {peak if peak is not None else '-'} | {r.get('seconds', '-')} |")
     if "profile" in results["parts"] and "top_kernels" in results["parts"]["profile"]:
-        lines += ["", f"Top kernels of a bf16 `exact` training step ({results['parts']['profile']['sorted_by']}):", "",
+        lines += ["", f"Top kernels of a bf16 `fused` training step ({results['parts']['profile']['sorted_by']}):", "",
                   "| kernel | ms per step | calls per step |", "| --- | --- | --- |"]
         lines += [f"| {k['name']} | {k['ms_per_step']} | {k['calls_per_step']} |"
                   for k in results["parts"]["profile"]["top_kernels"]]

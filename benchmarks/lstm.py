@@ -1,9 +1,9 @@
 """Training throughput of the biLM's LSTM stacks: forward + backward of both directions.
 
     python benchmarks/lstm.py                          # elmo_small: 2 layers, 1024 cells -> 128, batch 128 x 20
-    python benchmarks/lstm.py --impls exact reference cudnn --no-clip
-    python benchmarks/lstm.py --compile                # also the exact path with torch.compile'd steps
-    python benchmarks/lstm.py --profile                # top ops of the exact path (torch.profiler)
+    python benchmarks/lstm.py --impls fused reference cudnn --no-clip
+    python benchmarks/lstm.py --compile                # also the fused path with torch.compile'd steps
+    python benchmarks/lstm.py --profile                # top ops of the fused path (torch.profiler)
     python benchmarks/lstm.py --device cuda --dim 4096 --projection-dim 512 --batch-size 128
 
 A step is what training does per batch through ``BidirectionalLM.run_lstms``: the forward and
@@ -61,8 +61,8 @@ def make_step(model: BidirectionalLM, args: argparse.Namespace, device: torch.de
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--impls", nargs="+", default=["exact", "reference"])
-    parser.add_argument("--compile", action="store_true", help="also time exact with torch.compile'd steps")
+    parser.add_argument("--impls", nargs="+", default=["fused", "reference"])
+    parser.add_argument("--compile", action="store_true", help="also time fused with torch.compile'd steps")
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--projection-dim", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--profile", action="store_true", help="print the top ops of the exact path")
+    parser.add_argument("--profile", action="store_true", help="print the top ops of the fused path")
     args = parser.parse_args()
     from bilm.malloc import keep_freed_memory
     keep_freed_memory()  # as the bilm command does for train and embed
@@ -83,7 +83,7 @@ def main() -> None:
 
     variants = [(impl, impl, "off") for impl in args.impls]
     if args.compile:
-        variants.append(("exact+compile", "exact", "on"))
+        variants.append(("fused+compile", "fused", "on"))
     steps = {}
     for name, impl, compile_mode in variants:
         model = build(impl, args, device, compile_mode)
@@ -114,7 +114,7 @@ def main() -> None:
         print(line)
 
     if args.profile:
-        step = steps["exact"] if "exact" in steps else make_step(build("exact", args, device), args, device)
+        step = steps["fused"] if "fused" in steps else make_step(build("fused", args, device), args, device)
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -122,7 +122,7 @@ def main() -> None:
             step()
             sync(device)
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print("\nexact, one step, top ops by self time:")
+        print("\nfused, one step, top ops by self time:")
         print(prof.key_averages().table(sort_by=sort, row_limit=15))
 
 

@@ -159,7 +159,7 @@ def test_readme_command_runs_on_a_bare_interpreter_offline(tmp_path):
     assert list(results["parts"]) == list(gpu_check.PARTS)  # every part, in the order of importance
     failed = {name: r["error"] for name, r in results["parts"].items() if "error" in r}
     assert not failed, f"{failed}\n{(out / f'{stem}.log').read_text()[-3000:]}"
-    for variant in ("exact-bf16", "exact-fp32"):
+    for variant in ("fused-bf16", "fused-fp32"):
         assert results["parts"][f"train:{variant}"]["tokens_per_second"] > 0
     assert len(results["parts"]["profile"]["top_kernels"]) == 10
     assert all(results["parts"]["embed"][p]["sentences_per_second"] > 0 for p in ("fp32", "bf16"))
@@ -167,12 +167,12 @@ def test_readme_command_runs_on_a_bare_interpreter_offline(tmp_path):
     assert re.search(r"\bskipped\b|\bpassed\b", results["parts"]["cuda-tests"]["summary"])
     table = (out / f"{stem}.md").read_text()
     assert all(f"| {name} |" in table for name in gpu_check.PARTS if name != "environment")
-    assert "===== train:exact-bf16" in (out / f"{stem}.log").read_text()
+    assert "===== train:fused-bf16" in (out / f"{stem}.log").read_text()
 
 
 def test_limits_fit_the_gpu_session_and_make_runs_the_same_command():
     assert sum(gpu_check.PARTS.values()) == gpu_check.TOTAL_LIMIT <= 7 * 60  # one command may take 10 min at most
-    assert list(gpu_check.PARTS)[:2] == ["environment", "train:exact-bf16"]  # the figures that matter most first
+    assert list(gpu_check.PARTS)[:2] == ["environment", "train:fused-bf16"]  # the figures that matter most first
     readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("<!-- gpu-check-parts"):].split("\n\n")[0]
     rows = re.findall(r"^\| ([a-z0-9:-]+) \| (\d+) \|", table, re.M)

@@ -19,7 +19,7 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _pair(input_dim=5, cell=7, proj=3, cell_clip=None, proj_clip=None, seed=0, impl="exact", std=1.0, compile="auto"):
+def _pair(input_dim=5, cell=7, proj=3, cell_clip=None, proj_clip=None, seed=0, impl="fused", std=1.0, compile="auto"):
     torch.manual_seed(seed)
     ref = LstmWithProjection(input_dim, cell, proj, cell_clip, proj_clip, impl="reference")
     with torch.no_grad():
@@ -102,7 +102,7 @@ def _check_random_shapes(seed, clip, compile="auto"):
 
 
 def test_masked_steps_keep_state_and_output_zero():
-    for impl in ("reference", "exact"):
+    for impl in ("reference", "fused"):
         _, layer = _pair(impl=impl)
         x = torch.randn(1, 4, 5)
         out, (h, c) = layer(x, None, torch.tensor([[True, True, False, False]]))
@@ -113,7 +113,7 @@ def test_masked_steps_keep_state_and_output_zero():
         torch.testing.assert_close(out[:, :2], out2)
 
 
-@pytest.mark.parametrize("impl", ["reference", "exact", "cudnn"])
+@pytest.mark.parametrize("impl", ["reference", "fused", "cudnn"])
 def test_forget_bias_is_added_in_the_step(impl):
     layer = LstmWithProjection(1, 1, 1, impl=impl)
     with torch.no_grad():
@@ -138,7 +138,7 @@ def _stacks(options, input_dim, dropout=0.0, seed=0):
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, 0.7)
-    fast = LstmStack(input_dim, options, dropout, impl="exact")
+    fast = LstmStack(input_dim, options, dropout, impl="fused")
     fast.load_state_dict(ref.state_dict())
     return ref, fast
 
@@ -229,7 +229,7 @@ def _check_run_lstms(with_state, compile="auto"):
     if with_state:  # the backward direction starts from zeros: states may be given per direction
         state = {"forward": [(torch.randn(3, 4, generator=gen), torch.randn(3, 6, generator=gen)) for _ in range(2)],
                  "backward": None}
-    exact, ref = _bilm("exact", compile=compile), _bilm("reference")
+    exact, ref = _bilm("fused", compile=compile), _bilm("reference")
     together = _bilm_run(exact, _together, fwd, bwd, state, fmask, bmask)
     exact.zero_grad()
     separately = _bilm_run(exact, _separately, fwd, bwd, state, fmask, bmask)
@@ -244,7 +244,7 @@ def test_contextualize_exact_equals_reference():
     tokens = torch.randn(3, 6, 4)
     mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [0] * 6], dtype=torch.bool)
     with torch.no_grad():
-        got, _ = _bilm("exact").contextualize(tokens, mask)
+        got, _ = _bilm("fused").contextualize(tokens, mask)
         want, _ = _bilm("reference").contextualize(tokens, mask)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL)
@@ -276,8 +276,8 @@ def test_cudnn_refuses_clips_and_unpadded_masks():
 
 
 def test_impls_share_parameters_and_export():
-    names = {impl: list(LstmWithProjection(5, 7, 3, impl=impl).state_dict()) for impl in ("exact", "reference", "cudnn")}
-    assert names["exact"] == names["reference"] == names["cudnn"]
+    names = {impl: list(LstmWithProjection(5, 7, 3, impl=impl).state_dict()) for impl in ("fused", "reference", "cudnn")}
+    assert names["fused"] == names["reference"] == names["cudnn"]
     with pytest.raises(ValueError, match="impl"):
         LstmWithProjection(5, 7, 3, impl="fast")
 
@@ -367,10 +367,10 @@ def test_compile_setting_reaches_the_stacks_from_the_config(monkeypatch):
         bilm = trainer.model.bilm
         for stack in (bilm.forward_lstm, bilm.backward_lstm):
             assert stack.compile_mode == mode and all(layer.compile_mode == mode for layer in stack.layers)
-    assert LanguageModel(_bilm("exact").options, 11).bilm.forward_lstm.compile_mode == "auto"
+    assert LanguageModel(_bilm("fused").options, 11).bilm.forward_lstm.compile_mode == "auto"
     calls = _counting_compile(monkeypatch)
-    model = _bilm("exact", compile="on")
-    model.backward_lstm = _bilm("exact", compile="off").backward_lstm
+    model = _bilm("fused", compile="on")
+    model.backward_lstm = _bilm("fused", compile="off").backward_lstm
     f_out, b_out, _ = model.run_lstms(torch.randn(2, 3, 4), torch.randn(2, 3, 4))
     assert calls["_step_forward"] == 3 * 2  # 3 steps x 2 layers, the forward stack only
     assert not lstm_module.can_run_together([model.forward_lstm, model.backward_lstm], [f_out[0], b_out[0]])
@@ -411,7 +411,7 @@ def test_exact_equals_reference_on_cuda(clip, no_tf32):
         weights = [torch.randn(4, 7, 4).cuda(), torch.randn(4, 4).cuda(), torch.randn(4, 9).cuda()]
         for a, b in zip(_run_with_grads(ref, x, state, mask, weights), _run_with_grads(fast, x, state, mask, weights)):
             torch.testing.assert_close(b, a, **TOL)
-    exact, reference = _bilm("exact").cuda(), _bilm("reference").cuda()
+    exact, reference = _bilm("fused").cuda(), _bilm("reference").cuda()
     fwd, bwd = torch.randn(3, 5, 4).cuda(), torch.randn(3, 5, 4).cuda()
     mask = torch.ones(3, 5, dtype=torch.bool).cuda()
     for a, b in zip(_bilm_run(exact, _together, fwd, bwd, None, mask, mask),
