@@ -1,7 +1,7 @@
 """Does training diverge, and does the guard or another recipe prevent it? Seeds x recipes on issue 10's parity run.
 
     python benchmarks/divergence.py [--seeds 0 1 2 3 4 5] [--batches 400] [--work /tmp/bilm-divergence]
-        [--recipes bilmtf rollback adam] [--smoke]
+        [--recipes bilmtf rollback adam] [--smoke] [--report]
 
 The run of benchmarks/parity_bilmtf.py (WikiText-2 valid.txt to train, test.txt held out; LSTM 2 x
 1024/128, char CNN of 2048 filters, batch 32 x 20, 1024 negatives, 400 batches), bilm only, with
@@ -76,6 +76,8 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=10000, help="tokens the guard scores each time")
     p.add_argument("--bilm-set", action="append", default=[], metavar="KEY=VALUE", help="extra --set for every run")
     p.add_argument("--smoke", action="store_true", help="the bundled sample, a tiny model, a few batches")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: the table of the runs already finished in --work (e.g. while others run)")
     a = p.parse_args()
     os.makedirs(os.path.join(a.work, "data"), exist_ok=True)
     if a.smoke:  # slices of the bundled sample
@@ -101,6 +103,8 @@ def main() -> None:
                 base = runs["bilmtf"].get(seed)
                 if base is not None and not any(diverged(base, d) for d in ("forward", "backward")):
                     continue  # the guard is for the seeds that diverge
+            if a.report and not os.path.exists(os.path.join(a.work, f"bilm-{recipe}-seed{seed}.json")):
+                continue  # not finished (or not started)
             print(f"{recipe}, seed {seed}", flush=True)
             runs[recipe][seed] = run_recipe(a, recipe, seed, manifest, heldout)
 
