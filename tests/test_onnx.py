@@ -61,7 +61,13 @@ def test_fixture_model_equals_stateless_embedder_and_is_built_once(tmp_path):
     for got, want in zip(onnx_embedder.embed_batch(sentences), expected):
         assert np.abs(got[2] - want).max() <= TOLERANCE
     mtime = os.path.getmtime(built[0])
-    ElmoEmbedder(OPTIONS, WEIGHTS, runtime="onnx")  # from the cache, not rebuilt
+    threads = torch.get_num_threads()
+    try:  # onnxruntime runs on as many threads as PyTorch would (its own default counts the cores)
+        torch.set_num_threads(1)
+        one_thread = ElmoEmbedder(OPTIONS, WEIGHTS, runtime="onnx")  # from the cache, not rebuilt
+    finally:
+        torch.set_num_threads(threads)
+    assert one_thread._onnx.session.get_session_options().intra_op_num_threads == 1
     assert os.path.getmtime(built[0]) == mtime
 
 

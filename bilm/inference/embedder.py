@@ -89,7 +89,9 @@ class ElmoEmbedder:
         if runtime == "onnx":
             from bilm.formats.onnx_export import write_onnx
             from bilm.inference.onnx_runtime import load_onnx_bilm
-            self._onnx = load_onnx_bilm(options_file, weight_file, build=write_onnx)
+            # As many threads as PyTorch would use (OMP_NUM_THREADS, torch.set_num_threads): onnxruntime's own
+            # default counts the machine's cores and ignores both.
+            self._onnx = load_onnx_bilm(options_file, weight_file, threads=torch.get_num_threads(), build=write_onnx)
             self.options = self._onnx.options
             self.model = None
         else:
