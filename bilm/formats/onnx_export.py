@@ -71,8 +71,9 @@ with warnings.catch_warnings():
 
 class StatelessBiLM(nn.Module):
     """``BidirectionalLM`` from zero states, written for export: char ids (B, T, C) -> layers
-    (B, n_layers + 1, T, 2P). Shares the model's parameters; stacks the two directions'
-    weights of each layer so one batched matmul per step serves both (as ``run_fused_stacks``)."""
+    (B, n_layers + 1, T, 2P). Copies the model's parameters as 2-D buffers per layer and direction
+    (transposed, forget bias folded in); each direction's layer runs as its own loop (see
+    ``_recurrence_eager``)."""
 
     def __init__(self, bilm: BidirectionalLM):
         super().__init__()
