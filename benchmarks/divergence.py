@@ -12,10 +12,11 @@ one of these recipes per run (each run, and its evaluation, is reused when found
               run on the seeds where ``bilmtf`` diverged (``--rollback-all``: on every seed)
     adam      Adam, learning rate 0.002 (the guard watches)
 
-While training, the guard watches ``--watch-data`` (default data/sample/heldout.txt, the first 12
-articles of test.txt: a small part of the scored data, used only to decide rollbacks). At the end
-every run is scored by ``bilm evaluate`` on the whole of test.txt, and a direction has diverged when
-its perplexity is above the add-one unigram model's. The table (per seed and direction: perplexity,
+While training, the guard watches ``--watch-data`` (default: the scored heldout file, test.txt as
+``bilm prepare`` tokenized and shuffled it, of which the guard reads the first ``--eval-tokens``
+tokens: a small part of the scored data, used only to decide rollbacks), scored with carried states
+as the final evaluation is. At the end every run is scored by ``bilm evaluate`` on the whole of that
+file, and a direction has diverged when its perplexity is above the add-one unigram model's. The table (per seed and direction: perplexity,
 diverged or not, training tokens/s, wall time, guard firings) is printed and written to
 --work/divergence.md and .json.
 
@@ -68,8 +69,8 @@ def run_recipe(a, recipe: str, seed: int, manifest: str, heldout: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_arguments(p, work="/tmp/bilm-divergence", seeds=[0, 1, 2, 3, 4, 5])
-    p.add_argument("--watch-data", default=os.path.join(ROOT, "data", "sample", "heldout.txt"),
-                   help="what the guard watches while training (--eval-data)")
+    p.add_argument("--watch-data", help="what the guard watches while training (--eval-data; default: the scored "
+                                        "heldout file)")
     p.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=["bilmtf", "rollback", "adam"])
     p.add_argument("--rollback-all", action="store_true", help="run the rollback recipe on every seed")
     p.add_argument("--eval-every", type=int, default=50, help="batches between the guard's evaluations")
@@ -88,12 +89,12 @@ def main() -> None:
             with open(path, "w", encoding="utf-8") as f:
                 f.writelines(head)
             setattr(a, f"{name}_text", path)
-        a.watch_data = a.heldout_text
         a.batches, a.warmup, a.eval_every, a.eval_tokens = 4, 0, 2, 300
         a.batch_size, a.unroll, a.negatives, a.lstm_dim, a.projection_dim = 4, 5, 64, 32, 16
         a.rollback_all = True
 
     manifest, heldout, _ = prepare(single_arch(a), os.path.join(a.work, "data"))
+    a.watch_data = a.watch_data or heldout
     unigram = unigram_perplexity(manifest, heldout)
     diverged = lambda r, d: r["bilm_eval"][d] > unigram
     runs: dict[str, dict[int, dict]] = {recipe: {} for recipe in a.recipes}
@@ -110,7 +111,7 @@ def main() -> None:
 
     lines = [f"{a.batches} batches of {a.batch_size} x {a.unroll}, LSTM 2 x {a.lstm_dim}/{a.projection_dim}, "
              f"{a.negatives} negatives; guard: heldout every {a.eval_every} batches on {a.eval_tokens:,} tokens of "
-             f"{os.path.basename(a.watch_data)}; {machine_line()}",
+             f"{os.path.basename(a.watch_data)} (carried states); {machine_line()}",
              f"add-one unigram heldout perplexity: {unigram:.1f} (a direction above it has diverged)", "",
              "| recipe | seed | forward | backward | diverged | tokens/s | wall s | guard firings |",
              "|---|---|---|---|---|---|---|---|"]

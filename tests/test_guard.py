@@ -19,6 +19,7 @@ import bilm.training.heldout as heldout_module
 import bilm.training.run as train_module
 from bilm.training.checkpoint import best_checkpoint_path, list_checkpoints, load_checkpoint
 from bilm.cli import EXIT_DIVERGED, main as bilm_main
+from bilm.data import load_manifest
 from bilm.evaluate import evaluate
 from bilm.formats.export import export
 from bilm.training.guard import DivergenceGuard
@@ -90,13 +91,18 @@ def test_heldout_figures_equal_bilm_evaluate_and_the_series_resumes_once(tmp_pat
     sample = os.path.join(run, SAMPLE_NAME)
     sentences = open(sample).read().splitlines()
     assert 0 < sum(len(s.split()) for s in sentences) <= 600
-    assert [len(s.split()) for s in sentences] == sorted(len(s.split()) for s in sentences)
+    # The first sentences of the heldout split, in its order (bilm prepare shuffled it).
+    with open(load_manifest(corpus)["heldout"]["shards"][0], encoding="utf-8") as f:
+        assert sentences == [line.rstrip("\n") for _, line in zip(sentences, f)]
     figures = _heldout(run)
     assert sorted(figures) == [10, 20]
-    # The figure of step 20 is what `bilm evaluate` says of that checkpoint on the sample, per sentence.
-    result = evaluate(os.path.join(run, "checkpoints", "step-00000020.pt"), sample, pretokenized=True,
-                      per_sentence=True, progress=False, device="cpu")
+    # The figure of step 20 is what `bilm evaluate` says of that checkpoint on the sample by default
+    # (streams carrying their states), and not what it says sentence by sentence.
+    checkpoint = os.path.join(run, "checkpoints", "step-00000020.pt")
+    result = evaluate(checkpoint, sample, pretokenized=True, progress=False, device="cpu")
     assert figures[20] == (result["forward"]["perplexity"], result["backward"]["perplexity"])
+    fresh = evaluate(checkpoint, sample, pretokenized=True, per_sentence=True, progress=False, device="cpu")
+    assert fresh["forward"]["perplexity"] != figures[20][0]
     assert load_checkpoint(list_checkpoints(os.path.join(run, "checkpoints"))[-1])["heldout"][
         "heldout_perplexity/forward"] == figures[20][0]
     # Killed after logging step 23: the resumed run drops it and continues the series once.
@@ -119,8 +125,8 @@ def test_eval_data_given_as_raw_text_uses_the_run_tokenizer(tmp_path, corpus):
     raw.write_text("The cat sat on the mat .\nA second line here .\n", encoding="utf-8")
     run = str(tmp_path / "run")
     train(_config("train.max_steps=2", "train.eval_every_steps=2"), corpus, run, progress=False, eval_data=str(raw))
-    assert open(os.path.join(run, SAMPLE_NAME)).read().splitlines() == ["A second line here .",
-                                                                      "The cat sat on the mat ."]
+    assert open(os.path.join(run, SAMPLE_NAME)).read().splitlines() == ["The cat sat on the mat .",
+                                                                      "A second line here ."]
     assert sorted(_heldout(run)) == [2]
 
 
@@ -334,7 +340,7 @@ def _torchrun(n, *args, timeout=300):
 @pytest.mark.distributed
 def test_two_ranks_give_the_heldout_figure_of_one(tmp_path, corpus):
     run = str(tmp_path / "run")
-    train(_config("train.max_steps=10", "train.eval_tokens=2000", "train.batch_size=3"), corpus, run, progress=False)
+    train(_config("train.max_steps=10", "train.eval_tokens=2000", "train.batch_size=4"), corpus, run, progress=False)
     ckpt = list_checkpoints(os.path.join(run, "checkpoints"))[-1]
     subprocess.run([sys.executable, GUARD_RANKS, "eval", ckpt, corpus, tmp_path / "one", tmp_path / "one.json"],
                    check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
@@ -343,7 +349,7 @@ def test_two_ranks_give_the_heldout_figure_of_one(tmp_path, corpus):
     assert (one["world_size"], two["world_size"]) == (1, 2)
     for d in ("forward", "backward"):
         assert one[d]["tokens"] == two[d]["tokens"] > 1000
-        # The same sentences, scored per sentence: only the order of the float sums differs.
+        # The same 4 streams, 2 on each rank: only the float sums' order and the matmuls' batch differ.
         assert two[d]["perplexity"] == pytest.approx(one[d]["perplexity"], rel=1e-6)
 
 

@@ -2,13 +2,19 @@
 softmax by ``bilm.evaluate.score`` (the code ``bilm evaluate`` runs), and the add-one unigram
 model of the training counts on the same sample (the divergence guard's floor).
 
-The sample is the first sentences of the heldout data, up to ``train.eval_tokens`` tokens,
-written to ``RUN/heldout_sample.txt`` (one sentence per line, tokenized, shortest first) by
-rank 0 at every start. It is scored per sentence (LSTM states reset at each sentence), so
-the figure depends neither on the batch layout nor on how many ranks share the sample:
-under torchrun each rank scores every R-th sentence and the sums are all-reduced. The same
-figures come from ``bilm evaluate --checkpoint CKPT --data RUN/heldout_sample.txt
---pretokenized --per-sentence``.
+The sample is the first sentences of the heldout data, up to ``train.eval_tokens`` tokens, in
+their order (``bilm prepare`` has shuffled the heldout split as it shuffled the training data),
+written to ``RUN/heldout_sample.txt`` (one sentence per line, tokenized) by rank 0 at every start.
+
+It is scored as ``bilm evaluate`` scores by default and as bilm-tf's ``test()`` does: ``batch_size``
+streams of sentences (sentence i goes to stream i mod batch_size), each carrying its LSTM states
+from sentence to sentence. Carried states are what a run's final evaluation sees, and they are
+where a diverging LM shows first: on issue 21's diverged seed, sentences scored from fresh states
+looked healthy (715) while the same sentences with carried states gave 18,732 (docs/training_parity.md,
+"Divergence"). Under torchrun the streams are shared out, rank k scoring streams k, k+R, ..., and
+the sums are all-reduced, so the figure is that of one process. The same figures come from ``bilm
+evaluate --checkpoint CKPT --data RUN/heldout_sample.txt --pretokenized`` (default batch size: the
+run's).
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ class HeldoutEval:
     n_sentences: int
     source: str                                   # where the sentences came from, for the messages
     unigram: Optional[dict[str, float]]           # add-one unigram perplexity per direction; None: no counts
+    streams: int                                  # rows of all ranks together (see streams_per_rank)
     precision: str = "fp32"
 
     def run(self, model: LanguageModel, env: DistEnv) -> dict:
@@ -50,6 +57,14 @@ class HeldoutEval:
             return score(model, self.dataset, env, self.precision)
         finally:
             model.train(was_training)
+
+
+def streams_per_rank(streams: int, world_size: int) -> int:
+    """Rows of each rank's evaluation batch. Evaluation deals sentence i to row i mod rows, and each of R
+    ranks reads every R-th sentence, so R ranks of ``streams / R`` rows score exactly the streams of one
+    process of ``streams`` rows. When R does not divide ``streams`` the run scores R * ceil(streams / R)
+    streams (a slightly different figure from one process's; ``bilm evaluate --batch-size`` that many)."""
+    return -(-streams // world_size)
 
 
 def heldout_sources(manifest: Optional[dict], eval_data: Optional[str]) -> tuple[list[str], str, bool]:
@@ -89,20 +104,20 @@ def prepare_heldout(cfg: Config, manifest: Optional[dict], eval_data: Optional[s
             sentences = first_sentences(files, t.eval_tokens)
         if not sentences:
             raise InputError(f"{source}: no heldout sentences (empty files)")
-        sentences.sort(key=len)  # similar lengths share a batch: little padding when scored per sentence
         with atomic_open(path) as f:
             f.writelines(" ".join(s) + "\n" for s in sentences)
     if env.distributed:
         torch.distributed.barrier()
     with open(path, encoding="utf-8") as f:
         sentences = [line.split() for line in f if line.strip()]
-    dataset = LMDataset(path, vocab, t.batch_size, t.unroll_steps, mode="eval", per_sentence=True, rank=env.rank,
-                        world_size=env.world_size, char_inputs=char_cnn is not None,
+    dataset = LMDataset(path, vocab, streams_per_rank(t.batch_size, env.world_size), t.unroll_steps, mode="eval",
+                        rank=env.rank, world_size=env.world_size, char_inputs=char_cnn is not None,
                         max_characters_per_token=max_characters)
     counts = (manifest or {}).get("vocab_counts")
     unigram = unigram_perplexity(sentences, vocab, read_counts(counts, vocab)) \
         if isinstance(counts, str) and os.path.exists(counts) else None
-    return HeldoutEval(dataset, path, sum(map(len, sentences)), len(sentences), source, unigram, t.precision)
+    return HeldoutEval(dataset, path, sum(map(len, sentences)), len(sentences), source, unigram,
+                       dataset.batch_size * env.world_size, t.precision)
 
 
 def first_sentences(files: list[str], max_tokens: int) -> list[list[str]]:

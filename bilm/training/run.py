@@ -259,7 +259,8 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
                    f"backward {heldout.unigram['backward']:,.1f}") if heldout.unigram else \
             "; no vocab_counts.tsv, so no unigram bound"
         log.info(f"heldout perplexity every {t.eval_every_steps} steps and at the end on {heldout.n_sentences:,} "
-                 f"sentences ({heldout.n_tokens:,} tokens) of {heldout.source}, written to {heldout.path}{unigram}")
+                 f"sentences ({heldout.n_tokens:,} tokens) of {heldout.source}, written to {heldout.path}, "
+                 f"{heldout.streams} streams carrying their states{unigram}")
     guard = DivergenceGuard(t.divergence_factor, heldout.unigram if heldout else None)
     step, metrics_offset = 0, None
     resumed = checkpoints.resume(trainer, dataset, vocab.tokens, vocab_path) if resume else None
