@@ -2,7 +2,8 @@
 
     python benchmarks/parity_bilmtf.py --tf-python /tmp/tf-venv/bin/python --peer-src /tmp/bilm-tf \\
         [--batches 400] [--seeds 0 1] [--work /tmp/bilm-parity]
-    python benchmarks/parity_bilmtf.py --grid --tf-python ... --peer-src ... [--seeds 0 1 2] [--batches 300]
+    python benchmarks/parity_bilmtf.py --grid --tf-python ... --peer-src ... [--seeds 0 1 2] [--batches 300] \
+        [--configs NAME ...]   # a part of the grid; finished runs are reused, the table shows what exists
     python benchmarks/parity_bilmtf.py --grid --smoke --tf-python ... --peer-src ...   # the grid's path, in minutes
 
 ``--grid`` runs every configuration of ``grid()`` (LSTM 512 / 1024, 1 / 2 highway layers, two filter
@@ -306,6 +307,11 @@ def grid_table(results: dict[str, dict]) -> list[str]:
 
 def run_grid(a) -> None:
     archs = grid(a.corpus_dir)
+    if a.configs:
+        unknown = set(a.configs) - {arch.name for arch in archs}
+        if unknown:
+            sys.exit(f"--configs: no configuration {sorted(unknown)}; the grid has {[arch.name for arch in archs]}")
+        archs = [arch for arch in archs if arch.name in a.configs]
     base = os.path.join(a.work, "grid")
     if a.smoke:
         texts = smoke_texts(os.path.join(base, "smoke-text"))
@@ -359,6 +365,8 @@ def main() -> None:
                    help="--grid: WikiText-2's valid.txt and test.txt (each trains in some configurations)")
     p.add_argument("--grid", action="store_true", help="every configuration of GRID, one table (see above)")
     p.add_argument("--smoke", action="store_true", help="with --grid: tiny sizes, 3 batches, one seed (minutes)")
+    p.add_argument("--configs", nargs="+", metavar="NAME", help="with --grid: these configurations only (finished runs "
+                                                            "are reused, so a grid can be run a part at a time)")
     p.add_argument("--only", choices=["bilm", "bilm-tf"], help="run one side only")
     p.add_argument("--bilm-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra --set for bilm's runs (e.g. optim.loss_scale=none to see the mean-loss convention)")
