@@ -316,13 +316,18 @@ def run_grid(a) -> None:
     if a.smoke:
         texts = smoke_texts(os.path.join(base, "smoke-text"))
         archs = [smoke_arch(arch, texts) for arch in archs]
-    results = {}
+    results, configurations = {}, {}
+    saved = os.path.join(base, "results.json")
+    if a.configs and os.path.exists(saved):  # a part of the grid: keep the other parts' results
+        previous = json.load(open(saved))
+        results, configurations = previous["results"], previous["configurations"]
     for arch in archs:
         results[arch.name] = compare(a, arch, os.path.join(base, arch.name),
                                      os.path.join(base, f"data-{arch.train_split}"))
-    with open(os.path.join(base, "results.json"), "w") as f:
+        configurations[arch.name] = asdict(arch)
+    with open(saved, "w") as f:
         json.dump({"machine": machine_line(), "date": time.strftime("%Y-%m-%d"), "args": vars(a),
-                   "configurations": {arch.name: asdict(arch) for arch in archs}, "results": results}, f, indent=1)
+                   "configurations": configurations, "results": results}, f, indent=1)
     print(f"\n{a.batches} batches of {a.batch_size} x {a.unroll}, {a.negatives} negatives, Adagrad 0.2, clip 10, "
           f"dropout {a.dropout}; seeds {a.seeds}; both models scored by bilm evaluate; {machine_line()}, "
           f"{time.strftime('%Y-%m-%d')}" + (" (SMOKE: tiny sizes, figures mean nothing)" if a.smoke else ""))
