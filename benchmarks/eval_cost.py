@@ -4,7 +4,7 @@
         [--vocab-size 100000] [--budget 0.05] [--set key=value ...]
 
 Times one training step (synthetic batches, as benchmarks/train.py) and one heldout evaluation
-of a synthetic sample (``bilm.training.heldout``, the code training runs: full softmax, per sentence), in
+of a synthetic sample (``bilm.training.heldout``, the code training runs: full softmax, streams carrying states), in
 the same process. From the seconds per heldout token it prints the largest ``train.eval_tokens``
 whose evaluation costs at most ``--budget`` (5%) of the training time between two evaluations
 (``train.eval_every_steps`` of the config), and the share the config's own ``eval_tokens`` costs.
