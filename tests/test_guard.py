@@ -239,7 +239,9 @@ def test_heldout_blow_up_rolls_back_bit_exactly_and_lowers_the_rate(tmp_path, co
         return _fake(100 * result["forward"]["perplexity"]) if len(calls) == 2 else result
     monkeypatch.setattr(heldout_module.HeldoutEval, "run", run)
     a = str(tmp_path / "a")
-    summary = train(_config(*overrides, "train.max_steps=30"), corpus, a, progress=False)
+    # Without the data skip, a rollback is a resume with a lower rate (the skip: the next test).
+    summary = train(_config(*overrides, "train.max_steps=30", "train.rollback_skip_data=false"), corpus, a,
+                    progress=False)
     assert summary["step"] == 30 and summary["guard"]["lr_factor"] == 0.5
     (event,) = _events(a)
     assert (event["diverged_step"], event["to_step"], event["action"]) == (20, 10, "rollback")
@@ -260,6 +262,30 @@ def test_heldout_blow_up_rolls_back_bit_exactly_and_lowers_the_rate(tmp_path, co
     assert [r["step"] for r in _rows(a) if "step" in r] == list(range(1, 31))
     assert [r["step"] for r in map(json.loads, open(os.path.join(a, "metrics-rolled-back.jsonl")))] == \
         list(range(11, 21))
+
+
+def test_a_rollback_skips_the_batches_the_abandoned_stretch_trained_on(tmp_path, monkeypatch):
+    seen = []
+    original = train_module.TrainStep.step
+
+    def step(self, batch):
+        seen.append(batch["forward"]["token_ids"].clone())
+        return original(self, batch)
+    monkeypatch.setattr(train_module.TrainStep, "step", step)
+    reference = str(tmp_path / "reference")
+    train(_config("train.max_steps=10"), TRAIN_DATA, reference, vocab_file=TRAIN_VOCAB, progress=False)
+    batches, seen[:] = list(seen), []
+    _nan_at(monkeypatch, 7)  # over the recording step: the NaN comes before the batch is recorded
+    run = str(tmp_path / "run")
+    train(_config("train.max_steps=8", "train.checkpoint_every_steps=5"), TRAIN_DATA, run, vocab_file=TRAIN_VOCAB,
+          progress=False)
+    (event,) = _events(run)
+    assert (event["diverged_step"], event["to_step"], event["skipped_batches"]) == (7, 5, 2)
+    # Steps 1-7 trained on batches 1-7; back at step 5, steps 6-8 train on batches 8-10 (6 and 7 skipped).
+    assert len(seen) == 10
+    for got, want in zip(seen, batches[:7] + batches[7:10]):
+        assert torch.equal(got, want)
+    assert not torch.equal(seen[7], batches[5])
 
 
 def test_rollbacks_that_do_not_get_past_the_step_stop(tmp_path, corpus, monkeypatch):
@@ -361,7 +387,7 @@ def test_a_rollback_under_torchrun_is_exact_on_every_rank(tmp_path, corpus):
     def argv(run, *more):
         return _train_argv(run, corpus, *sets, *more)
     # A: the second evaluation (step 8) blows up: every rank goes back to step 4, learning rate x 0.5.
-    _torchrun(2, "train", 2, *argv(tmp_path / "a", "train.max_steps=12"))
+    _torchrun(2, "train", 2, *argv(tmp_path / "a", "train.max_steps=12", "train.rollback_skip_data=false"))
     (event,) = _events(str(tmp_path / "a"))
     assert (event["diverged_step"], event["to_step"]) == (8, 4)
     # B: the same run stopped at step 4 and resumed with the learning rate 0.1.

@@ -72,6 +72,9 @@ class TrainConfig:
     on_divergence: Literal["rollback", "stop", "warn"] = "rollback"
     rollback_lr_factor: float = 0.5        # each rollback multiplies the learning rate by this
     max_rollbacks: int = 3                 # stop after this many rollbacks in a row that do not pass the diverged step
+    # After a rollback, skip the batches the abandoned stretch trained on (checkpoint to diverged step): a
+    # lower learning rate alone replayed issue 21's divergence on the same batches (docs/training_parity.md).
+    rollback_skip_data: bool = True
 
     def __post_init__(self):
         for key in ("batch_size", "unroll_steps", "n_epochs", "n_train_tokens", "max_steps", "n_negative_samples_batch",

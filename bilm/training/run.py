@@ -346,16 +346,22 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
                         action = "stop"
                     else:
                         target_path, target_step, target_offset, removed = target
+                        skipped = step - target_step if t.rollback_skip_data else 0  # the abandoned stretch's batches
                         guard.rolled_back(target_step, t.rollback_lr_factor)
                         trainer.lr_factor = guard.state.lr_factor
                         logger.rewind(target_step, target_offset)
                         dropped = f"; removed the later {', '.join(map(os.path.basename, removed))}" if removed else ""
                         _report(logger, divergence, step, "rollback", guard, trainer,
                                 f"{divergence.line()}; rolled back to {target_path} (step {target_step}{dropped}); "
-                                f"learning rate x{guard.state.lr_factor:g} from now on", to_checkpoint=target_path,
-                                to_step=target_step)
-                        step = target_step
+                                f"learning rate x{guard.state.lr_factor:g} from now on"
+                                + (f"; skipping the {skipped} batches trained on since" if skipped else ""),
+                                to_checkpoint=target_path,
+                                to_step=target_step, skipped_batches=skipped)
                         batches = iter(dataset)
+                        if t.rollback_skip_data:  # the same number on every rank: they stay in step
+                            for _ in range(skipped):
+                                next(batches)
+                        step = target_step
                         nonfinite = _NonFinite(env.device)
                         bar.n = step
                         bar.refresh()
