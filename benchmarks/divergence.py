@@ -10,6 +10,7 @@ one of these recipes per run (each run, and its evaluation, is reused when found
     bilmtf    the bilm-tf recipe as today (Adagrad 0.2); the guard only watches (on_divergence: warn)
     rollback  the same, with the guard acting (on_divergence: rollback, checkpoints at every evaluation);
               run on the seeds where ``bilmtf`` diverged (``--rollback-all``: on every seed)
+    rollback-noskip  the same without skipping the abandoned stretch's batches (rollback_skip_data: false)
     adam      Adam, learning rate 0.002 (the guard watches)
 
 While training, the guard watches ``--watch-data`` (default: the scored heldout file, test.txt as
@@ -42,6 +43,7 @@ EXIT_DIVERGED = 3  # bilm.cli.EXIT_DIVERGED (not imported: the benchmark runs bi
 RECIPES = {
     "bilmtf": ["train.on_divergence=warn"],
     "rollback": ["train.on_divergence=rollback"],
+    "rollback-noskip": ["train.on_divergence=rollback", "train.rollback_skip_data=false"],
     "adam": ["train.on_divergence=warn", "optim.name=adam", "optim.lr=0.002"],
 }
 
@@ -100,7 +102,7 @@ def main() -> None:
     runs: dict[str, dict[int, dict]] = {recipe: {} for recipe in a.recipes}
     for seed in a.seeds:
         for recipe in a.recipes:
-            if recipe == "rollback" and not a.rollback_all and "bilmtf" in runs:
+            if recipe.startswith("rollback") and not a.rollback_all and "bilmtf" in runs:
                 base = runs["bilmtf"].get(seed)
                 if base is not None and not any(diverged(base, d) for d in ("forward", "backward")):
                     continue  # the guard is for the seeds that diverge
