@@ -428,10 +428,10 @@ def test_a_rollback_under_deepspeed_reloads_its_optimizer_state(tmp_path, corpus
                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     # The evaluation of step 8 blows up: back to step 4 (its DeepSpeed state too); step 6's are deleted.
-    bilm(2, tmp_path / "a", "train.max_steps=10")
+    bilm(2, tmp_path / "a", "train.max_steps=10", "train.rollback_skip_data=false")
     (event,) = _events(str(tmp_path / "a"))
     assert (event["diverged_step"], event["to_step"]) == (8, 4)
-    # The same as stopping at 4 and resuming with half the learning rate.
+    # The same as stopping at 4 and resuming with half the learning rate (no data skipped).
     bilm(0, tmp_path / "b", "train.max_steps=4")
     bilm(0, tmp_path / "b", "train.max_steps=10", "optim.lr=0.1", flags=["--resume"])
     final_a, final_b = (load_checkpoint(str(tmp_path / r / "checkpoints" / "step-00000010.pt")) for r in "ab")
