@@ -288,6 +288,25 @@ def test_a_rollback_skips_the_batches_the_abandoned_stretch_trained_on(tmp_path,
     assert not torch.equal(seen[7], batches[5])
 
 
+def test_a_repeated_rollback_goes_one_checkpoint_further_back(tmp_path, corpus, monkeypatch):
+    calls = []
+    original = heldout_module.HeldoutEval.run
+
+    def run(self, model, env):
+        result = original(self, model, env)
+        calls.append(result)
+        return _fake(100 * result["forward"]["perplexity"]) if len(calls) in (3, 4) else result
+    monkeypatch.setattr(heldout_module.HeldoutEval, "run", run)
+    run_dir = str(tmp_path / "run")
+    # keep_checkpoints 1: the older healthy checkpoints survive pruning for the rollbacks that need them.
+    summary = train(_config("train.eval_every_steps=5", "train.checkpoint_every_steps=5", "train.keep_checkpoints=1",
+                            "train.max_steps=20", "train.rollback_further_back=true"), corpus, run_dir, progress=False)
+    assert summary["step"] == 20
+    # Step 15 blows up twice: back to 10, then (a rollback in a row) to 5.
+    assert [(e["diverged_step"], e["to_step"]) for e in _events(run_dir)] == [(15, 10), (15, 5)]
+    assert summary["guard"]["lr_factor"] == 0.25
+
+
 def test_rollbacks_that_do_not_get_past_the_step_stop(tmp_path, corpus, monkeypatch):
     original = heldout_module.HeldoutEval.run
     calls = []

@@ -114,9 +114,9 @@ class Checkpointer:
         if failed:
             raise CheckpointWriteError(error or f"another rank could not write the checkpoint of step {step}")
         if env.is_main and name is None:
-            target = self.healthy_checkpoint(healthy_step)
-            trainer.strategy.prune(self.dir, prune_checkpoints(self.dir, self.cfg.train.keep_checkpoints,
-                                                               protect=[target] if target else ()))
+            t = self.cfg.train
+            targets = self.healthy_checkpoints(healthy_step)[-(1 + t.max_rollbacks if t.rollback_further_back else 1):]
+            trainer.strategy.prune(self.dir, prune_checkpoints(self.dir, t.keep_checkpoints, protect=targets))
         if env.distributed:
             torch.distributed.barrier()
         if best and env.is_main:
@@ -152,21 +152,26 @@ class Checkpointer:
         log.info(f"resumed from {path} (step {step})")
         return step, health
 
-    def healthy_checkpoint(self, healthy_step: Optional[int]) -> Optional[str]:
-        """The newest checkpoint at or before the last step the guard found healthy: where a rollback goes."""
+    def healthy_checkpoints(self, healthy_step: Optional[int]) -> list[str]:
+        """The checkpoints at or before the last step the guard found healthy, oldest first."""
         if healthy_step is None:
-            return None
-        found = [p for p in list_checkpoints(self.dir) if checkpoint_step(p) <= healthy_step]
-        return found[-1] if found else None
+            return []
+        return [p for p in list_checkpoints(self.dir) if checkpoint_step(p) <= healthy_step]
 
-    def rollback(self, trainer: TrainStep, dataset: LMDataset, healthy_step: Optional[int]
+    def healthy_checkpoint(self, healthy_step: Optional[int], back: int = 0) -> Optional[str]:
+        """Where a rollback goes: the newest healthy checkpoint, or ``back`` before it (the oldest kept if
+        there are fewer)."""
+        found = self.healthy_checkpoints(healthy_step)
+        return found[max(0, len(found) - 1 - back)] if found else None
+
+    def rollback(self, trainer: TrainStep, dataset: LMDataset, healthy_step: Optional[int], back: int = 0
                  ) -> Optional[tuple[str, int, Optional[int], list[str]]]:
-        """Every rank reloads the newest healthy checkpoint (rank 0's pick) as ``--resume`` does: weights,
-        optimizer, data positions, random states, LSTM states. The checkpoints after it belong to the
-        abandoned stretch and are deleted (a later --resume must not pick them). Returns (its path,
+        """Every rank reloads the newest healthy checkpoint, or ``back`` before it (rank 0's pick), as
+        ``--resume`` does: weights, optimizer, data positions, random states, LSTM states. The checkpoints
+        after it belong to the abandoned stretch and are deleted (a later --resume must not pick them). Returns (its path,
         step, metrics offset, the deleted paths), or None when there is none."""
         env = self.env
-        path = gather_objects(self.healthy_checkpoint(healthy_step) if env.is_main else None, env)[0]
+        path = gather_objects(self.healthy_checkpoint(healthy_step, back) if env.is_main else None, env)[0]
         if path is None:
             return None
         payload = load_checkpoint(path, mmap=True)

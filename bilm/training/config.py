@@ -75,6 +75,9 @@ class TrainConfig:
     # After a rollback, skip the batches the abandoned stretch trained on (checkpoint to diverged step): a
     # lower learning rate alone replayed issue 21's divergence on the same batches (docs/training_parity.md).
     rollback_skip_data: bool = True
+    # A rollback that follows another without getting past the diverged step goes one checkpoint further
+    # back than the last (the newest max_rollbacks healthy checkpoints are then kept from pruning).
+    rollback_further_back: bool = False
 
     def __post_init__(self):
         for key in ("batch_size", "unroll_steps", "n_epochs", "n_train_tokens", "max_steps", "n_negative_samples_batch",

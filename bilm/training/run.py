@@ -341,7 +341,8 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
             if divergence is not None:
                 action = _on_divergence(divergence, guard, cfg)
                 if action == "rollback":
-                    target = checkpoints.rollback(trainer, dataset, guard.state.healthy_step)
+                    back = int(t.rollback_further_back and guard.state.rollbacks_in_a_row > 0)
+                    target = checkpoints.rollback(trainer, dataset, guard.state.healthy_step, back)
                     if target is None:
                         action = "stop"
                     else:
