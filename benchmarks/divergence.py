@@ -11,6 +11,7 @@ one of these recipes per run (each run, and its evaluation, is reused when found
     rollback  the same, with the guard acting (on_divergence: rollback, checkpoints at every evaluation);
               run on the seeds where ``bilmtf`` diverged (``--rollback-all``: on every seed)
     rollback-noskip  the same without skipping the abandoned stretch's batches (rollback_skip_data: false)
+    rollback-back    the same, each rollback in a row one checkpoint further back (rollback_further_back: true)
     adam      Adam, learning rate 0.002 (the guard watches)
 
 While training, the guard watches ``--watch-data`` (default: the scored heldout file, test.txt as
@@ -44,6 +45,7 @@ RECIPES = {
     "bilmtf": ["train.on_divergence=warn"],
     "rollback": ["train.on_divergence=rollback"],
     "rollback-noskip": ["train.on_divergence=rollback", "train.rollback_skip_data=false"],
+    "rollback-back": ["train.on_divergence=rollback", "train.rollback_further_back=true"],
     "adam": ["train.on_divergence=warn", "optim.name=adam", "optim.lr=0.002"],
 }
 
