@@ -10,8 +10,8 @@ one of these recipes per run (each run, and its evaluation, is reused when found
     bilmtf    the bilm-tf recipe as today (Adagrad 0.2); the guard only watches (on_divergence: warn)
     rollback  the same, with the guard acting (on_divergence: rollback, checkpoints at every evaluation);
               run on the seeds where ``bilmtf`` diverged (``--rollback-all``: on every seed)
-    rollback-noskip  the same without skipping the abandoned stretch's batches (rollback_skip_data: false)
-    rollback-back    the same, each rollback in a row one checkpoint further back (rollback_further_back: true)
+    rollback-skip    the same, skipping the batches the abandoned stretch trained on (rollback_skip_data)
+    rollback-back    rollback-skip, each rollback in a row one checkpoint further back (rollback_further_back)
     adam      Adam, learning rate 0.002 (the guard watches)
 
 While training, the guard watches ``--watch-data`` (default: the scored heldout file, test.txt as
@@ -43,9 +43,9 @@ EXIT_DIVERGED = 3  # bilm.cli.EXIT_DIVERGED (not imported: the benchmark runs bi
 
 RECIPES = {
     "bilmtf": ["train.on_divergence=warn"],
-    "rollback": ["train.on_divergence=rollback"],
-    "rollback-noskip": ["train.on_divergence=rollback", "train.rollback_skip_data=false"],
-    "rollback-back": ["train.on_divergence=rollback", "train.rollback_further_back=true"],
+    "rollback": ["train.on_divergence=rollback", "train.rollback_skip_data=false", "train.rollback_further_back=false"],
+    "rollback-skip": ["train.on_divergence=rollback", "train.rollback_skip_data=true"],
+    "rollback-back": ["train.on_divergence=rollback", "train.rollback_skip_data=true", "train.rollback_further_back=true"],
     "adam": ["train.on_divergence=warn", "optim.name=adam", "optim.lr=0.002"],
 }
 

@@ -239,7 +239,7 @@ def test_heldout_blow_up_rolls_back_bit_exactly_and_lowers_the_rate(tmp_path, co
         return _fake(100 * result["forward"]["perplexity"]) if len(calls) == 2 else result
     monkeypatch.setattr(heldout_module.HeldoutEval, "run", run)
     a = str(tmp_path / "a")
-    # Without the data skip, a rollback is a resume with a lower rate (the skip: the next test).
+    # Without the data skip (the default), a rollback is a resume with a lower rate (the skip: the next test).
     summary = train(_config(*overrides, "train.max_steps=30", "train.rollback_skip_data=false"), corpus, a,
                     progress=False)
     assert summary["step"] == 30 and summary["guard"]["lr_factor"] == 0.5
@@ -277,8 +277,8 @@ def test_a_rollback_skips_the_batches_the_abandoned_stretch_trained_on(tmp_path,
     batches, seen[:] = list(seen), []
     _nan_at(monkeypatch, 7)  # over the recording step: the NaN comes before the batch is recorded
     run = str(tmp_path / "run")
-    train(_config("train.max_steps=8", "train.checkpoint_every_steps=5"), TRAIN_DATA, run, vocab_file=TRAIN_VOCAB,
-          progress=False)
+    train(_config("train.max_steps=8", "train.checkpoint_every_steps=5", "train.rollback_skip_data=true"), TRAIN_DATA,
+          run, vocab_file=TRAIN_VOCAB, progress=False)
     (event,) = _events(run)
     assert (event["diverged_step"], event["to_step"], event["skipped_batches"]) == (7, 5, 2)
     # Steps 1-7 trained on batches 1-7; back at step 5, steps 6-8 train on batches 8-10 (6 and 7 skipped).

@@ -72,9 +72,10 @@ class TrainConfig:
     on_divergence: Literal["rollback", "stop", "warn"] = "rollback"
     rollback_lr_factor: float = 0.5        # each rollback multiplies the learning rate by this
     max_rollbacks: int = 3                 # stop after this many rollbacks in a row that do not pass the diverged step
-    # After a rollback, skip the batches the abandoned stretch trained on (checkpoint to diverged step): a
-    # lower learning rate alone replayed issue 21's divergence on the same batches (docs/training_parity.md).
-    rollback_skip_data: bool = True
+    # After a rollback, skip the batches the abandoned stretch trained on (checkpoint to diverged step), as
+    # large-model training skips the data around a loss spike. Off: on issue 21's diverged seed it did not
+    # help (docs/training_parity.md, "Divergence"), and without it a rollback is exactly a resume.
+    rollback_skip_data: bool = False
     # A rollback that follows another without getting past the diverged step goes one checkpoint further
     # back than the last (the newest max_rollbacks healthy checkpoints are then kept from pruning).
     rollback_further_back: bool = False
