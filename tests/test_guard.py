@@ -325,6 +325,26 @@ def test_rollbacks_that_do_not_get_past_the_step_stop(tmp_path, corpus, monkeypa
     assert summary["guard"]["lr_factor"] == 0.25
 
 
+def test_a_rollback_that_gets_healthy_past_the_step_starts_a_new_count(tmp_path, corpus, monkeypatch):
+    # Issue 21's seed 4: step 350 fired, the third rollback's step 350 was healthy, step 400 fired: that is a
+    # new divergence (roll back again), not a fourth failure to get past 350 (which stopped the run).
+    original = heldout_module.HeldoutEval.run
+    calls = []
+
+    def run(self, model, env):
+        result = original(self, model, env)
+        calls.append(1)
+        # Checks: 5 ok, 10 blows up, (back to 5) 10 ok, 15 blows up, (back to 10) 15 ok, 20 ok.
+        return _fake(100 * result["forward"]["perplexity"]) if len(calls) in (2, 4) else result
+    monkeypatch.setattr(heldout_module.HeldoutEval, "run", run)
+    run_dir = str(tmp_path / "run")
+    summary = train(_config("train.eval_every_steps=5", "train.checkpoint_every_steps=5", "train.max_steps=20",
+                            "train.max_rollbacks=1"), corpus, run_dir, progress=False)
+    assert summary["diverged"] is None and summary["step"] == 20
+    assert [(e["diverged_step"], e["action"], e.get("to_step")) for e in _events(run_dir)] == \
+        [(10, "rollback", 5), (15, "rollback", 10)]
+
+
 def test_divergence_rules():
     guard = DivergenceGuard(2.0, unigram={"forward": 900.0, "backward": 900.0})
     # Not yet below the unigram model: learning, not diverging.

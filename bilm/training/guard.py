@@ -91,7 +91,8 @@ class DivergenceGuard:
             if d not in self.state.best or p < self.state.best[d]:
                 self.state.best[d] = p
         self.state.healthy_step = step
-        if self.state.diverged_at is not None and step > self.state.diverged_at:
+        # A healthy check at the step that diverged has got past it (that check was the one that fired).
+        if self.state.diverged_at is not None and step >= self.state.diverged_at:
             self.state.rollbacks_in_a_row = 0
 
     def is_best(self, step: int, average: float) -> bool:
