@@ -67,6 +67,10 @@ def run_recipe(a, recipe: str, seed: int, manifest: str, heldout: str) -> dict:
     events = [r for r in rows if r.get("event") == "divergence"]
     result["firings"] = {action: sum(e["action"] == action for e in events) for action in ("warn", "rollback", "stop")}
     result["stopped"] = any(e["action"] == "stop" for e in events)
+    # The checkpoint bilm evaluate scored: the newest of the series (a stopped run's last good one).
+    steps = [int(name[5:-3]) for name in os.listdir(os.path.join(run, "checkpoints"))
+             if name.startswith("step-") and name.endswith(".pt")]
+    result["scored_step"] = max(steps) if steps else None
     return result
 
 
@@ -117,15 +121,15 @@ def main() -> None:
              f"{a.negatives} negatives; guard: heldout every {a.eval_every} batches on {a.eval_tokens:,} tokens of "
              f"{os.path.basename(a.watch_data)} (carried states); {machine_line()}",
              f"add-one unigram heldout perplexity: {unigram:.1f} (a direction above it has diverged)", "",
-             "| recipe | seed | forward | backward | diverged | tokens/s | wall s | guard firings |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| recipe | seed | forward | backward | diverged | scored step | tokens/s | wall s | guard firings |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for recipe, by_seed in runs.items():
         for seed, r in sorted(by_seed.items()):
             e = r["bilm_eval"]
             bad = [d for d in ("forward", "backward") if diverged(r, d)]
             firings = ", ".join(f"{n} {k}" for k, n in r["firings"].items() if n) or "none"
             lines.append(f"| {recipe} | {seed} | {e['forward']:.1f} | {e['backward']:.1f} | "
-                         f"{', '.join(bad) or 'no'} | {r['tokens_per_s']:.0f} | {r['wall_s']:.0f} | {firings} |")
+                         f"{', '.join(bad) or 'no'} | {r['scored_step']} | {r['tokens_per_s']:.0f} | {r['wall_s']:.0f} | {firings} |")
     lines.append("")
     for recipe, by_seed in runs.items():
         results = list(by_seed.values())

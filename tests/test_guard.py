@@ -446,7 +446,7 @@ def test_divergence_benchmark_smoke_writes_the_table(tmp_path):
                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     table = (tmp_path / "divergence.md").read_text()
-    assert "| recipe | seed | forward | backward | diverged | tokens/s | wall s | guard firings |" in table
+    assert "| recipe | seed | forward | backward | diverged | scored step | tokens/s | wall s | guard firings |" in table
     assert "| bilmtf | 0 |" in table and "| rollback | 0 |" in table
     runs = json.load(open(tmp_path / "divergence.json"))["runs"]
     # No firing: the guard leaves the numbers alone, whether it only watches or may act.
