@@ -288,15 +288,20 @@ def test_a_rollback_skips_the_batches_the_abandoned_stretch_trained_on(tmp_path,
     assert not torch.equal(seen[7], batches[5])
 
 
-def test_a_repeated_rollback_goes_one_checkpoint_further_back(tmp_path, corpus, monkeypatch):
-    calls = []
+def _heldout_blows_up(monkeypatch, blown):
+    """The heldout figure of the evaluations whose number (from 1) ``blown`` accepts is made 100 times larger."""
     original = heldout_module.HeldoutEval.run
+    calls = []
 
     def run(self, model, env):
         result = original(self, model, env)
-        calls.append(result)
-        return _fake(100 * result["forward"]["perplexity"]) if len(calls) in (3, 4) else result
+        calls.append(1)
+        return _fake(100 * result["forward"]["perplexity"]) if blown(len(calls)) else result
     monkeypatch.setattr(heldout_module.HeldoutEval, "run", run)
+
+
+def test_a_repeated_rollback_goes_one_checkpoint_further_back(tmp_path, corpus, monkeypatch):
+    _heldout_blows_up(monkeypatch, lambda n: n in (3, 4))
     run_dir = str(tmp_path / "run")
     # keep_checkpoints 1: the older healthy checkpoints survive pruning for the rollbacks that need them.
     summary = train(_config("train.eval_every_steps=5", "train.checkpoint_every_steps=5", "train.keep_checkpoints=1",
@@ -308,14 +313,7 @@ def test_a_repeated_rollback_goes_one_checkpoint_further_back(tmp_path, corpus, 
 
 
 def test_rollbacks_that_do_not_get_past_the_step_stop(tmp_path, corpus, monkeypatch):
-    original = heldout_module.HeldoutEval.run
-    calls = []
-
-    def run(self, model, env):
-        result = original(self, model, env)
-        calls.append(1)
-        return result if len(calls) == 1 else _fake(100 * result["forward"]["perplexity"])
-    monkeypatch.setattr(heldout_module.HeldoutEval, "run", run)
+    _heldout_blows_up(monkeypatch, lambda n: n > 1)
     run_dir = str(tmp_path / "run")
     summary = train(_config("train.eval_every_steps=5", "train.checkpoint_every_steps=5", "train.max_steps=40",
                             "train.max_rollbacks=2"), corpus, run_dir, progress=False)
@@ -328,15 +326,8 @@ def test_rollbacks_that_do_not_get_past_the_step_stop(tmp_path, corpus, monkeypa
 def test_a_rollback_that_gets_healthy_past_the_step_starts_a_new_count(tmp_path, corpus, monkeypatch):
     # Issue 21's seed 4: step 350 fired, the third rollback's step 350 was healthy, step 400 fired: that is a
     # new divergence (roll back again), not a fourth failure to get past 350 (which stopped the run).
-    original = heldout_module.HeldoutEval.run
-    calls = []
-
-    def run(self, model, env):
-        result = original(self, model, env)
-        calls.append(1)
-        # Checks: 5 ok, 10 blows up, (back to 5) 10 ok, 15 blows up, (back to 10) 15 ok, 20 ok.
-        return _fake(100 * result["forward"]["perplexity"]) if len(calls) in (2, 4) else result
-    monkeypatch.setattr(heldout_module.HeldoutEval, "run", run)
+    # Checks: 5 ok, 10 blows up, (back to 5) 10 ok, 15 blows up, (back to 10) 15 ok, 20 ok.
+    _heldout_blows_up(monkeypatch, lambda n: n in (2, 4))
     run_dir = str(tmp_path / "run")
     summary = train(_config("train.eval_every_steps=5", "train.checkpoint_every_steps=5", "train.max_steps=20",
                             "train.max_rollbacks=1"), corpus, run_dir, progress=False)
