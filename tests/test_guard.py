@@ -227,17 +227,23 @@ def test_nan_rolls_back_to_the_last_checkpoint_and_finishes(tmp_path, monkeypatc
     assert [r["lr"] for r in _rows(run) if "lr" in r][-1] == pytest.approx(0.1)
 
 
-def test_heldout_blow_up_rolls_back_bit_exactly_and_lowers_the_rate(tmp_path, corpus, monkeypatch):
-    overrides = ("train.eval_every_steps=10", "train.checkpoint_every_steps=10", "train.keep_checkpoints=5")
-    # A: the heldout figure of step 20 blows up: back to step 10's checkpoint, learning rate 0.2 x 0.5.
-    calls = []
+def _heldout_blows_up(monkeypatch, blown):
+    """The heldout figure of the evaluations whose number (from 1) ``blown`` accepts is made 100 times larger."""
     original = heldout_module.HeldoutEval.run
+    calls = []
 
     def run(self, model, env):
         result = original(self, model, env)
-        calls.append(result)
-        return _fake(100 * result["forward"]["perplexity"]) if len(calls) == 2 else result
+        calls.append(1)
+        return _fake(100 * result["forward"]["perplexity"]) if blown(len(calls)) else result
     monkeypatch.setattr(heldout_module.HeldoutEval, "run", run)
+    return original
+
+
+def test_heldout_blow_up_rolls_back_bit_exactly_and_lowers_the_rate(tmp_path, corpus, monkeypatch):
+    overrides = ("train.eval_every_steps=10", "train.checkpoint_every_steps=10", "train.keep_checkpoints=5")
+    # A: the heldout figure of step 20 blows up: back to step 10's checkpoint, learning rate 0.2 x 0.5.
+    original = _heldout_blows_up(monkeypatch, lambda n: n == 2)
     a = str(tmp_path / "a")
     # Without the data skip (the default), a rollback is a resume with a lower rate (the skip: the next test).
     summary = train(_config(*overrides, "train.max_steps=30", "train.rollback_skip_data=false"), corpus, a,
@@ -286,18 +292,6 @@ def test_a_rollback_skips_the_batches_the_abandoned_stretch_trained_on(tmp_path,
     for got, want in zip(seen, batches[:7] + batches[7:10]):
         assert torch.equal(got, want)
     assert not torch.equal(seen[7], batches[5])
-
-
-def _heldout_blows_up(monkeypatch, blown):
-    """The heldout figure of the evaluations whose number (from 1) ``blown`` accepts is made 100 times larger."""
-    original = heldout_module.HeldoutEval.run
-    calls = []
-
-    def run(self, model, env):
-        result = original(self, model, env)
-        calls.append(1)
-        return _fake(100 * result["forward"]["perplexity"]) if blown(len(calls)) else result
-    monkeypatch.setattr(heldout_module.HeldoutEval, "run", run)
 
 
 def test_a_repeated_rollback_goes_one_checkpoint_further_back(tmp_path, corpus, monkeypatch):

@@ -47,7 +47,6 @@ class HeldoutEval:
     n_sentences: int
     source: str                                   # where the sentences came from, for the messages
     unigram: Optional[dict[str, float]]           # add-one unigram perplexity per direction; None: no counts
-    streams: int                                  # rows of all ranks together (see streams_per_rank)
     precision: str = "fp32"
 
     def run(self, model: LanguageModel, env: DistEnv) -> dict:
@@ -116,8 +115,7 @@ def prepare_heldout(cfg: Config, manifest: Optional[dict], eval_data: Optional[s
     counts = (manifest or {}).get("vocab_counts")
     unigram = unigram_perplexity(sentences, vocab, read_counts(counts, vocab)) \
         if isinstance(counts, str) and os.path.exists(counts) else None
-    return HeldoutEval(dataset, path, sum(map(len, sentences)), len(sentences), source, unigram,
-                       dataset.batch_size * env.world_size, t.precision)
+    return HeldoutEval(dataset, path, sum(map(len, sentences)), len(sentences), source, unigram, t.precision)
 
 
 def first_sentences(files: list[str], max_tokens: int) -> list[list[str]]:

@@ -260,7 +260,7 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
             "; no vocab_counts.tsv, so no unigram bound"
         log.info(f"heldout perplexity every {t.eval_every_steps} steps and at the end on {heldout.n_sentences:,} "
                  f"sentences ({heldout.n_tokens:,} tokens) of {heldout.source}, written to {heldout.path}, "
-                 f"{heldout.streams} streams carrying their states{unigram}")
+                 f"{heldout.dataset.batch_size * env.world_size} streams carrying their states{unigram}")
     guard = DivergenceGuard(t.divergence_factor, heldout.unigram if heldout else None)
     step, metrics_offset = 0, None
     resumed = checkpoints.resume(trainer, dataset, vocab.tokens, vocab_path) if resume else None
@@ -359,9 +359,8 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
                                 to_checkpoint=target_path,
                                 to_step=target_step, skipped_batches=skipped)
                         batches = iter(dataset)
-                        if t.rollback_skip_data:  # the same number on every rank: they stay in step
-                            for _ in range(skipped):
-                                next(batches)
+                        for _ in range(skipped):  # the same number on every rank: they stay in step
+                            next(batches)
                         step = target_step
                         nonfinite = _NonFinite(env.device)
                         bar.n = step
