@@ -389,8 +389,8 @@ class FixedDropout:
     both directions (D, T, B, F) or one stack at a time (B, T, F), then the top output of each direction
     (B, T, P); ``expect`` lists the calls of one step in that order."""
 
-    def __init__(self, masks: dict[str, np.ndarray], n_layers: int, lock_step: bool):
-        self.masks, self.step, self.calls = masks, 0, []
+    def __init__(self, masks, n_layers: int, lock_step: bool, unroll: int = UNROLL_LONG):
+        self.masks, self.step, self.calls, self.unroll = masks, 0, [], unroll
         layers = [f"layer{k}" for k in range(n_layers)]
         self.expect = ([("both", site) for site in layers] if lock_step else
                        [(d, site) for d in ("forward", "backward") for site in layers])
@@ -399,7 +399,7 @@ class FixedDropout:
     def _mask(self, direction: str, site: str) -> np.ndarray:
         m = self.masks[f"{direction}_{site}"][self.step]
         if site == "top":
-            return m.reshape(m.shape[0] // UNROLL_LONG, UNROLL_LONG, m.shape[1])  # TF flattened (B, T) rows
+            return m.reshape(m.shape[0] // self.unroll, self.unroll, m.shape[1])  # TF flattened (B, T) rows
         return m.transpose(1, 0, 2)  # (T, B, F) -> (B, T, F)
 
     def __call__(self, x, p=0.5, training=True, inplace=False):
