@@ -311,7 +311,7 @@ def run_grid(a) -> None:
         unknown = set(a.configs) - {arch.name for arch in archs}
         if unknown:
             sys.exit(f"--configs: no configuration {sorted(unknown)}; the grid has {[arch.name for arch in archs]}")
-        archs = [arch for arch in archs if arch.name in a.configs]
+        archs = sorted((arch for arch in archs if arch.name in a.configs), key=lambda arch: a.configs.index(arch.name))
     base = os.path.join(a.work, "grid")
     if a.smoke:
         texts = smoke_texts(os.path.join(base, "smoke-text"))
@@ -321,13 +321,13 @@ def run_grid(a) -> None:
     if a.configs and os.path.exists(saved):  # a part of the grid: keep the other parts' results
         previous = json.load(open(saved))
         results, configurations = previous["results"], previous["configurations"]
-    for arch in archs:
+    for arch in archs:  # in --configs' order; results.json after each, so a cut-off grid keeps what finished
         results[arch.name] = compare(a, arch, os.path.join(base, arch.name),
                                      os.path.join(base, f"data-{arch.train_split}"))
         configurations[arch.name] = asdict(arch)
-    with open(saved, "w") as f:
-        json.dump({"machine": machine_line(), "date": time.strftime("%Y-%m-%d"), "args": vars(a),
-                   "configurations": configurations, "results": results}, f, indent=1)
+        with open(saved, "w") as f:
+            json.dump({"machine": machine_line(), "date": time.strftime("%Y-%m-%d"), "args": vars(a),
+                       "configurations": configurations, "results": results}, f, indent=1)
     print(f"\n{a.batches} batches of {a.batch_size} x {a.unroll}, {a.negatives} negatives, Adagrad 0.2, clip 10, "
           f"dropout {a.dropout}; seeds {a.seeds}; both models scored by bilm evaluate; {machine_line()}, "
           f"{time.strftime('%Y-%m-%d')}" + (" (SMOKE: tiny sizes, figures mean nothing)" if a.smoke else ""))
@@ -370,8 +370,8 @@ def main() -> None:
                    help="--grid: WikiText-2's valid.txt and test.txt (each trains in some configurations)")
     p.add_argument("--grid", action="store_true", help="every configuration of GRID, one table (see above)")
     p.add_argument("--smoke", action="store_true", help="with --grid: tiny sizes, 3 batches, one seed (minutes)")
-    p.add_argument("--configs", nargs="+", metavar="NAME", help="with --grid: these configurations only (finished runs "
-                                                            "are reused, so a grid can be run a part at a time)")
+    p.add_argument("--configs", nargs="+", metavar="NAME", help="with --grid: these configurations only, in this "
+                   "order (finished runs are reused, so a grid can be run a part at a time)")
     p.add_argument("--only", choices=["bilm", "bilm-tf"], help="run one side only")
     p.add_argument("--bilm-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra --set for bilm's runs (e.g. optim.loss_scale=none to see the mean-loss convention)")
