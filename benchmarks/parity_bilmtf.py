@@ -21,7 +21,7 @@ What runs, each stage reused when its output is already in --work:
 1. ``bilm prepare`` of the training text and, separately, of the heldout text (the default is
    WikiText-2: valid.txt to train on, test.txt held out); both tools read these shards and vocab.
 2. Per seed, bilm-tf: train() for N batches, then its own test() (batch 256, unroll 1; it stops at
-   the first row that runs out of data, so it skips the tail). Its checkpoint is then imported with
+   the first row that runs out of data, so it skips the tail; ``--grid`` skips it). Its checkpoint is then imported with
    ``bilm import-bilm-tf`` and scored with ``bilm evaluate`` too: one evaluator for both models.
 3. Per seed, bilm: ``bilm train`` with the same configuration for N steps, then ``bilm evaluate``.
 4. One table: heldout perplexity (each tool's evaluator, and bilm's evaluator for both), forward and
