@@ -233,7 +233,8 @@ def replay(a, out: str, arch, lstm_impl: str) -> tuple[np.ndarray, dict, dict, n
 
     with tempfile.TemporaryDirectory() as tmp:
         got_w, got_acc = golden._as_published(trainer, Path(tmp))
-    print("\n".join(state_lines))
+    if state_lines:
+        print("\n" + "\n".join(state_lines))  # on a line of its own, after the progress bar's
     return np.array(curve), got_w, got_acc, np.array(norms), trainer
 
 
