@@ -83,7 +83,7 @@ def test_grid_table_reports_median_ratios_and_the_worst_configuration():
                   "bilm": {0: _run(639, 655, 623, 600), 1: _run(649, 674, 625, 640), 2: _run(1506, 3368, 673, 620)}},
         "large": {"unigram": 900.0,
                   "bilm-tf": {0: _run(554, 573, 536, 370), 1: _run(4251, 30956, 584, 390)},
-                  "bilm": {0: _run(573, 569, 540, 630), 1: _run(624, 595, 580, 600)}},
+                  "bilm": {0: _run(573, 569, 540, 630), 1: _run(850, 1100, 657, 600)}},  # forward diverged only
     }
     lines = parity.grid_table(results)
     text = "\n".join(lines)
@@ -92,5 +92,7 @@ def test_grid_table_reports_median_ratios_and_the_worst_configuration():
     assert ratios["tokens_per_s"] == pytest.approx(620 / 410)
     assert "| small | **bilm / bilm-tf** | **1.052** | **1.080** | **0.997** | 1.51 | |" in text
     assert "| small | bilm | median 649.0 (seeds: 639.0, 649.0, 1506.0)" in text
-    assert text.count("1 of 3") == 1 and "| large | bilm-tf |" in text and "1 of 2 |" in text
+    assert text.count("1 of 3") == 1
+    rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| large | bilm")}
+    assert rows["bilm-tf"].endswith("| 1 of 2 |") and rows["bilm"].endswith("| 1 of 2 |"), rows
     assert lines[-1] == "worst median ratio: 1.080 (small, forward); goal <= 1.03 everywhere"
