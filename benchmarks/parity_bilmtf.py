@@ -21,8 +21,9 @@ What runs, each stage reused when its output is already in --work:
 1. ``bilm prepare`` of the training text and, separately, of the heldout text (the default is
    WikiText-2: valid.txt to train on, test.txt held out); both tools read these shards and vocab.
 2. Per seed, bilm-tf: train() for N batches, then its own test() (batch 256, unroll 1; it stops at
-   the first row that runs out of data, so it skips the tail; ``--grid`` skips it). Its checkpoint is then imported with
-   ``bilm import-bilm-tf`` and scored with ``bilm evaluate`` too: one evaluator for both models.
+   the first row that runs out of data, so it skips the tail; ``--grid`` skips it). Its checkpoint is
+   then imported with ``bilm import-bilm-tf`` and scored with ``bilm evaluate`` too: one evaluator for
+   both models.
 3. Per seed, bilm: ``bilm train`` with the same configuration for N steps, then ``bilm evaluate``.
 4. One table: heldout perplexity (each tool's evaluator, and bilm's evaluator for both), forward and
    backward, and training tokens/s (forward tokens, after --warmup batches; both directions train).
@@ -175,7 +176,7 @@ def run_bilmtf(a, arch: Arch, work: str, seed: int, manifest: str, heldout: str,
         sh([a.tf_python, os.path.join(a.harness, "bilmtf_train.py"), "--peer-src", a.peer_src,
             "--train-prefix", train_glob, "--heldout-prefix", heldout, "--vocab", vocab, "--out", out,
             "--batches", str(a.batches), "--warmup", str(a.warmup), "--seed", str(seed), "--skip-fixture",
-            "--options-json", json.dumps(bilmtf_options(a, arch)), *(["--skip-test"] if getattr(a, "grid", False) else [])], log)
+            "--options-json", json.dumps(bilmtf_options(a, arch)), *(["--skip-test"] if a.grid else [])], log)
     line = [ln for ln in open(log).read().splitlines() if ln.startswith("bilm-tf train:")][-1]
     rate = float(re.search(r"bilm-tf train: ([\d.]+) tokens/s", line).group(1))
     own = re.search(r"heldout perplexity ([\d.]+)", line)  # the grid skips bilm-tf's own test(): one evaluator
@@ -313,7 +314,8 @@ def run_grid(a) -> None:
         unknown = set(a.configs) - {arch.name for arch in archs}
         if unknown:
             sys.exit(f"--configs: no configuration {sorted(unknown)}; the grid has {[arch.name for arch in archs]}")
-        archs = sorted((arch for arch in archs if arch.name in a.configs), key=lambda arch: a.configs.index(arch.name))
+        by_name = {arch.name: arch for arch in archs}
+        archs = [by_name[name] for name in dict.fromkeys(a.configs)]  # in the order given, once each
     base = os.path.join(a.work, "grid")
     if a.smoke:
         texts = smoke_texts(os.path.join(base, "smoke-text"))

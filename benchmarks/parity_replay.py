@@ -32,8 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -83,7 +84,6 @@ def tf_stage(a) -> None:
     sys.path[:0] = [a.harness, FIXTURE_TOOLS]
     import random
     import shutil
-    import tempfile
 
     import _peer_shims
     import make_long_fixture as long_fixture
@@ -172,11 +172,6 @@ def replay(a, out: str, arch, lstm_impl: str) -> tuple[np.ndarray, dict, dict, n
     """bilm trains bilm-tf's batches from its step-0 weights. Returns (curve, weights, accumulators,
     grad norms, trainer): the per-step losses (steps x [forward, backward]) and the end state in bilm-tf's
     names."""
-    import math
-    from unittest import mock
-
-    import torch
-
     sys.path[:0] = [os.path.join(ROOT, "tests"), os.path.join(ROOT, "benchmarks")]
     import test_bilmtf_parity as golden
     from parity_bilmtf import bilm_overrides
@@ -189,53 +184,28 @@ def replay(a, out: str, arch, lstm_impl: str) -> tuple[np.ndarray, dict, dict, n
     options = json.load(open(os.path.join(out, "options.json")))
     sets = bilm_overrides(a, arch, a.seed) + [f"train.lstm_impl={lstm_impl}", "train.max_steps=null"]
     cfg = load_config(os.path.join(ROOT, "configs", "elmo_small.yaml"), sets)
-    torch.manual_seed(a.seed)
     trainer = TrainStep(cfg, options["n_tokens_vocab"], DistEnv())
     weights, _, _ = split_tensors(golden._read_npz(os.path.join(out, "start.npz")))
     load_bilmtf_state(trainer.model, None, weights, {}, 0, "start.npz")  # step 0: accumulators 1.0
-    fixed = np.load(os.path.join(out, "candidates.npz"))
-    sampled = []
-
-    def sample(n_unique, generator=None, device=None):
-        step, direction = divmod(len(sampled), 2)  # forward, then backward, as bilm-tf's graph
-        name = DIRECTIONS[direction]
-        sampled.append(n_unique)
-        ids = torch.from_numpy(fixed[name][step].astype(np.int64))
-        assert n_unique == len(ids)
-        return ids, int(fixed[f"{name}_tries"][step])
-
-    trainer.model.softmax.sampler.sample = sample
     t = cfg.train
     masks = Masks(a.seed, 1.0 - t.dropout, t.batch_size, t.unroll_steps, cfg.model.lstm.projection_dim,
                   cfg.model.lstm.n_layers)
-    dropout = golden.FixedDropout(masks, cfg.model.lstm.n_layers, lock_step=lstm_impl == "fused",
-                                  unroll=t.unroll_steps)
-    curve, norms = [], []
+    norms, state_lines = [], []
     want_states = np.load(os.path.join(out, "states.npz")) if os.path.exists(os.path.join(out, "states.npz")) else {}
-    state_lines = []
-    from tqdm import tqdm
 
-    with mock.patch.object(torch.nn.functional, "dropout", dropout):
-        for i, batch in enumerate(tqdm(golden._batches(os.path.join(out, "batches.npz")), desc=f"bilm {lstm_impl}",
-                                       leave=False)):
-            dropout.step = i
-            result = trainer.step(batch)
-            curve.append([math.log(float(result.perplexity[d])) for d in DIRECTIONS])
-            norms.append(float(result.grad_norm))
-            if f"forward_0_c_{i}" in want_states:
-                diffs = [f"{d} layer {k} {name} {np.abs(tensor.numpy() - want_states[f'{d}_{k}_{name}_{i}']).max():.1e}"
-                         for d in DIRECTIONS for k, (h, c) in enumerate(trainer.state[d])
-                         for name, tensor in (("h", h), ("c", c))]
-                state_lines.append(f"LSTM states after step {i + 1}, max |bilm - bilm-tf|: " + ", ".join(diffs))
-    assert len(sampled) == 2 * len(curve)
-    import tempfile
-    from pathlib import Path
+    def after_step(i: int, result) -> None:
+        norms.append(float(result.grad_norm))
+        if f"forward_0_c_{i}" in want_states:
+            diffs = [f"{d} layer {k} {name} {np.abs(tensor.numpy() - want_states[f'{d}_{k}_{name}_{i}']).max():.1e}"
+                     for d in DIRECTIONS for k, (h, c) in enumerate(trainer.state[d])
+                     for name, tensor in (("h", h), ("c", c))]
+            state_lines.append(f"LSTM states after step {i + 1}, max |bilm - bilm-tf|: " + ", ".join(diffs))
 
+    curve = golden.replay_fixed_draws(trainer, out, masks, t.unroll_steps, after_step)
     with tempfile.TemporaryDirectory() as tmp:
         got_w, got_acc = golden._as_published(trainer, Path(tmp))
-    if state_lines:
-        print("\n" + "\n".join(state_lines))  # on a line of its own, after the progress bar's
-    return np.array(curve), got_w, got_acc, np.array(norms), trainer
+    print("\n".join(state_lines))
+    return curve, got_w, got_acc, np.array(norms), trainer
 
 
 def heldout_perplexity(model, heldout: str, vocab: str) -> dict:
@@ -337,10 +307,8 @@ def main() -> None:
     from machine import machine_line
 
     arch = {arch.name: arch for arch in grid_tool.grid(os.path.join(SHARED, "corpora", "wikitext-2"))}[a.config]
-    defaults = argparse.Namespace(batch_size=32, unroll=20, negatives=1024, dropout=0.1, batches=a.steps,
-                                  log_every=10, bilm_set=[])
-    for key, value in vars(defaults).items():
-        setattr(a, key, value)
+    # the grid's run settings, which bilm_overrides and bilmtf_options read
+    vars(a).update(batch_size=32, unroll=20, negatives=1024, dropout=0.1, batches=a.steps, log_every=10, bilm_set=[])
     data = os.path.join(os.path.dirname(a.work), "data-" + arch.train_split)
     manifest, heldout, vocab = grid_tool.prepare(arch, data)
     out = os.path.join(a.work, str(a.seed))
@@ -361,7 +329,8 @@ def main() -> None:
             if "bilm-tf" not in scores:
                 scores["bilm-tf"] = heldout_perplexity(bilmtf_end_model(out, trainer), heldout, vocab)
             scores[f"bilm ({impl})"] = heldout_perplexity(trainer.model, heldout, vocab)
-        np.savez(os.path.join(out, f"curve-bilm-{impl}.npz"), forward=curve[:, 0], backward=curve[:, 1], grad_norm=norms)
+        np.savez(os.path.join(out, f"curve-bilm-{impl}.npz"), forward=curve[:, 0], backward=curve[:, 1],
+                 grad_norm=norms)
         lines += report(a, out, impl, curve, weights, accumulators)
         lines += ["", f"global gradient norm (bilm): median {np.median(norms):.2f}, steps clipped at 10: "
                       f"{int((norms > 10).sum())} of {len(norms)}", ""]
@@ -369,7 +338,8 @@ def main() -> None:
         lines += [f"Heldout perplexity after step {a.steps} ({os.path.basename(arch.heldout_text)}, bilm evaluate's "
                   "scoring: full softmax, carried states):", "", "| model | average | forward | backward |",
                   "| --- | --- | --- | --- |"]
-        lines += [f"| {name} | {r['average']:.1f} | {r['forward']:.1f} | {r['backward']:.1f} |" for name, r in scores.items()]
+        lines += [f"| {name} | {r['average']:.1f} | {r['forward']:.1f} | {r['backward']:.1f} |"
+                  for name, r in scores.items()]
         lines.append("")
         with open(os.path.join(out, "scores.json"), "w") as f:
             json.dump(scores, f, indent=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from unittest import mock
 
 import h5py
 import numpy as np
@@ -415,18 +416,12 @@ class FixedDropout:
         return x * torch.tensor(scale) * torch.from_numpy(mask.astype(np.float32))
 
 
-def replay_long(case: str, monkeypatch, *overrides: str) -> tuple[TrainStep, np.ndarray]:
-    """bilm trains the case's 50 batches from bilm-tf's step-0 weights with TF's masks and candidates.
-    Returns the trainer and the per-step losses (steps x [forward, backward])."""
-    with open(os.path.join(LONG, case, "options.json")) as f:
-        options = json.load(f)
-    assert options["unroll_steps"] == UNROLL_LONG and options["dropout"] > 0 and options["sample_softmax"]
-    cfg = config_from_dict(config_from_bilmtf_options(options),
-                           overrides=["train.device=cpu", "train.sparse_softmax=true", *overrides])
-    trainer = TrainStep(cfg, options["n_tokens_vocab"], DistEnv())
-    weights, _, step = split_tensors(_read_npz(os.path.join("long", case, "start.npz")))
-    load_bilmtf_state(trainer.model, None, weights, {}, step, "start.npz")  # step 0: accumulators 1.0
-    fixed = np.load(os.path.join(LONG, case, "candidates.npz"))
+def replay_fixed_draws(trainer: TrainStep, run_dir: str, masks, unroll: int, after_step=None) -> np.ndarray:
+    """Trains ``run_dir``'s batches.npz from the trainer's weights with its candidates.npz (one set per step
+    and direction) for the sampler and ``masks`` (see FixedDropout) for dropout, as bilm-tf trained them.
+    ``after_step(i, result)`` sees each step. Returns the per-step losses (steps x [forward, backward]).
+    The 50-step fixtures and benchmarks/parity_replay.py (the same at full size) both replay through it."""
+    fixed = np.load(os.path.join(run_dir, "candidates.npz"))
     sampled = []
 
     def sample(n_unique, generator=None, device=None):
@@ -439,25 +434,42 @@ def replay_long(case: str, monkeypatch, *overrides: str) -> tuple[TrainStep, np.
 
     trainer.model.softmax.sampler.sample = sample
     lock_step = trainer.cfg.train.lstm_impl == "fused"
-    dropout = FixedDropout(_read_npz(os.path.join("long", case, "masks.npz")), options["lstm"]["n_layers"], lock_step)
-    monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
+    dropout = FixedDropout(masks, trainer.cfg.model.lstm.n_layers, lock_step, unroll)
     curve = []
-    for i, batch in enumerate(_batches(os.path.join("long", case, "batches.npz"))):
-        dropout.step = i
-        result = trainer.step(batch)
-        curve.append([math.log(float(result.perplexity[d])) for d in ("forward", "backward")])
+    with mock.patch.object(torch.nn.functional, "dropout", dropout):
+        for i, batch in enumerate(_batches(os.path.join(run_dir, "batches.npz"))):
+            dropout.step = i
+            result = trainer.step(batch)
+            curve.append([math.log(float(result.perplexity[d])) for d in ("forward", "backward")])
+            if after_step is not None:
+                after_step(i, result)
     assert len(dropout.calls) == len(dropout.expect) * len(curve) and len(sampled) == 2 * len(curve)
-    return trainer, np.array(curve)
+    return np.array(curve)
+
+
+def replay_long(case: str, *overrides: str) -> tuple[TrainStep, np.ndarray]:
+    """bilm trains the case's 50 batches from bilm-tf's step-0 weights with TF's masks and candidates.
+    Returns the trainer and the per-step losses (steps x [forward, backward])."""
+    with open(os.path.join(LONG, case, "options.json")) as f:
+        options = json.load(f)
+    assert options["unroll_steps"] == UNROLL_LONG and options["dropout"] > 0 and options["sample_softmax"]
+    cfg = config_from_dict(config_from_bilmtf_options(options),
+                           overrides=["train.device=cpu", "train.sparse_softmax=true", *overrides])
+    trainer = TrainStep(cfg, options["n_tokens_vocab"], DistEnv())
+    weights, _, step = split_tensors(_read_npz(os.path.join("long", case, "start.npz")))
+    load_bilmtf_state(trainer.model, None, weights, {}, step, "start.npz")  # step 0: accumulators 1.0
+    masks = _read_npz(os.path.join("long", case, "masks.npz"))
+    return trainer, replay_fixed_draws(trainer, os.path.join(LONG, case), masks, UNROLL_LONG)
 
 
 @pytest.mark.parametrize("case,lstm_impl", [(case, "exact") for case in LONG_CASES] + [(LONG_CASES[0], "reference")])
-def test_fifty_steps_with_dropout_land_where_bilm_tf_landed(case, lstm_impl, tmp_path, monkeypatch):
+def test_fifty_steps_with_dropout_land_where_bilm_tf_landed(case, lstm_impl, tmp_path):
     """50 steps of bilm-tf's train() (dropout 0.2, sampled softmax, clip, carried states) on an
     architecture the three-step fixture does not use, replayed from TF's step-0 weights: each direction's
     loss at every step, and the forward LSTM, the backward LSTM and the shared layers at the end (they
     moved up to 1.15; bilm lands within 5e-7). ``exact`` runs both directions in lock step, ``reference``
     one stack after the other."""
-    trainer, curve = replay_long(case, monkeypatch, f"train.lstm_impl={lstm_impl}")
+    trainer, curve = replay_long(case, f"train.lstm_impl={lstm_impl}")
     want_curve = np.load(os.path.join(LONG, case, "curve.npz"))
     for k, direction in enumerate(("forward", "backward")):
         np.testing.assert_allclose(curve[:, k], want_curve[direction], rtol=0, atol=1e-5,
