@@ -13,6 +13,7 @@ one of these recipes per run (each run, and its evaluation, is reused when found
     rollback-skip    the same, skipping the batches the abandoned stretch trained on (rollback_skip_data)
     rollback-back    rollback-skip, each rollback in a row one checkpoint further back (rollback_further_back)
     adam      Adam, learning rate 0.002 (the guard watches)
+    adam-decay       Adam 0.002, decayed linearly to 0 at the last batch (the guard watches)
 
 While training, the guard watches ``--watch-data`` (default: the scored heldout file, test.txt as
 ``bilm prepare`` tokenized and shuffled it, of which the guard reads the first ``--eval-tokens``
@@ -47,6 +48,7 @@ RECIPES = {
     "rollback-skip": ["train.on_divergence=rollback", "train.rollback_skip_data=true"],
     "rollback-back": ["train.on_divergence=rollback", "train.rollback_skip_data=true", "train.rollback_further_back=true"],
     "adam": ["train.on_divergence=warn", "optim.name=adam", "optim.lr=0.002"],
+    "adam-decay": ["train.on_divergence=warn", "optim.name=adam", "optim.lr=0.002", "optim.decay=linear"],
 }
 
 

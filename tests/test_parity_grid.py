@@ -67,7 +67,7 @@ def test_both_tools_train_the_same_configuration(smoke):
         assert ours.model == theirs.model, arch.name
         for key in ("batch_size", "unroll_steps", "dropout", "n_negative_samples_batch"):
             assert getattr(ours.train, key) == getattr(theirs.train, key), (arch.name, key)
-        for key in ("name", "lr", "initial_accumulator_value", "max_grad_norm", "loss_scale", "warmup_steps"):
+        for key in ("name", "lr", "initial_accumulator_value", "max_grad_norm", "loss_scale", "warmup_steps", "decay"):
             assert getattr(ours.optim, key) == getattr(theirs.optim, key), (arch.name, key)
         assert ours.train.max_steps == a.batches and ours.train.seed == 3
 

@@ -1,6 +1,7 @@
 """Training end to end on the bilm-tf fixture corpus (CPU, tiny models)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -133,6 +134,23 @@ def test_learning_rate_warmup_ramps_and_resumes(tmp_path):
     part = tmp_path / "part"
     train(tiny_config(*overrides, "train.max_steps=2"), TRAIN_DATA, str(part), vocab_file=TRAIN_VOCAB, progress=False)
     train(tiny_config(*overrides, "train.max_steps=6"), TRAIN_DATA, str(part), resume=True, vocab_file=TRAIN_VOCAB,
+          progress=False)
+    assert lrs(part) == pytest.approx(lrs(full))
+
+
+def test_linear_decay_reaches_zero_at_the_last_step_and_resumes(tmp_path):
+    overrides = ("optim.decay=linear", "optim.warmup_steps=2", "train.log_every_steps=1",
+                 "train.checkpoint_every_steps=2", "train.seed=2")
+    lrs = lambda run: [r["lr"] for r in map(json.loads, open(run / "metrics.jsonl"))]
+    full = tmp_path / "full"
+    train(tiny_config(*overrides, "train.max_steps=4"), TRAIN_DATA, str(full), vocab_file=TRAIN_VOCAB, progress=False)
+    # step k (from 0) trains at lr x min(1, (k + 1) / warmup) x (1 - k / 4): the last step at a quarter
+    assert lrs(full) == pytest.approx([0.1, 0.15, 0.1, 0.05])
+    # Cut off after step 2: resuming from step 2's checkpoint trains steps 3-4 at the same rates.
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    os.remove(list_checkpoints(str(part / "checkpoints"))[-1])
+    train(tiny_config(*overrides, "train.max_steps=4"), TRAIN_DATA, str(part), resume=True, vocab_file=TRAIN_VOCAB,
           progress=False)
     assert lrs(part) == pytest.approx(lrs(full))
 

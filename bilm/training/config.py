@@ -105,6 +105,7 @@ class OptimConfig:
     # (its clip and Adagrad see that gradient); "none" = the mean token loss.
     loss_scale: Literal["unroll_steps", "none"] = "unroll_steps"
     warmup_steps: int = 0                   # ramp the learning rate up linearly over this many steps (bilm-tf: 0)
+    decay: Literal["none", "linear"] = "none"  # linear: down to 0 at the run's last step (bilm-tf: none)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     weight_decay: float = 0.0

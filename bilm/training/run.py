@@ -247,6 +247,7 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
 
     trainer = TrainStep(cfg, len(vocab), env, init)
+    trainer.total_steps = total_steps
     char_inputs = cfg.model.char_cnn is not None
     dataset = LMDataset(data, vocab, t.batch_size, t.unroll_steps, mode="train", seed=t.seed,
                         rank=env.rank, world_size=env.world_size, char_inputs=char_inputs,

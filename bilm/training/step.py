@@ -91,6 +91,7 @@ class TrainStep:
         self.loss_scale = float(t.unroll_steps) if cfg.optim.loss_scale == "unroll_steps" else 1.0
         self.steps_done = 0  # optimizer steps so far (set on resume): drives the learning-rate warm-up
         self.lr_factor = 1.0  # lowered by the divergence guard's rollbacks
+        self.total_steps: Optional[int] = None  # the run's length: where optim.decay "linear" reaches 0
         self.timing = False  # True: wait for the device at each phase, so the timings are exact
         self.strategy = make_strategy(cfg, self.model, env)
 
@@ -125,9 +126,14 @@ class TrainStep:
         return StepResult(loss.detach(), perplexity, grad_norm.detach(), timings)
 
     def _set_learning_rate(self) -> None:
-        """optim.lr, ramped up linearly over the first optim.warmup_steps steps (bilm-tf: none)."""
+        """optim.lr, ramped up linearly over the first optim.warmup_steps steps and, with optim.decay
+        "linear", down linearly to 0 at total_steps (bilm-tf: neither)."""
         o = self.cfg.optim
         scale = min(1.0, (self.steps_done + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
+        if o.decay == "linear":
+            if not self.total_steps:
+                raise ValueError("optim.decay 'linear' needs the run's length: set TrainStep.total_steps")
+            scale *= max(0.0, 1.0 - self.steps_done / self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = o.lr * self.lr_factor * scale
 

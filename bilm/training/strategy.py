@@ -43,7 +43,7 @@ _DEEPSPEED_KEYS_OWNED = {
     "train_micro_batch_size_per_gpu": "train.batch_size (bilm packs the batches; DeepSpeed sees one per step)",
     "gradient_accumulation_steps": "train.batch_size (bilm packs the batches; DeepSpeed sees one per step)",
     "optimizer": "optim.* (bilm builds the optimizer)",
-    "scheduler": "optim.warmup_steps (bilm sets the learning rate)",
+    "scheduler": "optim.warmup_steps and optim.decay (bilm sets the learning rate)",
     "bf16": "train.precision (bf16 autocast, the same under every strategy)",
     "fp16": "train.precision (bf16 autocast, the same under every strategy)",
     "amp": "train.precision (bf16 autocast, the same under every strategy)",
