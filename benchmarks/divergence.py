@@ -14,6 +14,8 @@ one of these recipes per run (each run, and its evaluation, is reused when found
     rollback-back    rollback-skip, each rollback in a row one checkpoint further back (rollback_further_back)
     adam      Adam, learning rate 0.002 (the guard watches)
     adam-decay       Adam 0.002, decayed linearly to 0 at the last batch (the guard watches)
+    adam-warmup      Adam 0.004, reached linearly over the first 100 batches (the guard watches)
+    adam-beta0.99    Adam 0.003 with beta2 0.99 (the guard watches)
 
 While training, the guard watches ``--watch-data`` (default: the scored heldout file, test.txt as
 ``bilm prepare`` tokenized and shuffled it, of which the guard reads the first ``--eval-tokens``
@@ -49,6 +51,8 @@ RECIPES = {
     "rollback-back": ["train.on_divergence=rollback", "train.rollback_skip_data=true", "train.rollback_further_back=true"],
     "adam": ["train.on_divergence=warn", "optim.name=adam", "optim.lr=0.002"],
     "adam-decay": ["train.on_divergence=warn", "optim.name=adam", "optim.lr=0.002", "optim.decay=linear"],
+    "adam-warmup": ["train.on_divergence=warn", "optim.name=adam", "optim.lr=0.004", "optim.warmup_steps=100"],
+    "adam-beta0.99": ["train.on_divergence=warn", "optim.name=adam", "optim.lr=0.003", "optim.adam_betas=[0.9, 0.99]"],
 }
 
 
