@@ -1,7 +1,7 @@
 """Does training diverge, and does the guard or another recipe prevent it? Seeds x recipes on issue 10's parity run.
 
     python benchmarks/divergence.py [--seeds 0 1 2 3 4 5] [--batches 400] [--work /tmp/bilm-divergence]
-        [--recipes bilmtf rollback adam] [--smoke] [--report]
+        [--recipes bilmtf rollback adam adam-warmup] [--smoke] [--report]
 
 The run of benchmarks/parity_bilmtf.py (WikiText-2 valid.txt to train, test.txt held out; LSTM 2 x
 1024/128, char CNN of 2048 filters, batch 32 x 20, 1024 negatives, 400 batches), bilm only, with
@@ -85,7 +85,7 @@ def main() -> None:
     add_run_arguments(p, work="/tmp/bilm-divergence", seeds=[0, 1, 2, 3, 4, 5])
     p.add_argument("--watch-data", help="what the guard watches while training (--eval-data; default: the scored "
                                         "heldout file)")
-    p.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=["bilmtf", "rollback", "adam"])
+    p.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=["bilmtf", "rollback", "adam", "adam-warmup"])
     p.add_argument("--rollback-all", action="store_true", help="run the rollback recipe on every seed")
     p.add_argument("--eval-every", type=int, default=50, help="batches between the guard's evaluations")
     p.add_argument("--eval-tokens", type=int, default=10000, help="tokens the guard scores each time")

@@ -133,7 +133,7 @@ class TrainStep:
         if o.decay == "linear":
             if not self.total_steps:
                 raise ValueError("optim.decay 'linear' needs the run's length: set TrainStep.total_steps")
-            scale *= max(0.0, 1.0 - self.steps_done / self.total_steps)
+            scale *= 1.0 - self.steps_done / self.total_steps  # steps_done < total_steps inside the run
         for group in self.optimizer.param_groups:
             group["lr"] = o.lr * self.lr_factor * scale
 
