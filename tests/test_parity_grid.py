@@ -95,4 +95,45 @@ def test_grid_table_reports_median_ratios_and_the_worst_configuration():
     assert text.count("1 of 3") == 1
     rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| large | bilm")}
     assert rows["bilm-tf"].endswith("| 1 of 2 |") and rows["bilm"].endswith("| 1 of 2 |"), rows
-    assert lines[-1] == "worst median ratio: 1.080 (small, forward); goal <= 1.03 everywhere"
+    assert "worst median ratio: 1.080 (small, forward); goal <= 1.03 everywhere" in lines
+
+
+def test_pooled_ratio_over_the_grid_leaves_diverged_directions_out():
+    """The grid-wide figure: geometric mean over configuration-directions of the ratio of geometric means over
+    healthy seeds; a direction above the unigram model is left out, its other direction kept."""
+    import math
+
+    results = {"a": {"unigram": 900.0,
+                     "bilm-tf": {0: _run(1, 500, 600, 1), 1: _run(1, 500, 600, 1)},
+                     "bilm": {0: _run(1, 600, 500, 1), 1: _run(1, 600, 5000, 1)}},  # seed 1's backward diverged
+             "b": {"unigram": 900.0,
+                   "bilm-tf": {0: _run(1, 950, 400, 1)},  # forward diverged: no forward cell for "b"
+                   "bilm": {0: _run(1, 700, 400, 1)}}}
+    ratio, low, high, cells = parity.pooled_ratio(results)
+    assert cells == 3
+    assert ratio == pytest.approx(math.exp((math.log(600 / 500) + math.log(500 / 600) + 0) / 3))
+    assert (low, high) == pytest.approx((ratio, ratio))  # no spread within any tool's healthy seeds
+    results["b"]["bilm"][1] = _run(1, 700, 480, 1)
+    ratio, low, high, _ = parity.pooled_ratio(results)
+    assert low < ratio < high and high <= math.exp(math.log(480 / 400) / 3) + 1e-9
+    line = [ln for ln in parity.grid_table(results) if ln.startswith("pooled")][0]
+    assert line.startswith(f"pooled over 3 configuration-directions, healthy seeds: bilm / bilm-tf {ratio:.3f} (")
+    assert parity.pooled_ratio({"c": {"unigram": 1.0, "bilm-tf": {0: _run(1, 5, 5, 1)}, "bilm": {}}}) is None
+
+
+def test_null_pass_rate_is_how_often_equal_tools_meet_the_goal():
+    """Runs shuffled between the two sides: identical runs always meet the goal; runs whose spread is wide
+    (one of three 20% higher) fail it in a fifth of the deals, the same share on every call (a fixed seed)."""
+    same = {"c": {"unigram": 900.0, "bilm-tf": {s: _run(600, 600, 600, 1) for s in range(3)},
+                  "bilm": {s: _run(600, 600, 600, 1) for s in range(3)}}}
+    assert parity.null_pass_rate(same) == 1.0
+    wide = {"c": {"unigram": 900.0, "bilm-tf": {0: _run(600, 600, 600, 1), 1: _run(600, 600, 600, 1),
+                                                 2: _run(720, 720, 720, 1)},
+                  "bilm": {0: _run(600, 600, 600, 1), 1: _run(600, 600, 600, 1), 2: _run(720, 720, 720, 1)}}}
+    # a side's median is 720 only when it is dealt both high runs: 4 of the 20 deals of 3 + 3 give them to the
+    # bilm side (ratio 1.2, a failure), 4 to bilm-tf's (0.83, a pass)
+    rate = parity.null_pass_rate(wide)
+    assert rate == parity.null_pass_rate(wide) and 0.75 < rate < 0.85
+    assert parity.null_pass_rate(wide, goal=1.25) == 1.0
+    assert parity.null_pass_rate({"c": {"unigram": 1.0, "bilm-tf": {}, "bilm": {0: _run(1, 1, 1, 1)}}}) is None
+    assert any(line.startswith("two tools equal by construction") for line in parity.grid_table(wide))
