@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -231,7 +233,6 @@ def unigram_perplexity(manifest: str, heldout: str) -> float:
     """Add-one unigram perplexity of the heldout targets (words and </S>) under the training counts:
     the line a model must beat; a run above it has diverged."""
     import glob
-    import math
 
     base = os.path.dirname(manifest)
     counts = {}
@@ -285,9 +286,6 @@ def pooled_ratio(results: dict[str, dict], n_boot: int = 2000) -> tuple[float, f
     a 95% bootstrap interval (seeds resampled within each tool and cell). It pools what one cell's median of
     three cannot resolve; divergences are counted apart, in the table's last column.
     Returns (ratio, low, high, cells), or None when no cell has healthy runs of both tools."""
-    import math
-    import random
-
     cells = []  # (bilm log-perplexities, bilm-tf log-perplexities) per configuration and direction
     for res in results.values():
         for key in ("forward", "backward"):
@@ -310,8 +308,6 @@ def null_pass_rate(results: dict[str, dict], goal: float = 1.03, n_draws: int = 
     runs of both tools are shuffled and dealt back to the two sides (as many as each had), and every median
     ratio (average, forward, backward, every configuration) is checked against ``goal``. A low rate says the
     goal, at these seed counts, cannot separate a real gap from the seed-to-seed spread. None without runs."""
-    import random
-
     pools = [(list(res["bilm-tf"].values()) + list(res["bilm"].values()), len(res["bilm-tf"]))
              for res in results.values() if res["bilm-tf"] and res["bilm"]]
     if not pools:
