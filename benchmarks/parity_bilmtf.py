@@ -280,6 +280,12 @@ def median_ratios(tf: list[dict], bl: list[dict]) -> dict[str, float]:
     return out
 
 
+def healthy_logs(res: dict, tool: str, key: str) -> list[float]:
+    """One tool's log-perplexities in one direction of one configuration, over its healthy seeds (a direction
+    at or below the unigram model)."""
+    return [math.log(r["bilm_eval"][key]) for r in res[tool].values() if r["bilm_eval"][key] <= res["unigram"]]
+
+
 def pooled_ratio(results: dict[str, dict], n_boot: int = 2000) -> tuple[float, float, float, int] | None:
     """bilm / bilm-tf over the whole grid: the geometric mean, over configurations and directions, of the ratio
     of each tool's geometric-mean perplexity over its healthy seeds (a direction below the unigram model), with
@@ -289,8 +295,7 @@ def pooled_ratio(results: dict[str, dict], n_boot: int = 2000) -> tuple[float, f
     cells = []  # (bilm log-perplexities, bilm-tf log-perplexities) per configuration and direction
     for res in results.values():
         for key in ("forward", "backward"):
-            logs = [[math.log(r["bilm_eval"][key]) for r in res[tool].values() if r["bilm_eval"][key] <= res["unigram"]]
-                    for tool in ("bilm", "bilm-tf")]
+            logs = [healthy_logs(res, tool, key) for tool in ("bilm", "bilm-tf")]
             if all(logs):
                 cells.append(logs)
     if not cells:
@@ -303,11 +308,14 @@ def pooled_ratio(results: dict[str, dict], n_boot: int = 2000) -> tuple[float, f
     return math.exp(gap(lambda xs: xs)), math.exp(low), math.exp(high), len(cells)
 
 
-def null_pass_rate(results: dict[str, dict], goal: float = 1.03, n_draws: int = 2000) -> float | None:
+def null_pass_rate(results: dict[str, dict], goal: float = 1.03, n_draws: int = 2000,
+                   seeds: int | None = None) -> float | None:
     """How often two tools that are the same by construction would meet the grid's goal: each configuration's
     runs of both tools are shuffled and dealt back to the two sides (as many as each had), and every median
     ratio (average, forward, backward, every configuration) is checked against ``goal``. A low rate says the
-    goal, at these seed counts, cannot separate a real gap from the seed-to-seed spread. None without runs."""
+    goal, at these seed counts, cannot separate a real gap from the seed-to-seed spread. With ``seeds``, each
+    side instead draws that many runs with replacement from the configuration's pooled runs: the rate a grid
+    of that many seeds per tool would have, if the runs so far show the spread. None without runs."""
     pools = [(list(res["bilm-tf"].values()) + list(res["bilm"].values()), len(res["bilm-tf"]))
              for res in results.values() if res["bilm-tf"] and res["bilm"]]
     if not pools:
@@ -317,11 +325,40 @@ def null_pass_rate(results: dict[str, dict], goal: float = 1.03, n_draws: int = 
     for _ in range(n_draws):
         ok = True
         for runs, n_tf in pools:
-            dealt = rng.sample(runs, len(runs))
-            ratios = median_ratios(dealt[:n_tf], dealt[n_tf:])
+            if seeds is None:
+                dealt = rng.sample(runs, len(runs))
+                tf_side, bilm_side = dealt[:n_tf], dealt[n_tf:]
+            else:
+                tf_side, bilm_side = rng.choices(runs, k=seeds), rng.choices(runs, k=seeds)
+            ratios = median_ratios(tf_side, bilm_side)
             ok = ok and all(ratios[key] <= goal for key in KEYS)
         passed += ok
     return passed / n_draws
+
+
+SEED_COUNTS = (3, 5, 10, 20, 30)  # the grid sizes the "equal tools at N seeds" line projects to
+
+
+def normal_pass_rate(results: dict[str, dict], seeds: int, goal: float = 1.03) -> tuple[float, float] | None:
+    """The other bound on ``null_pass_rate(seeds=...)``, which errs low (a median of N resampled runs straddles the
+    gaps between the few runs there are): equal tools whose healthy log-perplexities are normal, with the sd the
+    median over configurations, directions and tools of the healthy runs' sample sd; no divergences; every
+    configuration-direction independent. A median of N has sd sqrt(pi / 2) sd / sqrt(N), a ratio of two medians
+    sqrt(2) times that. Returns (pass rate, sd), or None with fewer than two healthy runs in every cell."""
+    sds = []
+    for res in results.values():
+        for key in ("forward", "backward"):
+            for tool in ("bilm", "bilm-tf"):
+                logs = healthy_logs(res, tool, key)
+                if len(logs) > 1:
+                    sds.append(statistics.stdev(logs))
+    if not sds:
+        return None
+    sd = statistics.median(sds)
+    ratio_sd = math.sqrt(2) * math.sqrt(math.pi / 2) * sd / math.sqrt(seeds)
+    cells = 2 * sum(1 for res in results.values() if res["bilm-tf"] and res["bilm"])
+    per_cell = statistics.NormalDist().cdf(math.log(goal) / ratio_sd) if ratio_sd > 0 else 1.0
+    return per_cell ** cells, sd
 
 
 def grid_table(results: dict[str, dict]) -> list[str]:
@@ -359,6 +396,14 @@ def grid_table(results: dict[str, dict]) -> list[str]:
     if null is not None:
         lines.append(f"two tools equal by construction (each configuration's runs shuffled between the sides) meet "
                      f"the goal in {100 * null:.0f}% of 2000 draws")
+        at = ", ".join(f"{n}: {100 * null_pass_rate(results, seeds=n, n_draws=1000):.0f}%" for n in SEED_COUNTS)
+        lines.append(f"the same, at N seeds per tool (each side's runs drawn with replacement from the configuration's "
+                     f"runs of both tools): {at}")
+        normal = [normal_pass_rate(results, n) for n in SEED_COUNTS]
+        if normal[0] is not None:
+            at = ", ".join(f"{n}: {100 * rate:.0f}%" for n, (rate, _) in zip(SEED_COUNTS, normal))
+            lines.append(f"the same in a normal model (healthy runs' sd of log-perplexity {100 * normal[0][1]:.1f}%, no "
+                         f"divergences, independent configuration-directions): {at}")
     return lines
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 
@@ -101,7 +102,6 @@ def test_grid_table_reports_median_ratios_and_the_worst_configuration():
 def test_pooled_ratio_over_the_grid_leaves_diverged_directions_out():
     """The grid-wide figure: geometric mean over configuration-directions of the ratio of geometric means over
     healthy seeds; a direction above the unigram model is left out, its other direction kept."""
-    import math
 
     results = {"a": {"unigram": 900.0,
                      "bilm-tf": {0: _run(1, 500, 600, 1), 1: _run(1, 500, 600, 1)},
@@ -137,3 +137,42 @@ def test_null_pass_rate_is_how_often_equal_tools_meet_the_goal():
     assert parity.null_pass_rate(wide, goal=1.25) == 1.0
     assert parity.null_pass_rate({"c": {"unigram": 1.0, "bilm-tf": {}, "bilm": {0: _run(1, 1, 1, 1)}}}) is None
     assert any(line.startswith("two tools equal by construction") for line in parity.grid_table(wide))
+
+
+def test_null_pass_rate_at_n_seeds_draws_that_many_runs_per_side():
+    """With ``seeds=n`` each side draws n runs with replacement from the configuration's pooled runs: a side's
+    median is the high value when most of its n draws are (a binomial tail q), and only a high bilm median
+    over a low bilm-tf one fails, so equal tools pass with probability 1 - q(1 - q), which grows with n."""
+    wide = {"c": {"unigram": 900.0, "bilm-tf": {0: _run(600, 600, 600, 1), 1: _run(720, 720, 720, 1)},
+                  "bilm": {0: _run(600, 600, 600, 1), 1: _run(600, 600, 600, 1), 2: _run(600, 600, 600, 1),
+                           3: _run(720, 720, 720, 1)}}}  # a third of the pooled runs are high
+
+    def expected(n: int) -> float:
+        q = sum(math.comb(n, k) * (1 / 3) ** k * (2 / 3) ** (n - k) for k in range(n // 2 + 1, n + 1))
+        return 1 - q * (1 - q)
+
+    for n in (3, 31):
+        assert abs(parity.null_pass_rate(wide, seeds=n) - expected(n)) < 0.03  # 2,000 draws: sd under 0.01
+    assert parity.null_pass_rate(wide, seeds=3) < 0.85 < 0.95 < parity.null_pass_rate(wide, seeds=31)
+    lines = parity.grid_table(wide)
+    assert any(line.startswith("the same, at N seeds per tool") and "30: " in line for line in lines)
+
+
+def test_normal_pass_rate_projects_equal_tools_from_the_healthy_runs_spread():
+    """Every tool's healthy log-perplexities spread by sd d in both directions: a ratio of two medians of n has sd
+    sqrt(pi) d / sqrt(n) (the median's sqrt(pi / 2), times sqrt(2) for the ratio). With d chosen so that this is
+    log(1.03), each of the configuration's two directions passes with probability Phi(1); a diverged run (above the
+    unigram model) does not widen the spread."""
+    n = 4
+    d = math.log(1.03) * math.sqrt(n) / math.sqrt(math.pi)
+    values = [600 * math.exp(d * z) for z in (-1, 0, 1)]  # sample sd of the logs: d
+    res = {"unigram": 900.0, "bilm-tf": {s: _run(v, v, v, 1) for s, v in enumerate(values)},
+           "bilm": {s: _run(v, v, v, 1) for s, v in enumerate(values)}}
+    res["bilm"][3] = _run(5000, 9000, 600, 1)  # forward diverged; its backward 600 is healthy and in the spread
+    rate, sd = parity.normal_pass_rate({"c": res}, seeds=n)
+    # the sds per tool and direction: d, d, d and (bilm backward, with 600 twice) a little less; the median is d
+    assert sd == pytest.approx(d)
+    assert rate == pytest.approx(0.8413447 ** 2, abs=1e-6)
+    assert parity.normal_pass_rate({"c": res}, seeds=4 * n)[0] == pytest.approx(0.9772499 ** 2, abs=1e-6)  # Phi(2)
+    assert parity.normal_pass_rate({"c": {"unigram": 1.0, "bilm-tf": {0: _run(1, 1, 1, 1)}, "bilm": {}}}, seeds=3) is None
+    assert any(line.startswith("the same in a normal model") for line in parity.grid_table({"c": res}))
