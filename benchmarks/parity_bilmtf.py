@@ -340,10 +340,10 @@ SEED_COUNTS = (3, 5, 10, 20, 30)  # the grid sizes the "equal tools at N seeds" 
 
 
 def normal_pass_rate(results: dict[str, dict], seeds: int, goal: float = 1.03) -> tuple[float, float] | None:
-    """The other bound on ``null_pass_rate(seeds=...)``, which errs low (a median of N resampled runs straddles the
+    """A cross-check on ``null_pass_rate(seeds=...)``, which errs low (a median of N resampled runs straddles the
     gaps between the few runs there are): equal tools whose healthy log-perplexities are normal, with the sd the
-    median over configurations, directions and tools of the healthy runs' sample sd; no divergences; every
-    configuration-direction independent. A median of N has sd sqrt(pi / 2) sd / sqrt(N), a ratio of two medians
+    median over configurations, directions and tools of the healthy runs' sample sd; no divergences and no
+    average column (optimistic); every configuration-direction independent (pessimistic, as they correlate). A median of N has sd sqrt(pi / 2) sd / sqrt(N), a ratio of two medians
     sqrt(2) times that. Returns (pass rate, sd), or None with fewer than two healthy runs in every cell."""
     sds = []
     for res in results.values():
