@@ -264,8 +264,9 @@ def report(a, out: str, lstm_impl: str, curve: np.ndarray, weights: dict, accumu
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     for k, d in enumerate(DIRECTIONS):
         gap = curve[:, k] - want[d][:n]
+        tail = gap[-50:]
         lines.append(f"\n{d}: mean loss difference bilm - bilm-tf over all steps {gap.mean():+.2e}, "
-                     f"over the last 50 {gap[-50:].mean():+.2e} (perplexity ratio {np.exp(gap[-50:].mean()):.4f})")
+                     f"over the last {len(tail)} {tail.mean():+.2e} (perplexity ratio {np.exp(tail.mean()):.4f})")
     lines += ["", f"After step {step}: largest |bilm - bilm-tf| per group, against the largest move from step 0:", "",
               "| group | weights diff | weights moved | accumulators rel. diff |", "| --- | --- | --- | --- |"]
     for group, member in GROUPS.items():
