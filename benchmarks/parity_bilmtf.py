@@ -9,9 +9,12 @@
 ``--grid`` runs every configuration of ``grid()`` (LSTM 512 / 1024, 1 / 2 highway layers, two filter
 sets, WikiText-2's valid or test split to train on, the other held out), each seed, each tool, and
 prints one table: heldout perplexity (average, forward, backward; one evaluator for both), training
-tokens/s, and bilm / bilm-tf median ratios per configuration and direction, the worst one named; it
-also writes WORK/grid/results.json. ``--smoke`` shrinks every size (tiny LSTMs and char CNNs, 3
-batches of 4 x 5, 400 lines of data/sample's text, one seed) to check the whole path; its figures mean nothing.
+tokens/s, and bilm / bilm-tf median ratios per configuration and direction, the worst one named. Under
+it, lines that read the whole grid: a pooled ratio over healthy seeds with a bootstrap interval, and how
+often two tools equal by construction would meet the goal with these seeds (``null_pass_rate``) and with
+3 to 30 seeds each (resampled, and in a normal model). It also writes WORK/grid/results.json.
+``--smoke`` shrinks every size (tiny LSTMs and char CNNs, 3 batches of 4 x 5, 400 lines of data/sample's
+text, one seed) to check the whole path; its figures mean nothing.
 
 Neither TensorFlow nor bilm-tf is a dependency of bilm: give a Python that has tensorflow-cpu 2.15
 (+ numpy<2, h5py) and an unmodified bilm-tf tree (../shared/peers/README.md says how to make both).
@@ -288,7 +291,7 @@ def healthy_logs(res: dict, tool: str, key: str) -> list[float]:
 
 def pooled_ratio(results: dict[str, dict], n_boot: int = 2000) -> tuple[float, float, float, int] | None:
     """bilm / bilm-tf over the whole grid: the geometric mean, over configurations and directions, of the ratio
-    of each tool's geometric-mean perplexity over its healthy seeds (a direction below the unigram model), with
+    of each tool's geometric-mean perplexity over its healthy seeds (``healthy_logs``), with
     a 95% bootstrap interval (seeds resampled within each tool and cell). It pools what one cell's median of
     three cannot resolve; divergences are counted apart, in the table's last column.
     Returns (ratio, low, high, cells), or None when no cell has healthy runs of both tools."""
@@ -343,8 +346,9 @@ def normal_pass_rate(results: dict[str, dict], seeds: int, goal: float = 1.03) -
     """A cross-check on ``null_pass_rate(seeds=...)``, which errs low (a median of N resampled runs straddles the
     gaps between the few runs there are): equal tools whose healthy log-perplexities are normal, with the sd the
     median over configurations, directions and tools of the healthy runs' sample sd; no divergences and no
-    average column (optimistic); every configuration-direction independent (pessimistic, as they correlate). A median of N has sd sqrt(pi / 2) sd / sqrt(N), a ratio of two medians
-    sqrt(2) times that. Returns (pass rate, sd), or None with fewer than two healthy runs in every cell."""
+    average column (optimistic); every configuration-direction independent (pessimistic, as they correlate).
+    A median of N has sd sqrt(pi / 2) sd / sqrt(N), a ratio of two medians sqrt(2) times that: sqrt(pi) sd /
+    sqrt(N). Returns (pass rate, sd), or None with fewer than two healthy runs in every cell."""
     sds = []
     for res in results.values():
         for key in ("forward", "backward"):
@@ -355,7 +359,7 @@ def normal_pass_rate(results: dict[str, dict], seeds: int, goal: float = 1.03) -
     if not sds:
         return None
     sd = statistics.median(sds)
-    ratio_sd = math.sqrt(2) * math.sqrt(math.pi / 2) * sd / math.sqrt(seeds)
+    ratio_sd = math.sqrt(math.pi) * sd / math.sqrt(seeds)
     cells = 2 * sum(1 for res in results.values() if res["bilm-tf"] and res["bilm"])
     per_cell = statistics.NormalDist().cdf(math.log(goal) / ratio_sd) if ratio_sd > 0 else 1.0
     return per_cell ** cells, sd
@@ -363,7 +367,8 @@ def normal_pass_rate(results: dict[str, dict], seeds: int, goal: float = 1.03) -
 
 def grid_table(results: dict[str, dict]) -> list[str]:
     """Markdown lines: one row per configuration and tool (medians and every seed), the ratio row of each
-    configuration, and the worst ratio over configurations and directions."""
+    configuration, the worst ratio over configurations and directions, then the grid-wide lines (pooled ratio,
+    equal tools now, at N seeds resampled, at N seeds in a normal model)."""
     lines = ["| configuration | tool | average | forward | backward | tokens/s | diverged |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     worst = None
@@ -402,8 +407,8 @@ def grid_table(results: dict[str, dict]) -> list[str]:
         normal = [normal_pass_rate(results, n) for n in SEED_COUNTS]
         if normal[0] is not None:
             at = ", ".join(f"{n}: {100 * rate:.0f}%" for n, (rate, _) in zip(SEED_COUNTS, normal))
-            lines.append(f"the same in a normal model (healthy runs' sd of log-perplexity {100 * normal[0][1]:.1f}%, no "
-                         f"divergences, independent configuration-directions): {at}")
+            lines.append(f"the same in a normal model (healthy runs' sd of log-perplexity {100 * normal[0][1]:.1f}%, "
+                         f"no divergences, independent configuration-directions): {at}")
     return lines
 
 
