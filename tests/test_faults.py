@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from bilm.training.checkpoint import LOCK_NAME, list_checkpoints, load_checkpoint
+from bilm.runs.checkpoint import LOCK_NAME, list_checkpoints, load_checkpoint
 from bilm.cli import main as bilm_main
 from bilm.training.run import train
 from conftest import OPTIONS, WEIGHTS

@@ -131,8 +131,8 @@ def test_bilm_imports_data_tools_only_in_the_cli():
     assert not offenders, f"bilm modules importing data_tools: {offenders}"
 
 
-@pytest.mark.parametrize("module", ["bilm.inference.embedder", "bilm.elmo", "bilm.training.run", "bilm.evaluate",
-                                    "bilm.formats.export", "bilm.inference.score"])
+@pytest.mark.parametrize("module", ["bilm.inference.embedder", "bilm.elmo", "bilm.training.run", "bilm.scoring.evaluate",
+                                    "bilm.commands.export", "bilm.inference.score"])
 def test_library_modules_load_no_data_tools(module):
     code = (f"import sys, {module}\n"
             "loaded = sorted(m for m in sys.modules if m == 'data_tools' or m.startswith('data_tools.'))\n"
@@ -143,6 +143,6 @@ def test_library_modules_load_no_data_tools(module):
 
 
 def test_config_lstm_impls_agree_with_the_lstm_module():
-    from bilm.training.config import TrainConfig
+    from bilm.runs.config import TrainConfig
     from bilm.modules.lstm import LSTM_IMPLS
     assert typing.get_args(typing.get_type_hints(TrainConfig)["lstm_impl"]) == LSTM_IMPLS

@@ -19,23 +19,23 @@ from typing import Iterator, Optional
 
 import torch
 
-from bilm.atomic import atomic_open
-from bilm.training.checkpoint import RunLock
+from bilm.core.atomic import atomic_open
+from bilm.runs.checkpoint import RunLock
 from bilm.training.checkpointer import Checkpointer
-from bilm.training.config import Config, save_config
+from bilm.runs.config import Config, save_config
 from bilm.data import LMDataset, load_manifest
-from bilm.training.distributed import DistEnv, init_distributed, shutdown
-from bilm.errors import InputError
+from bilm.core.distributed import DistEnv, init_distributed, shutdown
+from bilm.core.errors import InputError
 from bilm.training.guard import Divergence, DivergenceGuard, GuardState
 from bilm.training.heldout import figures as heldout_figures, no_heldout_message, prepare_heldout
-from bilm.logs import log
+from bilm.core.logs import log
 from bilm.modules.language_model import DIRECTIONS
-from bilm.options import BiLMOptions
-from bilm.progress import progress_bar
+from bilm.core.options import BiLMOptions
+from bilm.core.progress import progress_bar
 from bilm.training.step import StepResult, TrainStep
 from bilm.training.strategy import check_config
-from bilm.vocab import Vocabulary
-from bilm.text import TextPipeline
+from bilm.core.vocab import Vocabulary
+from bilm.core.text import TextPipeline
 
 # Adagrad's sparse update builds COO tensors from indices it made itself; the note is noise.
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
@@ -230,7 +230,7 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
         # The published options decide the architecture; the config keeps the training settings.
         cfg.model = BiLMOptions.from_file(init["options"])
         init = {**init, "vocab_tokens": vocab.tokens}
-    tf_start = (init or {}).get("tf")  # a bilm-tf training checkpoint (bilm.training.continue_tf.TFStart)
+    tf_start = (init or {}).get("tf")  # a bilm-tf checkpoint: bilm.commands.continue_tf.TFStart
     if tf_start is not None:
         if t.strategy == "deepspeed":
             raise InputError("train.strategy=deepspeed cannot start from a bilm-tf checkpoint (its optimizer "
@@ -271,8 +271,7 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
         trainer.lr_factor = guard.state.lr_factor
         metrics_offset = health["metrics_bytes"]
     if tf_start is not None and step == 0:  # not resumed: a resumed run has it all in its checkpoint
-        from bilm.training.continue_tf import report_line
-        log.info(report_line(tf_start.load_into(trainer.model, trainer.optimizer, vocab.tokens)))
+        log.info(tf_start.start(trainer.model, trainer.optimizer, vocab.tokens))
 
     checkpoints.start()
     logger = _Logger(out_dir, env.is_main, resumed_step=step, offset=metrics_offset)

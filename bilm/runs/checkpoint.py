@@ -33,8 +33,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from bilm.atomic import atomic_path
-from bilm.errors import CheckpointWriteError, InputError, RunDirectoryLocked  # noqa: F401  (raised here, caught by the CLI)
+from bilm.core.atomic import atomic_path
+from bilm.core.errors import CheckpointWriteError, InputError, RunDirectoryLocked  # noqa: F401  (raised here, caught by the CLI)
 
 _NAME = re.compile(r"step-(\d+)\.pt$")
 REQUIRED_KEYS = ("format", "step", "config", "model")
@@ -404,7 +404,7 @@ def check_resume(payload: dict, path: str, config: dict, vocab: list[str], vocab
     vocabulary or text pipeline differ from the checkpoint's; returns the other settings that changed
     (``key: old -> new``), which are accepted. ``config`` is ``config_to_dict`` of this run's config;
     ``text_pipeline`` the ``TextPipeline.to_state()`` of this run's data (None: not known)."""
-    from bilm.training.config import config_from_dict, config_to_dict
+    from bilm.runs.config import config_from_dict, config_to_dict
 
     try:
         saved = _flatten(config_to_dict(config_from_dict(payload["config"], where=f"{path} (its config)")))
