@@ -371,7 +371,8 @@ def _add_convert_checkpoint(sub: argparse._SubParsersAction) -> Callable:
 
     def run(args: argparse.Namespace) -> int:
         import os
-        from bilm.runs.checkpoint import OLD_FORMAT, CheckpointError, convert_checkpoint, list_checkpoints
+        from bilm.runs.checkpoint import CheckpointError, OLD_FORMAT, convert_checkpoint
+        from bilm.runs.run_dir import list_checkpoints
         files = []
         for path in args.paths:
             if os.path.isdir(path):

@@ -353,7 +353,8 @@ def test_import_errors_name_the_file(tmp_path, capsys):
 def test_imported_run_resumes_with_its_optimizer_state(tmp_path):
     """bilm train --resume on an imported run continues from TF's step and accumulators."""
     from bilm.commands.import_bilmtf import import_bilmtf
-    from bilm.runs.checkpoint import list_checkpoints, load_checkpoint
+    from bilm.runs.checkpoint import load_checkpoint
+    from bilm.runs.run_dir import list_checkpoints
     from bilm.runs.config import load_config
     from bilm.training.run import train
 

@@ -17,7 +17,8 @@ import torch
 
 from bilm.modules import published
 from bilm.formats.bilmtf import latest_tf_checkpoint, read_tf_checkpoint, split_tensors
-from bilm.runs.checkpoint import list_checkpoints, load_checkpoint
+from bilm.runs.checkpoint import load_checkpoint
+from bilm.runs.run_dir import list_checkpoints
 from bilm.cli import main as bilm_main
 from bilm.commands.continue_tf import TFStart, report_line
 from bilm.core.vocab import read_tokens

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bilm import ElmoEmbedder
-from bilm.runs.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from bilm.runs.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from bilm.runs.run_dir import list_checkpoints
 from bilm.scoring.evaluate import evaluate
 from bilm.commands.export import export
 from bilm.runs.trained_model import model_from_checkpoint

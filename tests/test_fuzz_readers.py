@@ -190,7 +190,8 @@ def test_reader(seeds, tmp_path, kind, data):
 # ----- a damaged or missing shard met during training -----
 
 def test_a_damaged_or_missing_shard_stops_training_with_one_line_and_the_checkpoints_intact(tmp_path, capsys):
-    from bilm.runs.checkpoint import list_checkpoints, load_checkpoint
+    from bilm.runs.checkpoint import load_checkpoint
+    from bilm.runs.run_dir import list_checkpoints
     from bilm.cli import main as bilm_main
     from test_faults import _train_args
 

@@ -17,7 +17,8 @@ import torch
 
 import bilm.training.heldout as heldout_module
 import bilm.training.run as train_module
-from bilm.runs.checkpoint import best_checkpoint_path, list_checkpoints, load_checkpoint
+from bilm.runs.checkpoint import load_checkpoint
+from bilm.runs.run_dir import best_checkpoint_path, list_checkpoints
 from bilm.cli import EXIT_DIVERGED, main as bilm_main
 from bilm.data import load_manifest
 from bilm.scoring.evaluate import evaluate

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from bilm.runs.checkpoint import (FORMAT, OLD_FORMAT, CheckpointError, CheckpointRefused, check_resume, list_checkpoints,
-                                      load_checkpoint, save_checkpoint)
+from bilm.runs.checkpoint import CheckpointError, CheckpointRefused, FORMAT, OLD_FORMAT, load_checkpoint, save_checkpoint
+from bilm.runs.resume import check_resume
+from bilm.runs.run_dir import list_checkpoints
 from bilm.cli import main as bilm_main
 from bilm.training.run import train
 from bilm.training.step import rng_state, set_rng_state

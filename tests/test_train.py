@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from bilm.runs.checkpoint import list_checkpoints, load_checkpoint
+from bilm.runs.checkpoint import load_checkpoint
+from bilm.runs.run_dir import list_checkpoints
 from bilm.scoring.evaluate import evaluate
 from bilm.training.run import train
 from train_helpers import TRAIN_DATA, TRAIN_VOCAB, tiny_config

@@ -25,6 +25,7 @@ import torch
 from bilm.formats.bilmtf import latest_tf_checkpoint, read_tf_checkpoint, split_tensors
 from bilm.modules.tf_checkpoint import load_bilmtf_body, softmax_arrays
 from bilm.core.errors import InputError
+from bilm.core.files import OPTIONS_FILE
 from bilm.core.progress import progress_bar
 from bilm.core.vocab import SPECIAL_TOKENS, Vocabulary, VocabularyError, read_tokens
 

@@ -69,7 +69,7 @@ def export(checkpoint: str, out_dir: str, force: bool = False, include_softmax: 
     os.makedirs(staging)
     try:
         save_weights(model.bilm, os.path.join(staging, WEIGHTS_FILE))
-        with open(os.path.join(staging, OPTIONS), "w", encoding="utf-8") as f:
+        with open(os.path.join(staging, OPTIONS_FILE), "w", encoding="utf-8") as f:
             json.dump(options.to_dict(), f, indent=2)
         with open(os.path.join(staging, VOCAB_FILE), "w", encoding="utf-8") as f:
             f.write("".join(f"{t}\n" for t in vocab))
@@ -80,11 +80,11 @@ def export(checkpoint: str, out_dir: str, force: bool = False, include_softmax: 
                 f.create_dataset(SOFTMAX_WEIGHT, data=model.softmax.weight.detach().numpy())
                 f.create_dataset(SOFTMAX_BIAS, data=model.softmax.bias.detach().numpy())
         fsync_path(staging)
-        if os.path.exists(os.path.join(out_dir, OPTIONS)):
-            os.remove(os.path.join(out_dir, OPTIONS))
+        if os.path.exists(os.path.join(out_dir, OPTIONS_FILE)):
+            os.remove(os.path.join(out_dir, OPTIONS_FILE))
         for name in stale:
             os.remove(os.path.join(out_dir, name))
-        for name in sorted(names, key=lambda n: n == OPTIONS):
+        for name in sorted(names, key=lambda n: n == OPTIONS_FILE):
             os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
         fsync_path(out_dir, recursive=False)
     finally:

@@ -24,7 +24,9 @@ from bilm.core.errors import InputError
 from bilm.core.vocab import Vocabulary
 from bilm.formats.bilmtf import config_from_bilmtf_options, latest_tf_checkpoint, read_tf_checkpoint, split_tensors
 from bilm.modules.tf_checkpoint import load_bilmtf_state
-from bilm.runs.checkpoint import RunLock, checkpoint_path, checkpoint_payload, list_checkpoints, save_checkpoint
+from bilm.runs.checkpoint import checkpoint_payload, save_checkpoint
+from bilm.runs.lock import RunLock
+from bilm.runs.run_dir import checkpoint_path, list_checkpoints
 from bilm.runs.config import config_from_dict, config_to_dict, save_config
 from bilm.runs.model_builder import build_model
 from bilm.training.optimizers import build_optimizer

@@ -7,7 +7,6 @@ weights (in the published weight file's names) from its Adagrad accumulators;
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct

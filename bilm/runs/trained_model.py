@@ -6,8 +6,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from bilm.runs.checkpoint import (BEST_NAME, CheckpointError, best_checkpoint_path, load_checkpoint, load_latest_valid,
-                                      load_model_state)
+from bilm.runs.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from bilm.runs.run_dir import BEST_NAME, best_checkpoint_path, load_latest_valid
 from bilm.runs.config import Config, config_from_dict
 from bilm.core.errors import InputError
 from bilm.modules.language_model import LanguageModel

@@ -20,10 +20,10 @@ import torch
 
 from bilm.data import LMDataset
 from bilm.core.logs import log
-from bilm.runs.checkpoint import (CheckpointWriteError, check_resume, checkpoint_path, checkpoint_payload,
-                                      checkpoint_step, keep_as_best, list_checkpoints, load_checkpoint,
-                                      load_latest_valid, load_model_state, prune_checkpoints,
-                                      remove_stale_temporaries, save_checkpoint)
+from bilm.core.errors import CheckpointWriteError
+from bilm.runs.checkpoint import checkpoint_payload, load_checkpoint, load_model_state, save_checkpoint
+from bilm.runs.resume import check_resume
+from bilm.runs.run_dir import checkpoint_path, checkpoint_step, keep_as_best, list_checkpoints, load_latest_valid, prune_checkpoints, remove_stale_temporaries
 from bilm.runs.config import Config, config_to_dict
 from bilm.core.distributed import DistEnv, all_reduce_max, gather_objects
 from bilm.training.step import TrainStep

@@ -28,7 +28,8 @@ import torch
 import yaml
 from torch import nn
 
-from bilm.runs.checkpoint import CheckpointError, check_deepspeed_state, deepspeed_dir
+from bilm.runs.checkpoint import CheckpointError, check_deepspeed_state
+from bilm.runs.run_dir import deepspeed_dir
 from bilm.runs.config import Config, ConfigError
 from bilm.core.distributed import DistEnv, init_single_process_group
 from bilm.training.gradients import all_reduce_gradients_, clip_grad_norm_
