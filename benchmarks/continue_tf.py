@@ -209,11 +209,11 @@ def measure_load(save_dir: str, vocab_kind: str, vocab_size: int) -> dict:
     """In this process: build elmo_original's model + Adagrad for the run vocabulary, then load."""
     import torch
 
-    from bilm.training.config import load_config
-    from bilm.training.continue_tf import TFStart
-    from bilm.malloc import keep_freed_memory
+    from bilm.runs.config import load_config
+    from bilm.commands.continue_tf import TFStart
+    from bilm.core.malloc import keep_freed_memory
     from bilm.modules.language_model import LanguageModel
-    from bilm.options import BiLMOptions
+    from bilm.core.options import BiLMOptions
     from bilm.training.optimizers import build_optimizer
 
     keep_freed_memory()  # as bilm train does

@@ -82,8 +82,8 @@ def bilm_tf_style_batches(shard_paths: list[str], vocab_path: str, batch: int, u
     becomes its own arrays (word ids and char ids stacked from a per-word cache) when read,
     and rows are filled by slicing those arrays, in Python, one row at a time. Both
     directions, as bilm-tf's BidirectionalLMDataset."""
-    from bilm.chars import token_to_char_ids
-    from bilm.vocab import Vocabulary
+    from bilm.core.chars import token_to_char_ids
+    from bilm.core.vocab import Vocabulary
 
     vocab = Vocabulary.from_file(vocab_path)
     word_ids = vocab.token_to_id
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     # Encoding a shard (text -> ids, char ids) happens once per shard, ahead of time in a
     # thread; its cost per token, added to the steady state, gives an epoch-amortized figure.
     from bilm.data import encode_shard, resolve_shards
-    from bilm.vocab import Vocabulary
+    from bilm.core.vocab import Vocabulary
     shard_paths = resolve_shards(args.prefix)
     start = time.perf_counter()
     encoded = encode_shard(shard_paths[0], Vocabulary.from_file(args.vocab), args.max_characters_per_token)

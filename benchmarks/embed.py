@@ -14,7 +14,7 @@ time step, no precomputed input projections) embeds the same sentences in the sa
 rounds are interleaved and the best round counts, so load from other processes hits them alike.
 
 ``--onnx`` adds the ONNX runtime (``ElmoEmbedder(runtime="onnx")``: the stateless model built by
-``bilm.formats.onnx_export``, run by onnxruntime) to the same rounds; ``--latency-sentences N`` then also
+``bilm.inference.onnx_export``, run by onnxruntime) to the same rounds; ``--latency-sentences N`` then also
 times N sentences one at a time (batch 1: serving latency, ms per sentence) for every embedder.
 The issue-24 table (README, "Serve without PyTorch"):
 
@@ -33,8 +33,8 @@ import torch
 
 from bilm import ElmoEmbedder
 from bilm.modules.bidirectional import BidirectionalLM
-from bilm.options import BiLMOptions, CharCNNOptions, LstmOptions
-from bilm.formats.weights import save_weights
+from bilm.core.options import BiLMOptions, CharCNNOptions, LstmOptions
+from bilm.modules.weight_file import save_weights
 from machine import cpu_model  # benchmarks/machine.py (the script's own folder is on sys.path)
 
 ORIGINAL_FILTERS = [[1, 32], [2, 32], [3, 64], [4, 128], [5, 256], [6, 512], [7, 1024]]
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    from bilm.malloc import keep_freed_memory
+    from bilm.core.malloc import keep_freed_memory
     keep_freed_memory()  # as the bilm command does for train and embed
     if args.threads:
         torch.set_num_threads(args.threads)

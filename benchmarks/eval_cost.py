@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bilm.training.config import load_config  # noqa: E402
-from bilm.training.distributed import init_distributed  # noqa: E402
+from bilm.runs.config import load_config  # noqa: E402
+from bilm.core.distributed import init_distributed  # noqa: E402
 from bilm.training.heldout import prepare_heldout  # noqa: E402
 from bilm.training.step import TrainStep  # noqa: E402
-from bilm.vocab import Vocabulary  # noqa: E402
+from bilm.core.vocab import Vocabulary  # noqa: E402
 from machine import cpu_model  # noqa: E402
 from train import synthetic_batches  # noqa: E402  (benchmarks/train.py)
 
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.05, help="share of training time evaluation may take")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    from bilm.malloc import keep_freed_memory
+    from bilm.core.malloc import keep_freed_memory
     keep_freed_memory()
 
     env = init_distributed(args.device)

@@ -120,7 +120,7 @@ def part_cuda_tests(smoke: bool) -> dict:
 
 
 def _train_config(smoke: bool, impl: str, precision: str, clips: bool, compile_mode: str):
-    from bilm.training.config import load_config
+    from bilm.runs.config import load_config
     overrides = [f"train.lstm_impl={impl}", f"train.precision={precision}", f"train.device={_device().type}",
                  f"train.lstm_compile={compile_mode}"]
     if smoke:
@@ -135,7 +135,7 @@ def _train_config(smoke: bool, impl: str, precision: str, clips: bool, compile_m
 
 
 def part_train(smoke: bool, variant: str) -> dict:
-    from bilm.training.distributed import DistEnv
+    from bilm.core.distributed import DistEnv
     from train import run  # benchmarks/train.py
     impl, precision, compile_mode, clips = TRAIN_VARIANTS[variant]
     device = _device()
@@ -153,7 +153,7 @@ def part_train(smoke: bool, variant: str) -> dict:
 def part_profile(smoke: bool) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from bilm.training.distributed import DistEnv
+    from bilm.core.distributed import DistEnv
     from bilm.training.step import TrainStep
     from train import synthetic_batches
     device = _device()
@@ -217,7 +217,7 @@ def part_evaluate(smoke: bool) -> dict:
     import torch
 
     from bilm.modules.language_model import LanguageModel
-    from bilm.training.distributed import to_device
+    from bilm.core.distributed import to_device
     from train import synthetic_batches
     device = _device()
     cfg = _train_config(smoke, "fused", "fp32", True, "off")
@@ -225,7 +225,7 @@ def part_evaluate(smoke: bool) -> dict:
     model = LanguageModel(cfg.model, vocab, dropout=0.0, lstm_compile="off").to(device).eval()
     batches = synthetic_batches(4 if smoke else 6, cfg.train.batch_size, cfg.train.unroll_steps, vocab, True)
     batches = [to_device(b, device) for b in batches]
-    with torch.no_grad():  # as bilm.evaluate.perplexity, which also reads each batch's sums back
+    with torch.no_grad():  # as bilm.scoring.evaluate.perplexity, which also reads each batch's sums back
         model.evaluate(batches[0], None)
         _sync(device)
         _reset_peak(device)

@@ -22,7 +22,7 @@ import time
 import torch
 
 from bilm.modules.bidirectional import BidirectionalLM
-from bilm.options import BiLMOptions, LstmOptions
+from bilm.core.options import BiLMOptions, LstmOptions
 
 
 def sync(device: torch.device) -> None:
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="print the top ops of the fused path")
     args = parser.parse_args()
-    from bilm.malloc import keep_freed_memory
+    from bilm.core.malloc import keep_freed_memory
     keep_freed_memory()  # as the bilm command does for train and embed
     device = torch.device(args.device)
     if args.threads:

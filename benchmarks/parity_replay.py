@@ -176,9 +176,10 @@ def replay(a, out: str, arch, lstm_impl: str) -> tuple[np.ndarray, dict, dict, n
     import test_bilmtf_parity as golden
     from parity_bilmtf import bilm_overrides
 
-    from bilm.formats.bilmtf import load_bilmtf_state, split_tensors
-    from bilm.training.config import load_config
-    from bilm.training.distributed import DistEnv
+    from bilm.formats.bilmtf import split_tensors
+    from bilm.modules.tf_checkpoint import load_bilmtf_state
+    from bilm.runs.config import load_config
+    from bilm.core.distributed import DistEnv
     from bilm.training.step import TrainStep
 
     options = json.load(open(os.path.join(out, "options.json")))
@@ -211,9 +212,9 @@ def replay(a, out: str, arch, lstm_impl: str) -> tuple[np.ndarray, dict, dict, n
 def heldout_perplexity(model, heldout: str, vocab: str) -> dict:
     """``bilm evaluate``'s figures (full softmax, carried states, batch 32 x 20) of ``model`` on ``heldout``."""
     from bilm.data import LMDataset
-    from bilm.evaluate import score
-    from bilm.training.distributed import DistEnv
-    from bilm.vocab import Vocabulary
+    from bilm.scoring.evaluate import score
+    from bilm.core.distributed import DistEnv
+    from bilm.core.vocab import Vocabulary
 
     dataset = LMDataset(heldout, Vocabulary.from_file(vocab), 32, 20, mode="eval", char_inputs=True,
                         max_characters_per_token=50)
@@ -228,7 +229,8 @@ def bilmtf_end_model(out: str, trainer):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import test_bilmtf_parity as golden
 
-    from bilm.formats.bilmtf import load_bilmtf_state, split_tensors
+    from bilm.formats.bilmtf import split_tensors
+    from bilm.modules.tf_checkpoint import load_bilmtf_state
 
     model = copy.deepcopy(trainer.model)
     weights, _, _ = split_tensors(golden._read_npz(os.path.join(out, "end.npz")))

@@ -415,7 +415,7 @@ def reader_child(spec: dict) -> None:
     started = time.perf_counter()
     import bilm.data.shards
     from bilm.data import LMDataset
-    from bilm.vocab import Vocabulary
+    from bilm.core.vocab import Vocabulary
     import_s = time.perf_counter() - started
     rss_imports = _memory_kb(os.getpid())[0] * 1024
 

@@ -106,7 +106,7 @@ def _published_arrays(bilm_module) -> dict[str, np.ndarray]:
     """A ``BidirectionalLM``'s parameters in the published layout, by dataset name."""
     import h5py
 
-    from bilm.formats.weights import save_weights
+    from bilm.modules.weight_file import save_weights
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "w.hdf5")
@@ -141,7 +141,7 @@ def from_run(run: str, out: str) -> str:
 
     import torch
 
-    from bilm.training.trained_model import model_from_checkpoint, resolve_checkpoint
+    from bilm.runs.trained_model import model_from_checkpoint, resolve_checkpoint
 
     trained = model_from_checkpoint(run)
     cfg = trained.config
@@ -166,7 +166,7 @@ def from_run(run: str, out: str) -> str:
 def synthetic(out: str, vocab_size: int, config: str, seed: int = 0) -> str:
     """Random weights with the shapes of ``config``'s architecture and a ``vocab_size`` softmax,
     accumulators >= 1; the softmax and its accumulators go through mapped temporary files."""
-    from bilm.training.config import load_config
+    from bilm.runs.config import load_config
     from bilm.modules.bidirectional import BidirectionalLM
 
     options = load_config(config).model

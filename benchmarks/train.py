@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bilm.chars import CharIdMapper  # noqa: E402
-from bilm.training.config import load_config  # noqa: E402
-from bilm.training.distributed import init_distributed, shutdown  # noqa: E402
+from bilm.core.chars import CharIdMapper  # noqa: E402
+from bilm.runs.config import load_config  # noqa: E402
+from bilm.core.distributed import init_distributed, shutdown  # noqa: E402
 from bilm.training.step import TrainStep  # noqa: E402
 from machine import cpu_model  # noqa: E402  (benchmarks/machine.py; the script's folder is on sys.path)
 
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=100_000)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    from bilm.malloc import keep_freed_memory
+    from bilm.core.malloc import keep_freed_memory
     keep_freed_memory()  # as the bilm command does for train and embed
 
     env = init_distributed(args.device)

@@ -1,7 +1,7 @@
 """bilm: pretrain ELMo on your own corpus in PyTorch; load and export the published ELMo format."""
-from bilm.version import __version__  # noqa: F401
+from bilm.core.version import __version__  # noqa: F401
 
-from bilm.chars import CharIdMapper  # noqa: E402
+from bilm.core.chars import CharIdMapper  # noqa: E402
 
 
 def __getattr__(name):

@@ -10,9 +10,9 @@ import os
 import sys
 from typing import Callable, Optional
 
-from bilm.errors import BilmError, InputError
-from bilm.version import __version__
-from bilm.precision import PRECISIONS
+from bilm.core.errors import BilmError, InputError
+from bilm.core.version import __version__
+from bilm.core.precision import PRECISIONS
 
 EXIT_STOPPED_BY_SIGNAL = 143  # bilm train stopped by SIGTERM after writing a checkpoint (continue with --resume)
 EXIT_DIVERGED = 3  # bilm train stopped by the divergence guard (on_divergence: stop, or rollbacks used up)
@@ -27,7 +27,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _model_files(args: argparse.Namespace) -> tuple[str, str]:
-    from bilm.inference.published_models import model_files
+    from bilm.modules.published import model_files
     if args.model and (args.options or args.weights):
         raise InputError("give --model, or --options and --weights, not both")
     if bool(args.options) != bool(args.weights):
@@ -144,7 +144,7 @@ def _add_train(sub: argparse._SubParsersAction) -> Callable:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args: argparse.Namespace) -> int:
-        from bilm.training.config import load_config
+        from bilm.runs.config import load_config
         from bilm.training.run import train
         overrides = list(args.overrides)
         if args.device:
@@ -156,11 +156,11 @@ def _add_train(sub: argparse._SubParsersAction) -> Callable:
         if args.init_model:
             if args.init_weights or args.init_options:
                 raise InputError("give --init-model, or --init-weights and --init-options, not both")
-            from bilm.training.continue_tf import resolve_start
+            from bilm.commands.continue_tf import resolve_start
             tf_start = resolve_start(args.init_model, args.init_vocab, args.keep_vocab, args.new_rows,
                                      progress=not args.no_progress)
             if tf_start is None:
-                from bilm.inference.published_models import resolve_model
+                from bilm.modules.published import resolve_model
                 args.init_options, args.init_weights = resolve_model(args.init_model)
         if tf_start is None and (args.init_vocab or args.keep_vocab or args.new_rows):
             raise InputError("--init-vocab, --keep-vocab and --new-rows go with a bilm-tf checkpoint as --init-model")
@@ -213,7 +213,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Callable:
     def run(args: argparse.Namespace) -> int:
         import json
         import os
-        from bilm.evaluate import evaluate
+        from bilm.scoring.evaluate import evaluate
         result = evaluate(args.checkpoint, args.data, args.batch_size, args.unroll, args.per_sentence, args.device,
                           pretokenized=args.pretokenized, precision=args.precision)
         if int(os.environ.get("RANK", 0)) != 0:
@@ -246,15 +246,15 @@ def _add_export(sub: argparse._SubParsersAction) -> Callable:
 
     def run(args: argparse.Namespace) -> int:
         import sys
-        from bilm.formats.export import export
+        from bilm.commands.export import export
         if args.format == "onnx":
-            from bilm.formats.onnx_export import check_onnx_target
+            from bilm.inference.onnx_export import check_onnx_target
             check_onnx_target(args.out, args.force)  # before anything is written
         result = export(args.checkpoint, args.out, args.force, args.include_softmax, args.strict, args.best)
         if args.format == "onnx":
-            from bilm.formats.onnx_export import write_onnx
-            from bilm.inference.onnx_runtime import ONNX_FILE
-            write_onnx(os.path.join(args.out, "options.json"), os.path.join(args.out, "weights.hdf5"),
+            from bilm.inference.onnx_export import write_onnx
+            from bilm.core.files import ONNX_FILE, OPTIONS_FILE, WEIGHTS_FILE
+            write_onnx(os.path.join(args.out, OPTIONS_FILE), os.path.join(args.out, WEIGHTS_FILE),
                        os.path.join(args.out, ONNX_FILE), force=True)
             result["files"].append(ONNX_FILE)
         for problem in result["problems"]:
@@ -275,7 +275,7 @@ def _add_export_onnx(sub: argparse._SubParsersAction) -> Callable:
     p.add_argument("--force", action="store_true", help="overwrite files already in --out")
 
     def run(args: argparse.Namespace) -> int:
-        from bilm.formats.onnx_export import check_onnx_target, export_onnx_dir
+        from bilm.inference.onnx_export import check_onnx_target, export_onnx_dir
         check_onnx_target(args.out, args.force)
         options, weights = _model_files(args)
         written = export_onnx_dir(options, weights, args.out, args.force)
@@ -308,7 +308,7 @@ def _add_score(sub: argparse._SubParsersAction) -> Callable:
 
     def run(args: argparse.Namespace) -> int:
         import json
-        from bilm.errors import not_utf8
+        from bilm.core.errors import not_utf8
         from bilm.inference.score import LanguageModelScorer, corpus_summary
         if args.out != "-" and os.path.exists(args.out) and not args.force:
             raise FileExistsError(f"{args.out} already exists; pass --force to overwrite it")
@@ -319,7 +319,7 @@ def _add_score(sub: argparse._SubParsersAction) -> Callable:
             raise InputError(not_utf8(args.input)) from None
         scorer = LanguageModelScorer(args.model, args.device, args.batch_size, args.precision, args.pretokenized)
         import contextlib
-        from bilm.atomic import atomic_open
+        from bilm.core.atomic import atomic_open
         records = []
         # The file appears whole when every line is scored (nothing half-written under its name).
         with (contextlib.nullcontext(sys.stdout) if args.out == "-" else atomic_open(args.out)) as out:
@@ -352,7 +352,7 @@ def _add_import_bilmtf(sub: argparse._SubParsersAction) -> Callable:
     p.add_argument("--force", action="store_true", help="write even if --out already holds checkpoints")
 
     def run(args: argparse.Namespace) -> int:
-        from bilm.formats.bilmtf import import_bilmtf
+        from bilm.commands.import_bilmtf import import_bilmtf
         result = import_bilmtf(args.tf_save_dir, args.vocab, args.out, args.overrides, args.force)
         print(f"imported {result['source']} (step {result['step']}) -> {result['checkpoint']}; "
               f"config {result['config']}")
@@ -371,7 +371,8 @@ def _add_convert_checkpoint(sub: argparse._SubParsersAction) -> Callable:
 
     def run(args: argparse.Namespace) -> int:
         import os
-        from bilm.training.checkpoint import OLD_FORMAT, CheckpointError, convert_checkpoint, list_checkpoints
+        from bilm.runs.checkpoint import CheckpointError, OLD_FORMAT, convert_checkpoint
+        from bilm.runs.run_dir import list_checkpoints
         files = []
         for path in args.paths:
             if os.path.isdir(path):
@@ -428,14 +429,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from bilm.logs import setup_logging
+    from bilm.core.logs import setup_logging
     setup_logging()
     # Not evaluate: its tensors vary in size from batch to batch (the last softmax chunk, the
     # distinct tokens of the char CNN), and a heap that is never trimmed fragments, for no speed
     # (docs/measurements.md, "malloc").
     if args.command in ("train", "embed"):
-        from bilm.malloc import keep_freed_memory
-        keep_freed_memory()  # large tensors every step: reuse their memory (see bilm/malloc.py)
+        from bilm.core.malloc import keep_freed_memory
+        keep_freed_memory()  # large tensors every step: reuse their memory (see bilm/core/malloc.py)
     try:
         return handlers[args.command](args) or 0
     except (BilmError, OSError) as e:

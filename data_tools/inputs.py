@@ -13,7 +13,7 @@ import lzma
 import os
 from typing import BinaryIO, Iterator
 
-from bilm.errors import InputError
+from bilm.core.errors import InputError
 
 _DECOMPRESSORS = {".gz": lambda raw: gzip.GzipFile(fileobj=raw), ".bz2": bz2.BZ2File, ".xz": lzma.LZMAFile}
 # Rough uncompressed/compressed size ratios, only used to size the shuffle buckets.

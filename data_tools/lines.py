@@ -16,7 +16,7 @@ from itertools import chain
 import numpy as np
 
 from data_tools.inputs import decode_counting
-from bilm.text import Tokenizer, clean_text, make_tokenizer, split_long
+from bilm.core.text import Tokenizer, clean_text, make_tokenizer, split_long
 from data_tools.vocab_builder import TokenCounts
 
 

@@ -30,11 +30,11 @@ from typing import Iterator
 
 
 import bilm
-from bilm.atomic import atomic_path, fsync_path
+from bilm.core.atomic import atomic_path, fsync_path
 from bilm.data.manifest import write_manifest
-from bilm.progress import progress_bar
+from bilm.core.progress import progress_bar
 from bilm.data.inputs import resolve_inputs
-from bilm.errors import BilmError
+from bilm.core.errors import BilmError
 from data_tools.inputs import estimated_text_bytes, read_blocks
 from data_tools.lines import BlockTask, LineOptions, LineStats, init_worker, process_block
 from data_tools.parallel import Workers
@@ -212,7 +212,7 @@ def _prepare_into(args: argparse.Namespace, out: str, inputs: list[str], removed
                   started: float) -> dict:
     tmp = os.path.join(out, TMP_NAME)
     os.makedirs(tmp)
-    quiet = args.no_progress  # else bars: in place on a terminal, a line a minute into a log (bilm.progress)
+    quiet = args.no_progress  # else bars: in place on a terminal, a line a minute into a log (bilm.core.progress)
     total_bytes = sum(os.path.getsize(p) for p in inputs)
     try:
         tokenizer = _set_up_tokenizer(args, inputs, out, total_bytes, quiet)

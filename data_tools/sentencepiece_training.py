@@ -6,8 +6,8 @@ from typing import Callable
 import numpy as np
 
 from data_tools.inputs import read_blocks
-from bilm.errors import InputError
-from bilm.text import clean_text
+from bilm.core.errors import InputError
+from bilm.core.text import clean_text
 
 
 def sample_lines(paths: list[str], max_lines: int, seed: int, nfkc: bool,

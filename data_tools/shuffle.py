@@ -19,7 +19,7 @@ import numpy as np
 
 from data_tools.vocab_builder import TokenCounts
 
-from bilm.errors import InputError
+from bilm.core.errors import InputError
 
 COUNT_CHUNK_LINES = 4096  # tokens are counted a few thousand lines at a time (bounded lists)
 MAX_SPLIT_DEPTH = 3

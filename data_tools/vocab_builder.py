@@ -8,8 +8,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from bilm.chars import BOS_TOKEN, EOS_TOKEN, UNK_TOKEN
-from bilm.errors import InputError
+from bilm.core.chars import BOS_TOKEN, EOS_TOKEN, UNK_TOKEN
+from bilm.core.errors import InputError
 
 SPECIALS = (BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
 

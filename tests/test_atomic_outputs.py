@@ -12,7 +12,8 @@ import sys
 import h5py
 import pytest
 
-from bilm.training.checkpoint import list_checkpoints, load_checkpoint
+from bilm.runs.checkpoint import load_checkpoint
+from bilm.runs.run_dir import list_checkpoints
 from bilm.cli import main as bilm_main
 from bilm.data.manifest import load_manifest
 from bilm.training.run import train

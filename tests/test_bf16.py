@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from bilm import ElmoEmbedder
-from bilm.training.distributed import DistEnv
+from bilm.core.distributed import DistEnv
 from bilm.elmo import Elmo, batch_to_ids
-from bilm.evaluate import evaluate
+from bilm.scoring.evaluate import evaluate
 from bilm.training.run import train
 from bilm.training.step import TrainStep
 from conftest import OPTIONS, WEIGHTS
@@ -63,7 +63,7 @@ def test_evaluate_bf16_perplexity_is_close(tmp_path):
 def test_precision_means_the_same_everywhere(tmp_path):
     """One helper: an unknown precision is refused by every entry point before any work, and
     "fp32" is fp32 even inside a caller's bf16 autocast."""
-    from bilm.precision import autocast
+    from bilm.core.precision import autocast
 
     with pytest.raises(ValueError, match="precision must be one of 'fp32', 'bf16', got 'fp16'"):
         ElmoEmbedder(OPTIONS, WEIGHTS, precision="fp16")

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from bilm.formats.bilmtf import (config_from_bilmtf_options, latest_tf_checkpoint, load_bilmtf_state, published_name,
-                                 read_tf_checkpoint, split_tensors)
-from bilm.training.config import config_from_dict
-from bilm.training.distributed import DistEnv
+from bilm.formats.bilmtf import config_from_bilmtf_options, latest_tf_checkpoint, published_name, read_tf_checkpoint, split_tensors
+from bilm.modules.tf_checkpoint import load_bilmtf_state
+from bilm.runs.config import config_from_dict
+from bilm.core.distributed import DistEnv
 from bilm.modules.softmax import LogUniformSampler, SoftmaxLayer
 from bilm.training.step import TrainStep
-from bilm.formats.weights import save_weights
+from bilm.modules.weight_file import save_weights
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "bilmtf_training")
 
@@ -206,7 +206,7 @@ def test_packing_equals_bilm_tf_batches():
     """bilm.data's training batches (file order) equal those bilm-tf's own _get_batch built for the fixture:
     token ids, targets and char ids of both directions (its batches 2-4; char ids there are unshifted)."""
     from bilm.data import LMDataset
-    from bilm.vocab import Vocabulary
+    from bilm.core.vocab import Vocabulary
 
     options = _options()
     dataset = LMDataset(os.path.join(FIXTURE, "text.txt"), Vocabulary.from_file(os.path.join(FIXTURE, "vocab.txt")),
@@ -298,8 +298,8 @@ def test_tf_checkpoint_reader_equals_tensorflow_reader():
 
 
 def test_import_exports_what_dump_weights_wrote(tmp_path):
-    from bilm.formats.bilmtf import import_bilmtf
-    from bilm.formats.export import export
+    from bilm.commands.import_bilmtf import import_bilmtf
+    from bilm.commands.export import export
 
     result = import_bilmtf(os.path.join(FIXTURE, "tf_checkpoint"), os.path.join(FIXTURE, "vocab.txt"),
                            str(tmp_path / "run"))
@@ -352,9 +352,10 @@ def test_import_errors_name_the_file(tmp_path, capsys):
 
 def test_imported_run_resumes_with_its_optimizer_state(tmp_path):
     """bilm train --resume on an imported run continues from TF's step and accumulators."""
-    from bilm.formats.bilmtf import import_bilmtf
-    from bilm.training.checkpoint import list_checkpoints, load_checkpoint
-    from bilm.training.config import load_config
+    from bilm.commands.import_bilmtf import import_bilmtf
+    from bilm.runs.checkpoint import load_checkpoint
+    from bilm.runs.run_dir import list_checkpoints
+    from bilm.runs.config import load_config
     from bilm.training.run import train
 
     run = tmp_path / "run"

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bilm.chars import CharIdMapper, char_id_table, token_to_char_ids
+from bilm.core.chars import CharIdMapper, char_id_table, token_to_char_ids
 
 
 def test_token_ids_follow_the_published_convention():

@@ -55,7 +55,7 @@ def _run_with_failing_command(error: str):
     import subprocess
     import sys
 
-    code = ("import sys, bilm.cli as cli, bilm.errors\n"
+    code = ("import sys, bilm.cli as cli, bilm.core.errors\n"
             "build = cli.build_parser\n"
             "def build_parser():\n"
             "    parser, handlers = build()\n"
@@ -79,11 +79,11 @@ def test_a_bug_is_not_reported_as_a_user_error(error):
 
 
 @pytest.mark.parametrize("error,line", [
-    ("bilm.errors.InputError('run/x.pt: not a checkpoint')", "bilm export: error: run/x.pt: not a checkpoint"),
+    ("bilm.core.errors.InputError('run/x.pt: not a checkpoint')", "bilm export: error: run/x.pt: not a checkpoint"),
     ("FileNotFoundError('no checkpoint in run')", "bilm export: error: no checkpoint in run"),
     ("OSError(28, 'No space left on device', 'out/weights.hdf5')",
      "bilm export: error: out/weights.hdf5: No space left on device"),
-    ("bilm.errors.CheckpointWriteError(28, 'No space left on device', 'run/c.pt')",
+    ("bilm.core.errors.CheckpointWriteError(28, 'No space left on device', 'run/c.pt')",
      "bilm export: error: run/c.pt: No space left on device")])
 def test_user_errors_are_one_line(error, line):
     returncode, stderr = _run_with_failing_command(error)
@@ -91,17 +91,17 @@ def test_user_errors_are_one_line(error, line):
 
 
 def test_every_user_facing_error_derives_from_bilm_error():
-    from bilm.errors import BilmError
+    from bilm.core.errors import BilmError
     from bilm.formats.bilmtf import TFCheckpointError
-    from bilm.training.checkpoint import CheckpointError, CheckpointRefused
-    from bilm.training.config import ConfigError
-    from bilm.training.continue_tf import TFStartError
-    from bilm.errors import CheckpointWriteError, InputError, MissingExtra, RunDirectoryLocked
+    from bilm.runs.checkpoint import CheckpointError, CheckpointRefused
+    from bilm.runs.config import ConfigError
+    from bilm.commands.continue_tf import TFStartError
+    from bilm.core.errors import CheckpointWriteError, InputError, MissingExtra, RunDirectoryLocked
     from bilm.inference.onnx_runtime import OnnxModelError
-    from bilm.options import OptionsError
-    from bilm.inference.published_models import ModelUnavailable
-    from bilm.schema import FieldError, SchemaError
-    from bilm.vocab import VocabularyError
+    from bilm.core.options import OptionsError
+    from bilm.modules.published import ModelUnavailable
+    from bilm.core.schema import FieldError, SchemaError
+    from bilm.core.vocab import VocabularyError
     from bilm.formats.weights import WeightFileError
     from data_tools.prepare import PrepareError
     for cls in (TFCheckpointError, CheckpointError, CheckpointRefused, ConfigError, TFStartError, CheckpointWriteError,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bilm.training.config import (Config, ConfigError, OptimConfig, TrainConfig, config_from_dict, config_to_dict,
+from bilm.runs.config import (Config, ConfigError, OptimConfig, TrainConfig, config_from_dict, config_to_dict,
                                   load_config, save_config)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -231,7 +231,7 @@ def test_config_from_dict_checks_like_the_loader():
 
 def test_exact_the_former_name_of_the_fused_lstm_is_still_read(tmp_path):
     from bilm.modules.lstm import LstmStack
-    from bilm.options import LstmOptions
+    from bilm.core.options import LstmOptions
 
     assert load_config(CONFIGS / "tiny.yaml").train.lstm_impl == "fused"
     assert load_config(CONFIGS / "tiny.yaml", ["train.lstm_impl=exact"]).train.lstm_impl == "fused"

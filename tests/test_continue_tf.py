@@ -1,4 +1,4 @@
-"""Continue a bilm-tf training checkpoint in bilm (bilm/training/continue_tf.py): by name from a loopback server
+"""Continue a bilm-tf training checkpoint in bilm (bilm/commands/continue_tf.py): by name from a loopback server
 (as the published checkpoint would be), or from a local save_dir; the softmax rows of the words it
 knows and their Adagrad accumulators carried bit for bit, new words by a rule, --keep-vocab, resume.
 
@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from bilm.inference import published_models as published
+from bilm.modules import published
 from bilm.formats.bilmtf import latest_tf_checkpoint, read_tf_checkpoint, split_tensors
-from bilm.training.checkpoint import list_checkpoints, load_checkpoint
+from bilm.runs.checkpoint import load_checkpoint
+from bilm.runs.run_dir import list_checkpoints
 from bilm.cli import main as bilm_main
-from bilm.training.continue_tf import TFStart, report_line
-from bilm.vocab import read_tokens
+from bilm.commands.continue_tf import TFStart, report_line
+from bilm.core.vocab import read_tokens
 from test_faults import CLI_THAT_DIES_IN_A_WRITE
 from test_published import _Server
 from train_helpers import ROOT, TINY, TRAIN_DATA, TRAIN_VOCAB
@@ -98,9 +99,9 @@ def test_by_name_downloads_once_and_carries_the_rows_bit_for_bit(server, tmp_pat
 
 
 def test_carried_accumulators_equal_the_checkpoints_new_rows_start_fresh():
-    from bilm.training.config import load_config
-    from bilm.training.distributed import DistEnv
-    from bilm.options import BiLMOptions
+    from bilm.runs.config import load_config
+    from bilm.core.distributed import DistEnv
+    from bilm.core.options import BiLMOptions
     from bilm.training.step import TrainStep
 
     weights, accumulators, old_tokens = _checkpoint()
@@ -150,7 +151,7 @@ def test_keep_vocab_trains_with_the_checkpoints_words(tmp_path, monkeypatch):
     swapped = tmp_path / "swapped.txt"
     swapped.write_text("\n".join([old_tokens[1], old_tokens[0], *old_tokens[2:]]) + "\n")
     from bilm.modules.language_model import LanguageModel
-    from bilm.options import BiLMOptions
+    from bilm.core.options import BiLMOptions
     start = TFStart(SAVE_DIR, str(swapped), keep_vocab=True)
     vocab = start.vocabulary()
     assert vocab.tokens == old_tokens

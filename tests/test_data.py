@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from bilm.chars import token_to_char_ids
+from bilm.core.chars import token_to_char_ids
 from bilm.data import MANIFEST_FORMAT, MANIFEST_VERSION, LMDataset, encode_shard, load_manifest, write_manifest
 from bilm.data.order import SentenceStream
 from bilm.data.packing import Packed, Packer, RowPacker, SentencePacker
 from bilm.data.shards import ShardCache, rank_plan
-from bilm.vocab import Vocabulary
+from bilm.core.vocab import Vocabulary
 
 BOS, EOS = 0, 1
 C = 8  # max_characters_per_token in most tests: small arrays, same code paths

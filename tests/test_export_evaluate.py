@@ -9,15 +9,16 @@ import pytest
 import torch
 
 from bilm import ElmoEmbedder
-from bilm.training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
-from bilm.evaluate import evaluate
-from bilm.formats.export import export
-from bilm.training.trained_model import model_from_checkpoint
-from bilm.training.config import config_to_dict
-from bilm.training.distributed import DistEnv
+from bilm.runs.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from bilm.runs.run_dir import list_checkpoints
+from bilm.scoring.evaluate import evaluate
+from bilm.commands.export import export
+from bilm.runs.trained_model import model_from_checkpoint
+from bilm.runs.config import config_to_dict
+from bilm.core.distributed import DistEnv
 from bilm.training.run import train
 from bilm.training.step import TrainStep
-from bilm.vocab import Vocabulary
+from bilm.core.vocab import Vocabulary
 from conftest import OPTIONS, WEIGHTS
 from train_helpers import TRAIN_DATA, TRAIN_VOCAB, tiny_config
 
@@ -74,7 +75,7 @@ def test_export_loads_in_embedder_and_matches_trainer(trained_run, tmp_path):
     embedder = ElmoEmbedder(os.path.join(out, "options.json"), os.path.join(out, "weights.hdf5"), stateful=False)
     got = embedder.embed_batch(sentences)
     model = model_from_checkpoint(trained_run).model
-    from bilm.chars import CharIdMapper
+    from bilm.core.chars import CharIdMapper
     ids = torch.from_numpy(CharIdMapper().batch(sentences))
     with torch.no_grad():
         layers, _ = model.bilm(ids, ids[..., 0] > 0)

@@ -16,7 +16,9 @@ import time
 import pytest
 import torch
 
-from bilm.training.checkpoint import LOCK_NAME, list_checkpoints, load_checkpoint
+from bilm.runs.checkpoint import load_checkpoint
+from bilm.runs.lock import LOCK_NAME
+from bilm.runs.run_dir import list_checkpoints
 from bilm.cli import main as bilm_main
 from bilm.training.run import train
 from conftest import OPTIONS, WEIGHTS

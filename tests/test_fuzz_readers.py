@@ -18,21 +18,22 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bilm.training.checkpoint import save_checkpoint
-from bilm.training.config import config_to_dict, load_config
+from bilm.runs.checkpoint import save_checkpoint
+from bilm.runs.config import config_to_dict, load_config
 from bilm.data.manifest import load_manifest
 from bilm.data.shards import encode_shard
 from bilm.inference.embedder import ElmoEmbedder, dump_token_embeddings
-from bilm.errors import RunDirectoryLocked
+from bilm.core.errors import RunDirectoryLocked
 from bilm.modules.language_model import LanguageModel
-from bilm.options import BiLMOptions
+from bilm.core.options import BiLMOptions
 from bilm.formats.weights import SOFTMAX_BIAS, SOFTMAX_WEIGHT
-from bilm.training.init_weights import load_pretrained
-from bilm.training.trained_model import model_from_checkpoint
-from bilm.vocab import Vocabulary
-from bilm.formats.weights import load_bilm, save_weights
+from bilm.modules.pretrained import load_pretrained
+from bilm.runs.trained_model import model_from_checkpoint
+from bilm.core.vocab import Vocabulary
+from bilm.modules.weight_file import load_bilm, save_weights
 from conftest import OPTIONS, WEIGHTS
-from bilm.text import SP_MODEL_FILE, TOKENIZER_FILE, TextPipeline
+from bilm.core.files import SP_MODEL_FILE, TOKENIZER_FILE
+from bilm.core.text import TextPipeline
 from train_helpers import TINY, TRAIN_DATA, TRAIN_VOCAB, tiny_config
 
 # What bilm.cli.main prints as "bilm CMD: error: ..." without a traceback.
@@ -189,7 +190,8 @@ def test_reader(seeds, tmp_path, kind, data):
 # ----- a damaged or missing shard met during training -----
 
 def test_a_damaged_or_missing_shard_stops_training_with_one_line_and_the_checkpoints_intact(tmp_path, capsys):
-    from bilm.training.checkpoint import list_checkpoints, load_checkpoint
+    from bilm.runs.checkpoint import load_checkpoint
+    from bilm.runs.run_dir import list_checkpoints
     from bilm.cli import main as bilm_main
     from test_faults import _train_args
 

@@ -17,17 +17,18 @@ import torch
 
 import bilm.training.heldout as heldout_module
 import bilm.training.run as train_module
-from bilm.training.checkpoint import best_checkpoint_path, list_checkpoints, load_checkpoint
+from bilm.runs.checkpoint import load_checkpoint
+from bilm.runs.run_dir import best_checkpoint_path, list_checkpoints
 from bilm.cli import EXIT_DIVERGED, main as bilm_main
 from bilm.data import load_manifest
-from bilm.evaluate import evaluate
-from bilm.formats.export import export
+from bilm.scoring.evaluate import evaluate
+from bilm.commands.export import export
 from bilm.training.guard import DivergenceGuard
 from bilm.training.heldout import SAMPLE_NAME, unigram_perplexity
-from bilm.logs import log
-from bilm.progress import progress_bar
+from bilm.core.logs import log
+from bilm.core.progress import progress_bar
 from bilm.training.run import train
-from bilm.vocab import Vocabulary
+from bilm.core.vocab import Vocabulary
 from train_helpers import BILM_TF_TEST_MODEL, ROOT, TRAIN_DATA, TRAIN_VOCAB, tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,7 +64,7 @@ def _events(run):
 
 
 def _fake(perplexity):
-    """A heldout result in ``bilm.evaluate.summarize``'s form."""
+    """A heldout result in ``bilm.scoring.evaluate.summarize``'s form."""
     d = {"perplexity": perplexity, "mean_loss": math.log(perplexity)}
     return {"forward": d, "backward": dict(d), "average_perplexity": perplexity}
 

@@ -1,4 +1,5 @@
-"""The package's shape: ``bilm`` never imports ``data_tools``, and no import cycle inside ``bilm``.
+"""The package's shape: layers, bottom to top, every import going down; ``bilm`` never imports
+``data_tools``; no import cycle inside ``bilm``.
 
 The import graph is read from the source (ast), not from what happens to be loaded: every
 ``import``/``from ... import`` of a ``bilm`` module counts, at the top of a file or inside a
@@ -19,6 +20,44 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The one place bilm may import data_tools: the CLI's `prepare` command, lazily.
 ALLOWED_DATA_TOOLS_IMPORTS = {"bilm.cli"}
+
+# bilm's layers, bottom to top (the README's code map says the same). A module may import its own
+# package and anything in a lower layer. Packages in one layer are peers: they do not import each
+# other (formats and data; training, inference and evaluation).
+LAYERS = (
+    ("basics", ("bilm.core",)),
+    ("shared files and data", ("bilm.formats", "bilm.data")),
+    ("modules", ("bilm.modules",)),
+    ("run store", ("bilm.runs",)),
+    ("scoring", ("bilm.scoring",)),
+    ("stages", ("bilm.training", "bilm.inference", "bilm.evaluation")),
+    ("commands", ("bilm.commands",)),
+    ("entry points", ("bilm.cli", "bilm.elmo", "bilm")),
+)
+
+
+def package_of(module: str, layers=LAYERS) -> tuple[int, str]:
+    """(layer index, package) of a module: the longest package name it is, or lies inside."""
+    found = [(len(p), i, p) for i, (_, packages) in enumerate(layers) for p in packages
+             if module == p or (module.startswith(p + ".") and p.count(".") > 0)]
+    if not found:
+        raise AssertionError(f"{module} is in no layer: add it to LAYERS (and the README's code map)")
+    _, index, package = max(found)
+    return index, package
+
+
+def upward_imports(graph: dict[str, set[str]], layers=LAYERS) -> list[str]:
+    """Every import of a module from a higher layer, or from a peer package of its layer."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        layer, package = package_of(module, layers)
+        for target in sorted(targets):
+            target_layer, target_package = package_of(target, layers)
+            if target_layer > layer:
+                found.append(f"{module} ({layers[layer][0]}) imports {target} ({layers[target_layer][0]})")
+            elif target_layer == layer and target_package != package and layer < len(layers) - 1:
+                found.append(f"{module} imports its peer {target} ({layers[layer][0]})")
+    return found
 
 
 def module_files(package_dir: str) -> dict[str, str]:
@@ -109,6 +148,34 @@ def test_no_import_cycle_inside_bilm():
         " <-> ".join(f"{m} (imports {', '.join(sorted(graph[m] & set(c)))})" for m in c) for c in found)
 
 
+def test_every_import_goes_down_a_layer():
+    graph = import_graph(os.path.join(ROOT, "bilm"))
+    found = upward_imports(graph)
+    assert not found, "imports that go up (or sideways between peers):\n  " + "\n  ".join(found)
+
+
+def test_the_layer_check_finds_an_upward_import_inside_a_function(tmp_path):
+    package = tmp_path / "bilm"
+    for sub in ("core", "formats", "training", "inference"):
+        (package / sub).mkdir(parents=True)
+        (package / sub / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "core" / "text.py").write_text("import os\n")
+    (package / "formats" / "weights.py").write_text(
+        "from bilm.core.text import os\n"           # down: fine
+        "def f():\n    from bilm.training import run  # up, and lazy\n")
+    (package / "training" / "run.py").write_text("from ..formats import weights\n")  # relative, down
+    (package / "inference" / "embedder.py").write_text("import bilm.training.run\n")  # a peer
+    graph = import_graph(str(package))
+    assert upward_imports(graph) == [
+        "bilm.formats.weights (shared files and data) imports bilm.training (stages)",
+        "bilm.formats.weights (shared files and data) imports bilm.training.run (stages)",
+        "bilm.inference.embedder imports its peer bilm.training.run (stages)"]
+    (package / "stray.py").write_text("")
+    with pytest.raises(AssertionError, match="bilm.stray is in no layer"):
+        upward_imports(import_graph(str(package)))
+
+
 def test_the_cycle_check_finds_a_cycle(tmp_path):
     package = tmp_path / "pkg"
     (package / "sub").mkdir(parents=True)
@@ -131,8 +198,8 @@ def test_bilm_imports_data_tools_only_in_the_cli():
     assert not offenders, f"bilm modules importing data_tools: {offenders}"
 
 
-@pytest.mark.parametrize("module", ["bilm.inference.embedder", "bilm.elmo", "bilm.training.run", "bilm.evaluate",
-                                    "bilm.formats.export", "bilm.inference.score"])
+@pytest.mark.parametrize("module", ["bilm.inference.embedder", "bilm.elmo", "bilm.training.run", "bilm.scoring.evaluate",
+                                    "bilm.commands.export", "bilm.inference.score"])
 def test_library_modules_load_no_data_tools(module):
     code = (f"import sys, {module}\n"
             "loaded = sorted(m for m in sys.modules if m == 'data_tools' or m.startswith('data_tools.'))\n"
@@ -143,6 +210,6 @@ def test_library_modules_load_no_data_tools(module):
 
 
 def test_config_lstm_impls_agree_with_the_lstm_module():
-    from bilm.training.config import TrainConfig
+    from bilm.runs.config import TrainConfig
     from bilm.modules.lstm import LSTM_IMPLS
     assert typing.get_args(typing.get_type_hints(TrainConfig)["lstm_impl"]) == LSTM_IMPLS

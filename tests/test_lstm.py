@@ -8,10 +8,10 @@ import torch
 import bilm.modules.lstm as lstm_module
 import bilm.modules.lstm.fused as fused
 from bilm.modules.bidirectional import BidirectionalLM
-from bilm.training.distributed import DistEnv
+from bilm.core.distributed import DistEnv
 from bilm.modules.language_model import LanguageModel
 from bilm.modules.lstm import LstmStack, LstmWithProjection
-from bilm.options import BiLMOptions, LstmOptions
+from bilm.core.options import BiLMOptions, LstmOptions
 from bilm.training.step import TrainStep
 from train_helpers import tiny_config
 

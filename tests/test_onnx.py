@@ -1,4 +1,4 @@
-"""The ONNX biLM (bilm.formats.onnx_export, bilm.inference.onnx_runtime): the stateless embedder's numbers under
+"""The ONNX biLM (bilm.inference.onnx_export, bilm.inference.onnx_runtime): the stateless embedder's numbers under
 onnxruntime, on the bilm-tf fixture model, an elmo_small-shaped random model and a SentencePiece
 (Chinese) model; its files, cache and refusals."""
 from __future__ import annotations
@@ -18,14 +18,15 @@ pytest.importorskip("onnx", reason="onnx is not installed (pip install -e '.[onn
 
 from bilm import ElmoEmbedder  # noqa: E402
 from bilm.cli import main as bilm_main  # noqa: E402
-from bilm.training.config import load_config  # noqa: E402
-from bilm.errors import MissingExtra  # noqa: E402
-from bilm.formats.export import export  # noqa: E402
+from bilm.runs.config import load_config  # noqa: E402
+from bilm.core.errors import MissingExtra  # noqa: E402
+from bilm.commands.export import export  # noqa: E402
 from bilm.modules.bidirectional import BidirectionalLM  # noqa: E402
-from bilm.formats.onnx_export import write_onnx  # noqa: E402
-from bilm.inference.onnx_runtime import META_FORMAT, ONNX_FILE, OnnxBiLM, OnnxModelError  # noqa: E402
+from bilm.inference.onnx_export import write_onnx  # noqa: E402
+from bilm.core.files import ONNX_FILE  # noqa: E402
+from bilm.inference.onnx_runtime import META_FORMAT, OnnxBiLM, OnnxModelError  # noqa: E402
 from bilm.training.run import train  # noqa: E402
-from bilm.formats.weights import save_weights  # noqa: E402
+from bilm.modules.weight_file import save_weights  # noqa: E402
 from conftest import OPTIONS, WEIGHTS, tf_embedding_batches  # noqa: E402
 from data_tools.prepare import main as prepare_main  # noqa: E402
 from train_helpers import ROOT, tiny_config  # noqa: E402
@@ -146,7 +147,7 @@ def test_sentencepiece_model_export_format_onnx_and_embed_runtime_onnx(chinese_r
 def test_runtime_does_not_import_torch(tmp_path):
     write_onnx(OPTIONS, WEIGHTS, str(tmp_path / ONNX_FILE))
     code = ("import sys, numpy as np\n"
-            "from bilm.chars import CharIdMapper\n"
+            "from bilm.core.chars import CharIdMapper\n"
             "from bilm.inference.onnx_runtime import OnnxBiLM\n"
             f"m = OnnxBiLM({str(tmp_path / ONNX_FILE)!r}, {OPTIONS!r}, {WEIGHTS!r})\n"
             "mapper = CharIdMapper()\n"

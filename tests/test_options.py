@@ -9,9 +9,9 @@ import os
 import pytest
 import yaml
 
-from bilm.chars import DEFAULT_MAX_CHARACTERS, N_CHARACTERS
-from bilm.training.config import ConfigError, config_from_dict, config_to_dict, load_config
-from bilm.options import BiLMOptions, CharCNNOptions, LstmOptions, OptionsError
+from bilm.core.chars import DEFAULT_MAX_CHARACTERS, N_CHARACTERS
+from bilm.runs.config import ConfigError, config_from_dict, config_to_dict, load_config
+from bilm.core.options import BiLMOptions, CharCNNOptions, LstmOptions, OptionsError
 from conftest import OPTIONS
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")

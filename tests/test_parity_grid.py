@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import parity_bilmtf as parity  # noqa: E402  (benchmarks/parity_bilmtf.py)
 
 from bilm.formats.bilmtf import config_from_bilmtf_options  # noqa: E402
-from bilm.training.config import config_from_dict, load_config  # noqa: E402
+from bilm.runs.config import config_from_dict, load_config  # noqa: E402
 
 HARNESS = os.path.join(parity.SHARED, "peers", "harness", "bilmtf_train.py")
 

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from bilm.data import MANIFEST_FORMAT, MANIFEST_VERSION, LMDataset, load_manifest
-from bilm.vocab import Vocabulary
+from bilm.core.vocab import Vocabulary
 from data_tools.prepare import main as prepare_main
 from data_tools.shuffle import BucketTask, shuffle_bucket
 

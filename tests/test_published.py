@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from bilm.inference import published_models as published
+from bilm.modules import published
 from bilm.cli import main as bilm_main
 from conftest import OPTIONS, WEIGHTS
 
@@ -184,7 +184,7 @@ def test_train_init_model_starts_from_the_published_weights(server, tmp_path):
     assert bilm_main(["train", "--config", TINY, "--data", TRAIN_DATA, "--vocab", TRAIN_VOCAB, "--out", str(run),
                       "--init-model", "fixture", "--set", "train.max_steps=1", "--set", "train.device=cpu",
                       "--no-progress"]) == 0
-    from bilm.training.trained_model import model_from_checkpoint
+    from bilm.runs.trained_model import model_from_checkpoint
     trained = model_from_checkpoint(str(run))
     assert trained.config.model.char_cnn.n_highway == 2  # the fixture's architecture (tiny.yaml has 1)
     # One step of Adagrad moves a weight by at most lr = 0.2: it started from the fixture's, not afresh.

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from bilm.training.checkpoint import (FORMAT, OLD_FORMAT, CheckpointError, CheckpointRefused, check_resume, list_checkpoints,
-                                      load_checkpoint, save_checkpoint)
+from bilm.runs.checkpoint import CheckpointError, CheckpointRefused, FORMAT, OLD_FORMAT, load_checkpoint, save_checkpoint
+from bilm.runs.resume import check_resume
+from bilm.runs.run_dir import list_checkpoints
 from bilm.cli import main as bilm_main
 from bilm.training.run import train
 from bilm.training.step import rng_state, set_rng_state
-from bilm.text import TextPipeline
+from bilm.core.text import TextPipeline
 from train_helpers import TRAIN_DATA, TRAIN_VOCAB, tiny_config
 from test_faults import _assert_same_run, _train_args
 
@@ -175,7 +176,7 @@ def test_resume_accepts_changed_settings_and_logs_them_once(tmp_path, run2):
 
 def test_resume_refuses_another_text_pipeline():
     cfg = tiny_config()
-    from bilm.training.config import config_to_dict
+    from bilm.runs.config import config_to_dict
     payload = {"config": config_to_dict(cfg), "vocab": ["<S>", "</S>", "<UNK>"],
                "text_pipeline": TextPipeline("whitespace", nfkc=False).to_state()}
     ours = config_to_dict(cfg)
@@ -191,7 +192,7 @@ def test_resume_refuses_another_text_pipeline():
 
 
 def test_deepspeed_state_that_would_run_code_is_refused_before_deepspeed_reads_it(tmp_path):
-    from bilm.training.checkpoint import check_deepspeed_state
+    from bilm.runs.checkpoint import check_deepspeed_state
     marker = tmp_path / "pwned"
     torch.save({"optimizer_state_dict": {"state": {}, "step": torch.tensor(1.0)}}, tmp_path / "optim_states.pt")
     check_deepspeed_state(str(tmp_path))  # plain state passes

@@ -21,7 +21,7 @@ import torch
 
 from bilm.data import shards as bilm_shards
 from bilm.data import LMDataset
-from bilm.vocab import Vocabulary
+from bilm.core.vocab import Vocabulary
 from data_tools import inputs as data_inputs
 from data_tools import prepare as data_prepare
 from data_tools import shuffle as data_shuffle
@@ -114,8 +114,8 @@ def test_first_batch_encodes_one_shard_not_all(tmp_path, monkeypatch):
 
 
 def _tiny_checkpoint(tmp_path, vocab_size=500):
-    from bilm.training.checkpoint import save_checkpoint
-    from bilm.training.config import config_to_dict, load_config
+    from bilm.runs.checkpoint import save_checkpoint
+    from bilm.runs.config import config_to_dict, load_config
     from bilm.modules.language_model import LanguageModel
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,7 +143,7 @@ def _mapped_file(address: int):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
 def test_evaluate_and_export_hold_one_mapped_copy_of_the_weights(tmp_path):
-    from bilm.training.trained_model import model_from_checkpoint
+    from bilm.runs.trained_model import model_from_checkpoint
 
     path, original = _tiny_checkpoint(tmp_path)
     model = model_from_checkpoint(str(tmp_path)).model

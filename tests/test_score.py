@@ -8,8 +8,8 @@ import random
 import pytest
 
 from bilm.cli import main as bilm_main
-from bilm.evaluate import evaluate
-from bilm.formats.export import export
+from bilm.scoring.evaluate import evaluate
+from bilm.commands.export import export
 from bilm.inference.score import LanguageModelScorer, corpus_summary
 from bilm.training.run import train
 from train_helpers import TRAIN_DATA, TRAIN_VOCAB, tiny_config

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import bilm.training.run as train_module
-from bilm.training.config import ConfigError
+from bilm.runs.config import ConfigError
 from bilm.data import LMDataset
-from bilm.training.distributed import DistEnv
+from bilm.core.distributed import DistEnv
 from bilm.training.strategy import DDPStrategy, check_config, deepspeed_config
 from bilm.training.run import train
 from bilm.training.step import TrainStep
@@ -17,7 +17,7 @@ from train_helpers import ROOT, TRAIN_DATA, TRAIN_VOCAB, tiny_config
 
 TRAINING_SIDE = ("bilm/training/run.py", "bilm/training/step.py", "bilm/training/checkpointer.py",
                  "bilm/training/strategy.py", "bilm/training/optimizers.py",
-                 "bilm/training/gradients.py", "bilm/training/distributed.py", "bilm/modules/language_model.py")
+                 "bilm/training/gradients.py", "bilm/core/distributed.py", "bilm/modules/language_model.py")
 
 
 class HostReads:

@@ -16,12 +16,12 @@ import pytest
 from bilm import ElmoEmbedder
 from bilm.cli import main as bilm_main
 from bilm.data import load_manifest
-from bilm.evaluate import evaluate
-from bilm.formats.export import export
-from bilm.training.trained_model import model_from_checkpoint
+from bilm.scoring.evaluate import evaluate
+from bilm.commands.export import export
+from bilm.runs.trained_model import model_from_checkpoint
 from bilm.training.run import train
 from conftest import OPTIONS, WEIGHTS
-from bilm.text import TextPipeline
+from bilm.core.text import TextPipeline
 from data_tools.prepare import main as prepare_main
 from train_helpers import ROOT, tiny_config
 

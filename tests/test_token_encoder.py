@@ -4,9 +4,9 @@ those of encoding every position. In float64, so that the only difference float3
 cannot hide a real one."""
 import torch
 
-from bilm.chars import CharIdMapper
+from bilm.core.chars import CharIdMapper
 from bilm.modules.token_encoder import CharCNNEncoder
-from bilm.options import CharCNNOptions
+from bilm.core.options import CharCNNOptions
 
 
 def test_distinct_token_path_equals_every_position():

@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from bilm.training.checkpoint import list_checkpoints, load_checkpoint
-from bilm.evaluate import evaluate
+from bilm.runs.checkpoint import load_checkpoint
+from bilm.runs.run_dir import list_checkpoints
+from bilm.scoring.evaluate import evaluate
 from bilm.training.run import train
 from train_helpers import TRAIN_DATA, TRAIN_VOCAB, tiny_config
 
@@ -157,7 +158,7 @@ def test_linear_decay_reaches_zero_at_the_last_step_and_resumes(tmp_path):
 
 def test_resumes_a_checkpoint_that_names_the_fused_lstm_exact(tmp_path):
     """Checkpoints written before the fused LSTM path was renamed say lstm_impl 'exact': they resume."""
-    from bilm.training.checkpoint import save_checkpoint
+    from bilm.runs.checkpoint import save_checkpoint
 
     train(tiny_config("train.max_steps=2"), TRAIN_DATA, str(tmp_path), vocab_file=TRAIN_VOCAB, progress=False)
     path = list_checkpoints(str(tmp_path / "checkpoints"))[-1]

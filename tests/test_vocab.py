@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bilm.vocab import Vocabulary, VocabularyError
+from bilm.core.vocab import Vocabulary, VocabularyError
 
 
 def write(path, text):
@@ -46,8 +46,8 @@ def test_errors_name_file_and_line(tmp_path, text, line, words):
 def test_bytes_that_are_not_utf8_are_named_by_line_far_into_a_file(tmp_path):
     """A text-mode reader decodes in chunks, so its error's offset is within a chunk: the
     message must name the line of the bad bytes, here well past the first chunk."""
-    from bilm.training.config import ConfigError, load_config
-    from bilm.errors import read_json
+    from bilm.runs.config import ConfigError, load_config
+    from bilm.core.errors import read_json
 
     words = [f"word{i}" for i in range(5000)]
     raw = ("<S>\n</S>\n<UNK>\n" + "\n".join(words[:2999]) + "\n").encode() + "caf\xe9\n".encode("latin-1")

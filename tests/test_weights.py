@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from bilm.modules.bidirectional import BidirectionalLM
-from bilm.options import BiLMOptions, OptionsError
-from bilm.formats.weights import WeightFileError, load_bilm, load_weights, save_weights
+from bilm.core.options import BiLMOptions, OptionsError
+from bilm.formats.weights import WeightFileError
+from bilm.modules.weight_file import load_bilm, load_weights, save_weights
 from conftest import OPTIONS, WEIGHTS
 
 

@@ -1,7 +1,7 @@
 """Shared bits of the training tests: the bilm-tf test model as a config, and fixture data."""
 import os
 
-from bilm.training.config import load_config
+from bilm.runs.config import load_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from bilm.chars import DEFAULT_MAX_CHARACTERS
+from bilm.core.chars import DEFAULT_MAX_CHARACTERS
 from bilm.data.manifest import load_manifest
 from bilm.data.order import SentenceStream
 from bilm.data.packing import Packer, RowPacker, Segments, SentencePacker
 from bilm.data.shards import ShardCache, rank_plan, resolve_shards
-from bilm.errors import InputError
-from bilm.vocab import Vocabulary
+from bilm.core.errors import InputError
+from bilm.core.vocab import Vocabulary
 
 STATE_VERSION = 1
 
@@ -37,7 +37,7 @@ class LMDataset(IterableDataset):
          "backward": {same keys},
          "reset_state": bool (B,)}
 
-    ``char_ids`` use the shifted convention of ``bilm.chars`` (0 = padding) and are left out
+    ``char_ids`` use the shifted convention of ``bilm.core.chars`` (0 = padding) and are left out
     when ``char_inputs`` is False. Positions with no data have token 0, next token 0, char
     ids 0 and mask False. ``reset_state`` marks rows whose LSTM states the consumer must zero
     before this batch (the first window of each group with ``per_sentence``; never otherwise).

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 
-from bilm.atomic import atomic_open
-from bilm.errors import InputError, read_json
+from bilm.core.atomic import atomic_open
+from bilm.core.errors import InputError, read_json
 
 MANIFEST_FORMAT = "bilm-data"
 # The version this bilm writes and the newest it reads. Raise it when a change to the file

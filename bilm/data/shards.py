@@ -19,9 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from bilm.chars import BOS_TOKEN, DEFAULT_MAX_CHARACTERS, EOS_TOKEN, char_id_table
-from bilm.errors import InputError, not_utf8
-from bilm.vocab import Vocabulary
+from bilm.core.chars import BOS_TOKEN, DEFAULT_MAX_CHARACTERS, EOS_TOKEN, char_id_table
+from bilm.core.errors import InputError, not_utf8
+from bilm.core.vocab import Vocabulary
 from bilm.data.inputs import resolve_inputs
 
 # Rows of every shard's char table: the sentence boundaries, then the shard's distinct words.

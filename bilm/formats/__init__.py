@@ -1,2 +1,3 @@
-"""Files bilm reads and writes for other tools: the published ELMo weight layout (what AllenNLP
-reads), bilm-tf checkpoints, the export and the ONNX graph."""
+"""Files bilm shares with other tools, read and written as files (no model building): the
+published ELMo weight layout (what AllenNLP reads), bilm-tf's TensorFlow checkpoints and the
+ONNX graph's contract."""

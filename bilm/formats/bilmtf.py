@@ -1,28 +1,19 @@
-"""Import a bilm-tf training run: its TensorFlow checkpoint becomes a bilm checkpoint, without TensorFlow.
+"""bilm-tf's TensorFlow training checkpoints, read without TensorFlow, and its names.
 
-``bilm import-bilm-tf --tf-save-dir SAVE_DIR --vocab vocab.txt --out RUN_DIR`` reads the newest
-checkpoint of a bilm-tf ``train()`` run (the ``save_dir`` holding ``checkpoint``, ``options.json``
-and ``model.ckpt-N.*``) and writes ``RUN_DIR/checkpoints/step-N.pt`` and ``RUN_DIR/config.yaml``:
-the weights, the softmax and the Adagrad accumulators, with the training settings of bilm-tf's
-``options.json``. Then ``bilm evaluate --checkpoint RUN_DIR`` scores it with bilm's evaluator,
-``bilm export --include-softmax`` writes ``weights.hdf5`` (identical to bilm-tf's
-``dump_weights``) plus ``softmax.hdf5``, and ``bilm train --config RUN_DIR/config.yaml --out RUN_DIR
---resume`` continues the run in bilm with the optimizer state it had.
-
-The checkpoint is read directly: TensorFlow's V2 format is an index file (a LevelDB-style table of
-tensor name -> dtype, shape, offset) and a data file of raw little-endian tensors.
+TensorFlow's V2 format is an index file (a LevelDB-style table of tensor name -> dtype, shape,
+offset) and a data file of raw little-endian tensors. ``split_tensors`` separates a checkpoint's
+weights (in the published weight file's names) from its Adagrad accumulators;
+``config_from_bilmtf_options`` reads bilm-tf's ``options.json`` as a bilm config dict.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import struct
-from typing import Sequence
 
 import numpy as np
 
-from bilm.errors import InputError
+from bilm.core.errors import InputError
 
 # ----------------------------------------------------------------------------- the TF checkpoint
 
@@ -227,11 +218,11 @@ def split_tensors(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray]
     return weights, accumulators, int(step) if step is not None else 0
 
 
-# ----------------------------------------------------------------------------- the import
+# ----------------------------------------------------------------------------- options.json
 
 def config_from_bilmtf_options(options: dict) -> dict:
     """bilm-tf's ``options.json`` as a bilm config dict: the architecture and its training settings."""
-    from bilm.options import BiLMOptions
+    from bilm.core.options import BiLMOptions
 
     model = BiLMOptions.from_dict(options, where="options.json").to_dict()
     if "char_cnn" in model:
@@ -245,133 +236,3 @@ def config_from_bilmtf_options(options: dict) -> dict:
     if "all_clip_norm_val" in options:
         optim["max_grad_norm"] = options["all_clip_norm_val"]
     return {"model": model, "train": train, "optim": optim}
-
-
-def load_bilmtf_state(model, optimizer, weights: dict[str, np.ndarray], accumulators: dict[str, np.ndarray],
-                      step: int, source: str) -> None:
-    """Copy bilm-tf weights (and, when ``optimizer`` is an Adagrad, its accumulators) into a ``LanguageModel``."""
-    import torch
-
-    from bilm.formats.weights import WeightFileError
-
-    carry = load_bilmtf_body(model, optimizer, weights, accumulators, step, source)
-    softmax_w, softmax_b = softmax_arrays(weights, source)
-    if softmax_w.shape != tuple(model.softmax.weight.shape):
-        raise WeightFileError(f"{source}: 'lm/softmax/W' has shape {softmax_w.shape}, the model needs "
-                              f"{tuple(model.softmax.weight.shape)} (vocabulary size x projection_dim): another vocab?")
-    with torch.no_grad():
-        model.softmax.weight.copy_(torch.from_numpy(np.asarray(softmax_w)))
-        model.softmax.bias.copy_(torch.from_numpy(np.asarray(softmax_b)))
-    if carry:
-        for param, accumulator in zip((model.softmax.weight, model.softmax.bias),
-                                      softmax_arrays(accumulators, f"{source} (Adagrad accumulators)")):
-            optimizer.state[param]["sum"].copy_(torch.from_numpy(np.asarray(accumulator)))
-            optimizer.state[param]["step"].fill_(float(step))
-
-
-def softmax_arrays(arrays: dict[str, np.ndarray], source: str) -> tuple[np.ndarray, np.ndarray]:
-    """``lm/softmax/W`` (vocabulary x dim) and ``lm/softmax/b`` of a split checkpoint, checked."""
-    from bilm.formats.weights import SOFTMAX_BIAS, SOFTMAX_WEIGHT
-    from bilm.formats.weights import WeightFileError
-
-    for name in (SOFTMAX_WEIGHT, SOFTMAX_BIAS):
-        if name not in arrays:
-            raise WeightFileError(f"{source}: no 'lm/{name}' variable")
-    weight, bias = arrays[SOFTMAX_WEIGHT], arrays[SOFTMAX_BIAS]
-    if weight.ndim != 2 or bias.shape != (weight.shape[0],):
-        raise WeightFileError(f"{source}: 'lm/{SOFTMAX_WEIGHT}' {weight.shape} and 'lm/{SOFTMAX_BIAS}' {bias.shape} "
-                              "are not a softmax (rows x dim, one bias a row)")
-    return weight, bias
-
-
-def carries_adagrad_state(optimizer, source: str) -> bool:
-    """Whether bilm-tf's Adagrad accumulators apply to ``optimizer`` (a warning when they do not)."""
-    import torch
-
-    if optimizer is None:
-        return False
-    if not isinstance(optimizer, torch.optim.Adagrad):
-        import warnings
-        warnings.warn(f"{source}: the optimizer is {type(optimizer).__name__}, not bilm-tf's Adagrad: "
-                      "its state starts afresh (the accumulators are not carried over)", stacklevel=3)
-        return False
-    return True
-
-
-def load_bilmtf_body(model, optimizer, weights: dict[str, np.ndarray], accumulators: dict[str, np.ndarray],
-                     step: int, source: str) -> bool:
-    """The char CNN (or word table) and LSTMs of bilm-tf into ``model.bilm``, and their Adagrad
-    accumulators into ``optimizer``; True when the accumulators were carried."""
-    import copy
-
-    from bilm.formats.weights import SOFTMAX_BIAS, SOFTMAX_WEIGHT
-    from bilm.formats.weights import load_weight_arrays
-
-    load_weight_arrays(model.bilm, weights, source, ignore=(SOFTMAX_WEIGHT, SOFTMAX_BIAS))
-    if not carries_adagrad_state(optimizer, source):
-        return False
-    # The accumulators have the weights' names and layouts: load them into a twin of the body
-    # through the same table, then move each into the optimizer state of its parameter.
-    twin = copy.deepcopy(model.bilm)
-    load_weight_arrays(twin, accumulators, f"{source} (Adagrad accumulators)", ignore=(SOFTMAX_WEIGHT, SOFTMAX_BIAS))
-    initial = optimizer.param_groups[0]["initial_accumulator_value"]
-    if twin.char_inputs:  # our row 0 is the mask: never updated, its accumulator stays initial
-        twin.token_encoder.char_embedding.weight.data[0] = initial
-    else:
-        twin.token_encoder.embedding.weight.data[0] = initial
-    for param, accumulator in zip(model.bilm.parameters(), twin.parameters()):
-        state = optimizer.state[param]
-        state["sum"].copy_(accumulator.detach())
-        state["step"].fill_(float(step))
-    return True
-
-
-def import_bilmtf(save_dir: str, vocab_file: str, out_dir: str, overrides: Sequence[str] = (),
-                  force: bool = False) -> dict:
-    """Write ``out_dir/checkpoints/step-N.pt`` and ``out_dir/config.yaml`` from a bilm-tf save_dir."""
-    from bilm.training.checkpoint import RunLock
-    from bilm.training.config import config_from_dict
-    from bilm.vocab import Vocabulary
-
-    options_path = os.path.join(save_dir, "options.json")
-    try:
-        with open(options_path, encoding="utf-8") as f:
-            options = json.load(f)
-    except OSError as e:
-        raise FileNotFoundError(f"{options_path}: cannot read ({e.strerror}); is {save_dir} a bilm-tf save_dir?") from None
-    except ValueError as e:  # not JSON, not UTF-8
-        raise InputError(f"{options_path}: not a JSON options file ({e})") from None
-    prefix = latest_tf_checkpoint(save_dir)
-    weights, accumulators, step = split_tensors(read_tf_checkpoint(prefix))
-    cfg = config_from_dict(config_from_bilmtf_options(options), where=options_path, overrides=overrides)
-    vocab = Vocabulary.from_file(vocab_file)
-    if options.get("n_tokens_vocab") not in (None, len(vocab)):
-        raise InputError(f"{vocab_file} has {len(vocab)} tokens, {options_path} says n_tokens_vocab "
-                         f"{options['n_tokens_vocab']}: give the vocab the run was trained with")
-
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
-    with RunLock(out_dir):  # not while a bilm train writes into the same directory
-        return _write_import(cfg, vocab, weights, accumulators, step, prefix, out_dir, ckpt_dir, force)
-
-
-def _write_import(cfg, vocab, weights, accumulators, step, prefix, out_dir, ckpt_dir, force) -> dict:
-    import torch
-
-    from bilm.training.checkpoint import checkpoint_path, checkpoint_payload, list_checkpoints, save_checkpoint
-    from bilm.training.config import config_to_dict, save_config
-    from bilm.training.model_builder import build_model
-    from bilm.training.optimizers import build_optimizer
-
-    if list_checkpoints(ckpt_dir) and not force:
-        raise FileExistsError(f"{ckpt_dir} already holds checkpoints; pass --force to add the imported one")
-    torch.manual_seed(0)
-    model = build_model(cfg, len(vocab))
-    optimizer = build_optimizer(cfg, model)
-    load_bilmtf_state(model, optimizer, weights, accumulators, step, prefix)
-    os.makedirs(ckpt_dir, exist_ok=True)
-    save_config(cfg, os.path.join(out_dir, "config.yaml"))
-    path = checkpoint_path(ckpt_dir, step)
-    # No rank states: a resumed run starts its data order and LSTM states afresh, as bilm-tf's restart does.
-    save_checkpoint(checkpoint_payload(step, config_to_dict(cfg), model.state_dict(), vocab.tokens,
-                                       optimizer.state_dict(), imported_from=prefix), path)
-    return {"checkpoint": path, "step": step, "source": prefix, "config": os.path.join(out_dir, "config.yaml")}

@@ -1,2 +1,2 @@
-"""Using a trained biLM: ``ElmoEmbedder``, the ``Elmo`` module, published models by name, the
-ONNX runtime and the scorer."""
+"""Using a trained biLM: ``ElmoEmbedder``, the ``Elmo`` module, the ONNX export and runtime and
+the scorer."""

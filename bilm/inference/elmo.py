@@ -15,13 +15,13 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from bilm.chars import EOS_TOKEN, BOS_TOKEN, CharIdMapper
-from bilm.errors import InputError
+from bilm.core.chars import EOS_TOKEN, BOS_TOKEN, CharIdMapper
+from bilm.core.errors import InputError
 from bilm.modules.bidirectional import RowStates
 from bilm.modules.scalar_mix import ScalarMix
-from bilm.precision import autocast, check_precision
-from bilm.inference.published_models import model_files
-from bilm.formats.weights import load_bilm
+from bilm.core.precision import autocast, check_precision
+from bilm.modules.published import model_files
+from bilm.modules.weight_file import load_bilm
 
 _BATCH_MAPPER = CharIdMapper()
 

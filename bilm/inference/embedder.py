@@ -23,16 +23,17 @@ import h5py
 import numpy as np
 import torch
 
-from bilm.atomic import atomic_path
-from bilm.chars import CharIdMapper, char_id_table
-from bilm.errors import InputError, not_utf8
+from bilm.core.atomic import atomic_path
+from bilm.core.chars import CharIdMapper, char_id_table
+from bilm.core.errors import InputError, not_utf8
 from bilm.modules.bidirectional import BidirectionalLM, RowStates
-from bilm.precision import autocast, check_precision
-from bilm.progress import progress_bar
-from bilm.inference.published_models import model_files
-from bilm.vocab import read_tokens
-from bilm.formats.weights import WeightFileError, load_bilm, reading
-from bilm.text import TextPipeline, warn_suspicious_lines
+from bilm.core.precision import autocast, check_precision
+from bilm.core.progress import progress_bar
+from bilm.modules.published import model_files
+from bilm.core.vocab import read_tokens
+from bilm.formats.weights import WeightFileError, reading
+from bilm.modules.weight_file import load_bilm
+from bilm.core.text import TextPipeline, warn_suspicious_lines
 
 OUTPUT_FORMATS = ("all", "top", "average")
 RUNTIMES = ("torch", "onnx")
@@ -87,7 +88,7 @@ class ElmoEmbedder:
         self.batch_size = batch_size
         self.stateful = (runtime == "torch") if stateful is None else stateful  # default: stateful in PyTorch
         if runtime == "onnx":
-            from bilm.formats.onnx_export import write_onnx
+            from bilm.inference.onnx_export import write_onnx
             from bilm.inference.onnx_runtime import load_onnx_bilm
             # As many threads as PyTorch would use (OMP_NUM_THREADS, torch.set_num_threads): onnxruntime's own
             # default counts the machine's cores and ignores both.

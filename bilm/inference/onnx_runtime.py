@@ -1,4 +1,4 @@
-"""Run the ONNX biLM that ``bilm.formats.onnx_export`` writes, with onnxruntime and numpy only (no PyTorch).
+"""Run the ONNX biLM that ``bilm.inference.onnx_export`` writes, with onnxruntime and numpy only (no PyTorch).
 
 ``OnnxBiLM(path, options_file)`` checks the file (its format, and that it was built from these
 options and, when given, these weights) and maps char ids to ELMo layers. ``onnx_model_path``
@@ -15,11 +15,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from bilm.errors import InputError, MissingExtra
+from bilm.core.errors import InputError, MissingExtra
+from bilm.core.files import ONNX_FILE, OPTIONS_FILE, WEIGHTS_FILE
 
-ONNX_FILE = "model.onnx"
-# Files a serving directory holds beside model.onnx (the tokenizer's names: bilm.text).
-RUNTIME_FILES = ("options.json", "tokenizer.json", "sentencepiece.model", "vocab.txt")
 # The graph's interface (input, output, semantics). Bump it when that changes: files of another
 # format are refused with a message saying how to rebuild them.
 ONNX_FORMAT = 1
@@ -58,7 +56,7 @@ class OnnxBiLM:
         """``weight_file`` (or its known ``weights_sha256``): check the file was built from those
         weights too; ``threads``: onnxruntime's intra-op threads (default: its own choice)."""
         ort = _import_onnxruntime()
-        from bilm.options import BiLMOptions
+        from bilm.core.options import BiLMOptions
 
         self.path = path
         self.options = BiLMOptions.from_file(options_file)
@@ -113,7 +111,7 @@ def onnx_model_path(options_file: str, weight_file: Optional[str], build: Option
                     progress: bool = True) -> tuple[str, Optional[str]]:
     """The ONNX file for a model and the SHA-256 of its weights (None without weights): the
     model directory's ``model.onnx`` when present, else ``$BILM_CACHE/onnx/KEY/model.onnx``, built
-    now if missing by ``build(options_file, weight_file, path)`` (``bilm.formats.onnx_export.write_onnx``, which
+    now if missing by ``build(options_file, weight_file, path)`` (``bilm.inference.onnx_export.write_onnx``, which
     needs PyTorch: the caller passes it, so this module imports no exporter; once per model, one
     builder at a time)."""
     beside = os.path.join(os.path.dirname(os.path.abspath(options_file)), ONNX_FILE)
@@ -122,7 +120,7 @@ def onnx_model_path(options_file: str, weight_file: Optional[str], build: Option
         return beside, weights_sha
     if weight_file is None:
         raise FileNotFoundError(f"no {ONNX_FILE} beside {options_file} and no weights to build one from")
-    from bilm.inference.published_models import cache_dir
+    from bilm.modules.published import cache_dir
 
     with open(options_file, "rb") as f:
         key = hashlib.sha256(f.read() + b"\0" + weights_sha.encode()).hexdigest()[:24]
@@ -161,11 +159,11 @@ def check_onnx_arguments(stateful: Optional[bool], precision: str, token_embeddi
 def serving_files(options_file: Optional[str], weight_file: Optional[str]) -> tuple[str, Optional[str]]:
     """``model_files`` for the ONNX runtime: a directory with ``options.json`` + ``model.onnx`` (what
     ``bilm export-onnx`` writes) needs no weights; anything else as ``model_files``."""
-    from bilm.inference.published_models import OPTIONS_NAME, WEIGHTS_NAME, model_files
+    from bilm.modules.published import model_files
 
     if weight_file is None and options_file is not None and os.path.isdir(options_file):
-        options = os.path.join(options_file, OPTIONS_NAME)
-        weights = os.path.join(options_file, WEIGHTS_NAME)
+        options = os.path.join(options_file, OPTIONS_FILE)
+        weights = os.path.join(options_file, WEIGHTS_FILE)
         if os.path.isfile(options) and os.path.isfile(os.path.join(options_file, ONNX_FILE)):
             return options, weights if os.path.isfile(weights) else None
     return model_files(options_file, weight_file)

@@ -21,38 +21,37 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from bilm.chars import BOS_TOKEN, EOS_TOKEN, char_id_table
-from bilm.errors import InputError
+from bilm.core.chars import BOS_TOKEN, EOS_TOKEN, char_id_table
+from bilm.core.errors import InputError
+from bilm.core.files import OPTIONS_FILE, SOFTMAX_FILE, VOCAB_FILE, WEIGHTS_FILE
 from bilm.modules.language_model import DIRECTIONS, LanguageModel
-from bilm.precision import autocast, check_precision
-from bilm.progress import progress_bar
-from bilm.vocab import Vocabulary
-from bilm.text import TextPipeline, split_long
+from bilm.core.precision import autocast, check_precision
+from bilm.core.progress import progress_bar
+from bilm.core.vocab import Vocabulary
+from bilm.core.text import TextPipeline, split_long
 
-SOFTMAX_FILE = "softmax.hdf5"
 
 
 def load_scoring_model(path: str) -> tuple[LanguageModel, Vocabulary, Optional[TextPipeline]]:
     """A run directory or checkpoint (``model_from_checkpoint``), or an export directory with the
     softmax; the model in eval mode on the CPU, its vocabulary and its text pipeline."""
-    from bilm.inference.published_models import OPTIONS_NAME, WEIGHTS_NAME
 
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, OPTIONS_NAME)):
-        from bilm.options import BiLMOptions
-        from bilm.training.init_weights import load_pretrained
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, OPTIONS_FILE)):
+        from bilm.core.options import BiLMOptions
+        from bilm.modules.pretrained import load_pretrained
 
-        softmax, vocab_file = os.path.join(path, SOFTMAX_FILE), os.path.join(path, "vocab.txt")
+        softmax, vocab_file = os.path.join(path, SOFTMAX_FILE), os.path.join(path, VOCAB_FILE)
         if not os.path.isfile(softmax):
             raise InputError(f"{path} has no {SOFTMAX_FILE}: scoring needs the softmax; export the model with "
                              "`bilm export --include-softmax`, or score its run directory")
         if not os.path.isfile(vocab_file):
             raise FileNotFoundError(f"{path} has no vocab.txt (the softmax rows' tokens)")
         vocab = Vocabulary.from_file(vocab_file)
-        model = LanguageModel(BiLMOptions.from_file(os.path.join(path, OPTIONS_NAME)), len(vocab), dropout=0.0,
+        model = LanguageModel(BiLMOptions.from_file(os.path.join(path, OPTIONS_FILE)), len(vocab), dropout=0.0,
                               sparse_softmax=False)
-        load_pretrained(model, os.path.join(path, WEIGHTS_NAME), softmax_file=softmax)
+        load_pretrained(model, os.path.join(path, WEIGHTS_FILE), softmax_file=softmax)
         return model.eval(), vocab, TextPipeline.load(path)
-    from bilm.training.trained_model import model_from_checkpoint
+    from bilm.runs.trained_model import model_from_checkpoint
 
     model, _, tokens, found, pipeline = model_from_checkpoint(path)
     return model, Vocabulary(tokens, source=found), pipeline

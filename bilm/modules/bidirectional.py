@@ -6,10 +6,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from bilm.errors import InputError
+from bilm.core.errors import InputError
 from bilm.modules.lstm import LstmStack, State, can_run_together, run_fused_stacks
 from bilm.modules.token_encoder import CharCNNEncoder, WordEmbeddingEncoder
-from bilm.options import BiLMOptions
+from bilm.core.options import BiLMOptions
 
 BiState = dict[str, Optional[list[State]]]  # {"forward": per-layer states, "backward": ...}
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from bilm.modules.bidirectional import BiState, BidirectionalLM, map_state
 from bilm.modules.softmax import SoftmaxLayer
-from bilm.options import BiLMOptions
+from bilm.core.options import BiLMOptions
 
 DIRECTIONS = ("forward", "backward")
 

@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from bilm.errors import InputError
+from bilm.core.errors import InputError
 
 
 class ScalarMix(nn.Module):

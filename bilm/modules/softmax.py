@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bilm.errors import InputError
+from bilm.core.errors import InputError
 
 
 class LogUniformSampler:

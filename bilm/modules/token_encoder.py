@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bilm.options import CharCNNOptions
+from bilm.core.options import CharCNNOptions
 
 
 class Highway(nn.Module):

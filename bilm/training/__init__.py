@@ -1,2 +1,2 @@
-"""Training: the config, the run, its step, strategies, optimizers, gradients, process groups,
-checkpoints, the heldout watch and the divergence guard."""
+"""Training: the run, its step, strategies, optimizers, gradients, the checkpointer, the heldout
+watch and the divergence guard."""

@@ -6,7 +6,7 @@ the ranks agree on the clock and the signal in one all-reduce), writes the paylo
 (``checkpoint_payload``, the one schema every writer uses) and reads it back (``resume``,
 ``rollback``), keeps the last ``train.keep_checkpoints`` of the ``step-N.pt`` series (never the
 rollback target) and ``best.pt``. The files themselves (atomic writes, the safe unpickler, the
-format version) are ``bilm.training.checkpoint``'s.
+format version) are ``bilm.runs.checkpoint``'s.
 """
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ from typing import Optional
 import torch
 
 from bilm.data import LMDataset
-from bilm.logs import log
-from bilm.training.checkpoint import (CheckpointWriteError, check_resume, checkpoint_path, checkpoint_payload,
-                                      checkpoint_step, keep_as_best, list_checkpoints, load_checkpoint,
-                                      load_latest_valid, load_model_state, prune_checkpoints,
-                                      remove_stale_temporaries, save_checkpoint)
-from bilm.training.config import Config, config_to_dict
-from bilm.training.distributed import DistEnv, all_reduce_max, gather_objects
+from bilm.core.logs import log
+from bilm.core.errors import CheckpointWriteError
+from bilm.runs.checkpoint import checkpoint_payload, load_checkpoint, load_model_state, save_checkpoint
+from bilm.runs.resume import check_resume
+from bilm.runs.run_dir import checkpoint_path, checkpoint_step, keep_as_best, list_checkpoints, load_latest_valid, prune_checkpoints, remove_stale_temporaries
+from bilm.runs.config import Config, config_to_dict
+from bilm.core.distributed import DistEnv, all_reduce_max, gather_objects
 from bilm.training.step import TrainStep
-from bilm.text import TextPipeline
+from bilm.core.text import TextPipeline
 
 _NO_STEP = float(2**62)  # "no non-finite step" in the all-reduce of the earliest one
 

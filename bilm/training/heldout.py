@@ -1,5 +1,5 @@
 """Heldout perplexity while training: a fixed sample of heldout sentences, scored with the full
-softmax by ``bilm.evaluate.score`` (the code ``bilm evaluate`` runs), and the add-one unigram
+softmax by ``bilm.scoring.evaluate.score`` (the code ``bilm evaluate`` runs), and the add-one unigram
 model of the training counts on the same sample (the divergence guard's floor).
 
 The sample is the first sentences of the heldout data, up to ``train.eval_tokens`` tokens, in
@@ -26,15 +26,15 @@ from typing import Optional
 
 import torch
 
-from bilm.atomic import atomic_open
-from bilm.training.config import Config
+from bilm.core.atomic import atomic_open
+from bilm.runs.config import Config
 from bilm.data import LMDataset, load_manifest, resolve_shards
-from bilm.training.distributed import DistEnv
-from bilm.errors import InputError
-from bilm.evaluate import score, tokenize_files
+from bilm.core.distributed import DistEnv
+from bilm.core.errors import InputError
+from bilm.scoring.evaluate import score, tokenize_files
 from bilm.modules.language_model import DIRECTIONS, LanguageModel
-from bilm.vocab import Vocabulary
-from bilm.text import TextPipeline
+from bilm.core.vocab import Vocabulary
+from bilm.core.text import TextPipeline
 
 SAMPLE_NAME = "heldout_sample.txt"
 

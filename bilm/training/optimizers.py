@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bilm.errors import InputError
-from bilm.training.config import Config
+from bilm.core.errors import InputError
+from bilm.runs.config import Config
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:

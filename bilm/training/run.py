@@ -19,23 +19,23 @@ from typing import Iterator, Optional
 
 import torch
 
-from bilm.atomic import atomic_open
-from bilm.training.checkpoint import RunLock
+from bilm.core.atomic import atomic_open
+from bilm.runs.lock import RunLock
 from bilm.training.checkpointer import Checkpointer
-from bilm.training.config import Config, save_config
+from bilm.runs.config import Config, save_config
 from bilm.data import LMDataset, load_manifest
-from bilm.training.distributed import DistEnv, init_distributed, shutdown
-from bilm.errors import InputError
+from bilm.core.distributed import DistEnv, init_distributed, shutdown
+from bilm.core.errors import InputError
 from bilm.training.guard import Divergence, DivergenceGuard, GuardState
 from bilm.training.heldout import figures as heldout_figures, no_heldout_message, prepare_heldout
-from bilm.logs import log
+from bilm.core.logs import log
 from bilm.modules.language_model import DIRECTIONS
-from bilm.options import BiLMOptions
-from bilm.progress import progress_bar
+from bilm.core.options import BiLMOptions
+from bilm.core.progress import progress_bar
 from bilm.training.step import StepResult, TrainStep
 from bilm.training.strategy import check_config
-from bilm.vocab import Vocabulary
-from bilm.text import TextPipeline
+from bilm.core.vocab import Vocabulary
+from bilm.core.text import TextPipeline
 
 # Adagrad's sparse update builds COO tensors from indices it made itself; the note is noise.
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
@@ -216,190 +216,279 @@ class _NonFinite:
 
 
 def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv, eval_data=None) -> dict:
-    t = cfg.train
-    manifest = load_manifest(data) if data.endswith(".json") else None
-    vocab_path = vocab_file or (manifest or {}).get("vocab")
-    if vocab_path is None:
-        raise InputError("--vocab is required when --data is a shard glob (a manifest.json names its vocab)")
-    vocab = Vocabulary.from_file(vocab_path)
-    # How raw text became these tokens: saved in every checkpoint, exported beside the weights.
-    text_pipeline = TextPipeline.from_manifest(manifest) if manifest else None
-    if init and init.get("weights"):
-        if not init.get("options"):
-            raise InputError("--init-weights needs --init-options (the options.json that came with the weights)")
-        # The published options decide the architecture; the config keeps the training settings.
-        cfg.model = BiLMOptions.from_file(init["options"])
-        init = {**init, "vocab_tokens": vocab.tokens}
-    tf_start = (init or {}).get("tf")  # a bilm-tf training checkpoint (bilm.training.continue_tf.TFStart)
-    if tf_start is not None:
-        if t.strategy == "deepspeed":
-            raise InputError("train.strategy=deepspeed cannot start from a bilm-tf checkpoint (its optimizer "
-                             "partitions are made before the weights arrive): use ddp")
-        cfg.model = BiLMOptions.from_file(tf_start.options_file)
-        if tf_start.keep_vocab:
-            vocab = tf_start.vocabulary()
-    n_train_tokens = t.n_train_tokens or (manifest or {}).get("n_train_tokens")
-    total_steps = _total_steps(cfg, n_train_tokens, env.world_size)
+    run = _Run(cfg, data, out_dir, vocab_file, init, env, eval_data)
+    run.resume(resume)
+    run.loop(progress)
+    return run.summary()
 
-    checkpoints = Checkpointer(out_dir, cfg, env, text_pipeline)
-    if env.is_main:
-        checkpoints.prepare_directory()
-        save_config(cfg, os.path.join(out_dir, "config.yaml"))
 
-    trainer = TrainStep(cfg, len(vocab), env, init)
-    trainer.total_steps = total_steps
-    char_inputs = cfg.model.char_cnn is not None
-    dataset = LMDataset(data, vocab, t.batch_size, t.unroll_steps, mode="train", seed=t.seed,
-                        rank=env.rank, world_size=env.world_size, char_inputs=char_inputs,
-                        max_characters_per_token=cfg.model.char_cnn.max_characters_per_token if char_inputs else 50)
-    heldout = prepare_heldout(cfg, manifest, eval_data, out_dir, vocab, text_pipeline, env)
-    if heldout is None:
-        log.info(no_heldout_message(manifest, t.eval_tokens))
-    else:
+class _Due:
+    """What this step must do besides training, as all ranks agree on it."""
+
+    def __init__(self, log: bool, save: bool, evaluate: bool, check: bool, signal_seen: bool, bad_step: int):
+        self.log, self.save, self.evaluate, self.check = log, save, evaluate, check
+        self.signal_seen, self.bad_step = signal_seen, bad_step
+
+
+class _Run:
+    """One training run: set up (``__init__``), resumed, then the loop; each part of a step is a
+    method (train, agree on what is due, evaluate, respond to a divergence, checkpoint)."""
+
+    # ------------------------------------------------------------ set up
+
+    def __init__(self, cfg: Config, data: str, out_dir: str, vocab_file: Optional[str], init: Optional[dict],
+                 env: DistEnv, eval_data: Optional[str]):
+        self.cfg, self.out_dir, self.env = cfg, out_dir, env
+        t = cfg.train
+        manifest = load_manifest(data) if data.endswith(".json") else None
+        self.vocab_path = vocab_file or (manifest or {}).get("vocab")
+        if self.vocab_path is None:
+            raise InputError("--vocab is required when --data is a shard glob (a manifest.json names its vocab)")
+        self.vocab = Vocabulary.from_file(self.vocab_path)
+        # How raw text became these tokens: saved in every checkpoint, exported beside the weights.
+        text_pipeline = TextPipeline.from_manifest(manifest) if manifest else None
+        init = self._starting_point(init)
+        n_train_tokens = t.n_train_tokens or (manifest or {}).get("n_train_tokens")
+        self.total_steps = _total_steps(cfg, n_train_tokens, env.world_size)
+
+        self.checkpoints = Checkpointer(out_dir, cfg, env, text_pipeline)
+        if env.is_main:
+            self.checkpoints.prepare_directory()
+            save_config(cfg, os.path.join(out_dir, "config.yaml"))
+
+        self.trainer = TrainStep(cfg, len(self.vocab), env, init)
+        self.trainer.total_steps = self.total_steps
+        char_inputs = cfg.model.char_cnn is not None
+        self.dataset = LMDataset(data, self.vocab, t.batch_size, t.unroll_steps, mode="train", seed=t.seed,
+                                 rank=env.rank, world_size=env.world_size, char_inputs=char_inputs,
+                                 max_characters_per_token=cfg.model.char_cnn.max_characters_per_token
+                                 if char_inputs else 50)
+        self.heldout = prepare_heldout(cfg, manifest, eval_data, out_dir, self.vocab, text_pipeline, env)
+        log.info(self._heldout_line(manifest))
+        self.guard = DivergenceGuard(t.divergence_factor, self.heldout.unigram if self.heldout else None)
+        self.step, self.metrics_offset = 0, None
+        self.result: Optional[StepResult] = None
+        self.stopped_by_signal = False
+        self.diverged: Optional[str] = None
+
+    def _starting_point(self, init: Optional[dict]) -> Optional[dict]:
+        """Published weights or a bilm-tf checkpoint to start from: their options decide the
+        architecture (the config keeps the training settings)."""
+        if init and init.get("weights"):
+            if not init.get("options"):
+                raise InputError("--init-weights needs --init-options (the options.json that came with the weights)")
+            self.cfg.model = BiLMOptions.from_file(init["options"])
+            init = {**init, "vocab_tokens": self.vocab.tokens}
+        # A bilm-tf checkpoint (bilm.commands.continue_tf.TFStart, handed in: training does not import it).
+        self.tf_start = (init or {}).get("tf")
+        if self.tf_start is not None:
+            if self.cfg.train.strategy == "deepspeed":
+                raise InputError("train.strategy=deepspeed cannot start from a bilm-tf checkpoint (its optimizer "
+                                 "partitions are made before the weights arrive): use ddp")
+            self.cfg.model = BiLMOptions.from_file(self.tf_start.options_file)
+            if self.tf_start.keep_vocab:
+                self.vocab = self.tf_start.vocabulary()
+        return init
+
+    def _heldout_line(self, manifest: Optional[dict]) -> str:
+        heldout, t = self.heldout, self.cfg.train
+        if heldout is None:
+            return no_heldout_message(manifest, t.eval_tokens)
         unigram = (f"; add-one unigram perplexity of the training counts: forward {heldout.unigram['forward']:,.1f}, "
                    f"backward {heldout.unigram['backward']:,.1f}") if heldout.unigram else \
             "; no vocab_counts.tsv, so no unigram bound"
-        log.info(f"heldout perplexity every {t.eval_every_steps} steps and at the end on {heldout.n_sentences:,} "
-                 f"sentences ({heldout.n_tokens:,} tokens) of {heldout.source}, written to {heldout.path}, "
-                 f"{heldout.dataset.batch_size * env.world_size} streams carrying their states{unigram}")
-    guard = DivergenceGuard(t.divergence_factor, heldout.unigram if heldout else None)
-    step, metrics_offset = 0, None
-    resumed = checkpoints.resume(trainer, dataset, vocab.tokens, vocab_path) if resume else None
-    if resumed is not None:
-        step, health = resumed
-        guard.state = GuardState.from_dict(health["guard"])
-        trainer.lr_factor = guard.state.lr_factor
-        metrics_offset = health["metrics_bytes"]
-    if tf_start is not None and step == 0:  # not resumed: a resumed run has it all in its checkpoint
-        from bilm.training.continue_tf import report_line
-        log.info(report_line(tf_start.load_into(trainer.model, trainer.optimizer, vocab.tokens)))
+        return (f"heldout perplexity every {t.eval_every_steps} steps and at the end on {heldout.n_sentences:,} "
+                f"sentences ({heldout.n_tokens:,} tokens) of {heldout.source}, written to {heldout.path}, "
+                f"{heldout.dataset.batch_size * self.env.world_size} streams carrying their states{unigram}")
 
-    checkpoints.start()
-    logger = _Logger(out_dir, env.is_main, resumed_step=step, offset=metrics_offset)
-    bar = progress_bar(total=total_steps, initial=step, disable=not (progress and env.is_main), unit="step",
-                       dynamic_ncols=True, desc="train")
-    tokens_per_step = t.batch_size * t.unroll_steps * env.world_size  # one direction, all ranks
-    window_start, window_steps = time.perf_counter(), 0
-    batches: Iterator[dict] = iter(dataset)
-    result: Optional[StepResult] = None
-    stopped_by_signal = False
-    diverged: Optional[str] = None
-    nonfinite: Optional[_NonFinite] = _NonFinite(env.device)
-    try:
-        while step < total_steps:
-            data_start = time.perf_counter()
-            batch = next(batches)
-            data_time = time.perf_counter() - data_start
-            result = trainer.step(batch)
-            step += 1
-            window_steps += 1
-            bar.update(1)
-            if nonfinite is not None:
-                nonfinite.update(result, step)
-            log_now = step % t.log_every_steps == 0 or step == total_steps
-            values: dict[str, float] = {}
-            # Reading the step's figures waits for the device: only when logging, once per interval.
-            if log_now:
-                values = _log_values(result, trainer, dataset, env, data_time,
-                                     tokens_per_step * window_steps / max(time.perf_counter() - window_start, 1e-9))
-                window_start, window_steps = time.perf_counter(), 0
+    def resume(self, resume: bool) -> None:
+        """Continue from the newest valid checkpoint (``resume``), or start: then a bilm-tf
+        checkpoint, if any, is loaded (a resumed run has it all in its checkpoint)."""
+        resumed = self.checkpoints.resume(self.trainer, self.dataset, self.vocab.tokens, self.vocab_path) \
+            if resume else None
+        if resumed is not None:
+            self.step, health = resumed
+            self.guard.state = GuardState.from_dict(health["guard"])
+            self.trainer.lr_factor = self.guard.state.lr_factor
+            self.metrics_offset = health["metrics_bytes"]
+        if self.tf_start is not None and self.step == 0:
+            log.info(self.tf_start.start(self.trainer.model, self.trainer.optimizer, self.vocab.tokens))
 
-            # Checkpoint, evaluate and stop: rank 0's clock, anyone's SIGTERM and anyone's non-finite loss
-            # decide. With several ranks they must agree, which takes an all-reduce (a wait for every rank):
-            # at log, checkpoint and evaluation steps and every STOP_CHECK_STEPS, so a preempted run stops
-            # within a few steps whatever the log interval.
-            by_steps = checkpoints.due_by_steps(step, total_steps)
-            eval_by_steps = heldout is not None and (step % t.eval_every_steps == 0 or step == total_steps)
-            agree_now = log_now or by_steps or eval_by_steps or step % STOP_CHECK_STEPS == 0
-            signal_seen, time_due = checkpoints.local_view()
-            check_now = agree_now if env.distributed else agree_now or signal_seen or time_due
-            bad_step = nonfinite.read() if nonfinite is not None and check_now else 0
-            signal_seen, time_due, bad_step = checkpoints.agree(agree_now, signal_seen, time_due, bad_step)
-            save_now = by_steps or bool(time_due) or bool(signal_seen)
-            divergence: Optional[Divergence] = None
-            if bad_step:
-                divergence = Divergence(bad_step, "the training loss or gradient norm is not finite", float("nan"))
-            heldout_result, best = None, False
-            if eval_by_steps and divergence is None and not signal_seen:
-                eval_start = time.perf_counter()
-                heldout_result = heldout.run(trainer.model, env)
-                eval_seconds = time.perf_counter() - eval_start
-                window_start += eval_seconds  # tokens/s is training's own
-                values.update(heldout_figures(heldout_result), **{"time/heldout_evaluation": eval_seconds})
-                ppl = {d: heldout_result[d]["perplexity"] for d in DIRECTIONS}
-                divergence = guard.check_heldout(step, ppl)
-                if divergence is None:
-                    guard.record_healthy(step, ppl)
-                    # A new best is written now, whatever the checkpoint interval, and kept as best.pt.
-                    best = guard.is_best(step, heldout_result["average_perplexity"])
-                    save_now = save_now or best
-            elif heldout is None and divergence is None and check_now:
-                guard.record_healthy(step)  # no heldout data: finite is all the guard can tell
-            if values:
-                logger.log(step, values)
-                bar.set_postfix(**logger.postfix, refresh=False)
+    # ------------------------------------------------------------ the loop
 
-            if divergence is not None:
-                action = _on_divergence(divergence, guard, cfg)
-                if action == "rollback":
-                    back = int(t.rollback_further_back and guard.state.rollbacks_in_a_row > 0)
-                    target = checkpoints.rollback(trainer, dataset, guard.state.healthy_step, back)
-                    if target is None:
-                        action = "stop"
-                    else:
-                        target_path, target_step, target_offset, removed = target
-                        skipped = step - target_step if t.rollback_skip_data else 0  # the abandoned stretch's batches
-                        guard.rolled_back(target_step, t.rollback_lr_factor)
-                        trainer.lr_factor = guard.state.lr_factor
-                        logger.rewind(target_step, target_offset)
-                        dropped = f"; removed the later {', '.join(map(os.path.basename, removed))}" if removed else ""
-                        _report(logger, divergence, step, "rollback", guard, trainer,
-                                f"{divergence.line()}; rolled back to {target_path} (step {target_step}{dropped}); "
-                                f"learning rate x{guard.state.lr_factor:g} from now on"
-                                + (f"; skipping the {skipped} batches trained on since" if skipped else ""),
-                                to_checkpoint=target_path,
-                                to_step=target_step, skipped_batches=skipped)
-                        batches = iter(dataset)
-                        for _ in range(skipped):  # the same number on every rank: they stay in step
-                            next(batches)
-                        step = target_step
-                        nonfinite = _NonFinite(env.device)
-                        bar.n = step
-                        bar.refresh()
-                        window_start, window_steps = time.perf_counter(), 0
+    def loop(self, progress: bool) -> None:
+        t, env = self.cfg.train, self.env
+        self.checkpoints.start()
+        self.logger = _Logger(self.out_dir, env.is_main, resumed_step=self.step, offset=self.metrics_offset)
+        self.bar = progress_bar(total=self.total_steps, initial=self.step, disable=not (progress and env.is_main),
+                                unit="step", dynamic_ncols=True, desc="train")
+        self.tokens_per_step = t.batch_size * t.unroll_steps * env.world_size  # one direction, all ranks
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.batches: Iterator[dict] = iter(self.dataset)
+        self.nonfinite: Optional[_NonFinite] = _NonFinite(env.device)
+        try:
+            while self.step < self.total_steps:
+                values = self._train_step()
+                due = self._agree(bool(values))
+                divergence: Optional[Divergence] = None
+                if due.bad_step:
+                    divergence = Divergence(due.bad_step, "the training loss or gradient norm is not finite",
+                                            float("nan"))
+                heldout_result, best = None, False
+                if due.evaluate and divergence is None and not due.signal_seen:
+                    heldout_result, divergence, best = self._evaluate(values)
+                    due.save = due.save or best
+                elif self.heldout is None and divergence is None and due.check:
+                    self.guard.record_healthy(self.step)  # no heldout data: finite is all the guard can tell
+                if values:
+                    self.logger.log(self.step, values)
+                    self.bar.set_postfix(**self.logger.postfix, refresh=False)
+
+                if divergence is not None:
+                    outcome = self._respond(divergence, heldout_result, due.bad_step)
+                    if outcome == "rolled back":
                         continue
-                if action == "stop":
-                    last_good = checkpoints.healthy_checkpoint(guard.state.healthy_step)
-                    path = checkpoints.save(trainer, dataset, step, _guard_payload(guard, heldout_result, logger),
-                                            name=f"diverged-step-{step:08d}")
-                    why = "train.on_divergence: stop" if t.on_divergence == "stop" else \
-                        "no healthy checkpoint to roll back to" if last_good is None else \
-                        f"{guard.state.rollbacks_in_a_row} rollbacks in a row did not get past it (train.max_rollbacks)"
-                    diverged = (f"{divergence.line()}; stopped ({why}); state saved to {path}; last good checkpoint: "
-                                f"{last_good or 'none'}")
-                    _report(logger, divergence, step, "stop", guard, trainer, diverged, checkpoint=path,
-                            last_good=last_good)
-                    break
-                _report(logger, divergence, step, "warn", guard, trainer,
-                        f"{divergence.line()}; training goes on (train.on_divergence: warn)")
-                if bad_step:
-                    nonfinite = None  # said once: the weights stay non-finite from here on
+                    if outcome == "stopped":
+                        break
 
-            if save_now:
-                checkpoints.save(trainer, dataset, step, _guard_payload(guard, heldout_result, logger),
-                                 healthy_step=guard.state.healthy_step, best=best)
-            if signal_seen:
-                stopped_by_signal = True
-                break
-    finally:
-        bar.close()
-        logger.close()
-        checkpoints.close()
-    figures = result.values() if result else None
-    return {"step": step, "total_steps": total_steps, "loss": figures["loss"] if figures else None,
-            "perplexity": {d: figures[f"perplexity/{d}"] for d in DIRECTIONS} if figures else None, "out_dir": out_dir,
-            "checkpoint": checkpoints.path(step), "stopped_by_signal": stopped_by_signal,
-            "diverged": diverged, "guard": guard.state.to_dict(), "is_main": env.is_main}
+                if due.save:
+                    self.checkpoints.save(self.trainer, self.dataset, self.step,
+                                          _guard_payload(self.guard, heldout_result, self.logger),
+                                          healthy_step=self.guard.state.healthy_step, best=best)
+                if due.signal_seen:
+                    self.stopped_by_signal = True
+                    break
+        finally:
+            self.bar.close()
+            self.logger.close()
+            self.checkpoints.close()
+
+    def _train_step(self) -> dict[str, float]:
+        """One optimizer step; its figures when this is a log step (reading them waits for the device:
+        only then, once per interval), else an empty dict."""
+        t = self.cfg.train
+        data_start = time.perf_counter()
+        batch = next(self.batches)
+        data_time = time.perf_counter() - data_start
+        self.result = self.trainer.step(batch)
+        self.step += 1
+        self.window_steps += 1
+        self.bar.update(1)
+        if self.nonfinite is not None:
+            self.nonfinite.update(self.result, self.step)
+        if not (self.step % t.log_every_steps == 0 or self.step == self.total_steps):
+            return {}
+        tokens_per_second = self.tokens_per_step * self.window_steps / max(time.perf_counter() - self.window_start,
+                                                                           1e-9)
+        values = _log_values(self.result, self.trainer, self.dataset, self.env, data_time, tokens_per_second)
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        return values
+
+    def _agree(self, log_now: bool) -> _Due:
+        """Checkpoint, evaluate and stop: rank 0's clock, anyone's SIGTERM and anyone's non-finite loss
+        decide. With several ranks they must agree, which takes an all-reduce (a wait for every rank): at
+        log, checkpoint and evaluation steps and every STOP_CHECK_STEPS, so a preempted run stops within
+        a few steps whatever the log interval."""
+        step, t = self.step, self.cfg.train
+        by_steps = self.checkpoints.due_by_steps(step, self.total_steps)
+        eval_by_steps = self.heldout is not None and (step % t.eval_every_steps == 0 or step == self.total_steps)
+        agree_now = log_now or by_steps or eval_by_steps or step % STOP_CHECK_STEPS == 0
+        signal_seen, time_due = self.checkpoints.local_view()
+        check_now = agree_now if self.env.distributed else agree_now or signal_seen or time_due
+        bad_step = self.nonfinite.read() if self.nonfinite is not None and check_now else 0
+        signal_seen, time_due, bad_step = self.checkpoints.agree(agree_now, signal_seen, time_due, bad_step)
+        return _Due(log=log_now, save=by_steps or bool(time_due) or bool(signal_seen), evaluate=eval_by_steps,
+                    check=check_now, signal_seen=bool(signal_seen), bad_step=bad_step)
+
+    def _evaluate(self, values: dict[str, float]) -> tuple[dict, Optional[Divergence], bool]:
+        """Heldout perplexity into ``values``; the guard's view of it; whether it is a new best (written
+        now, whatever the checkpoint interval, and kept as best.pt)."""
+        eval_start = time.perf_counter()
+        heldout_result = self.heldout.run(self.trainer.model, self.env)
+        eval_seconds = time.perf_counter() - eval_start
+        self.window_start += eval_seconds  # tokens/s is training's own
+        values.update(heldout_figures(heldout_result), **{"time/heldout_evaluation": eval_seconds})
+        ppl = {d: heldout_result[d]["perplexity"] for d in DIRECTIONS}
+        divergence = self.guard.check_heldout(self.step, ppl)
+        best = False
+        if divergence is None:
+            self.guard.record_healthy(self.step, ppl)
+            best = self.guard.is_best(self.step, heldout_result["average_perplexity"])
+        return heldout_result, divergence, best
+
+    # ------------------------------------------------------------ the divergence response
+
+    def _respond(self, divergence: Divergence, heldout_result: Optional[dict], bad_step: int) -> Optional[str]:
+        """``train.on_divergence``: "rolled back", "stopped", or None (warned; training goes on)."""
+        action = _on_divergence(divergence, self.guard, self.cfg)
+        if action == "rollback":
+            if self._rollback(divergence):
+                return "rolled back"
+            action = "stop"
+        if action == "stop":
+            self._stop(divergence, heldout_result)
+            return "stopped"
+        _report(self.logger, divergence, self.step, "warn", self.guard, self.trainer,
+                f"{divergence.line()}; training goes on (train.on_divergence: warn)")
+        if bad_step:
+            self.nonfinite = None  # said once: the weights stay non-finite from here on
+        return None
+
+    def _rollback(self, divergence: Divergence) -> bool:
+        """Back to the last healthy checkpoint (or one further back after a rollback that did not get
+        past it), at a lower learning rate; False when there is none."""
+        t, guard = self.cfg.train, self.guard
+        back = int(t.rollback_further_back and guard.state.rollbacks_in_a_row > 0)
+        target = self.checkpoints.rollback(self.trainer, self.dataset, guard.state.healthy_step, back)
+        if target is None:
+            return False
+        target_path, target_step, target_offset, removed = target
+        skipped = self.step - target_step if t.rollback_skip_data else 0  # the abandoned stretch's batches
+        guard.rolled_back(target_step, t.rollback_lr_factor)
+        self.trainer.lr_factor = guard.state.lr_factor
+        self.logger.rewind(target_step, target_offset)
+        dropped = f"; removed the later {', '.join(map(os.path.basename, removed))}" if removed else ""
+        _report(self.logger, divergence, self.step, "rollback", guard, self.trainer,
+                f"{divergence.line()}; rolled back to {target_path} (step {target_step}{dropped}); "
+                f"learning rate x{guard.state.lr_factor:g} from now on"
+                + (f"; skipping the {skipped} batches trained on since" if skipped else ""),
+                to_checkpoint=target_path, to_step=target_step, skipped_batches=skipped)
+        self.batches = iter(self.dataset)
+        for _ in range(skipped):  # the same number on every rank: they stay in step
+            next(self.batches)
+        self.step = target_step
+        self.nonfinite = _NonFinite(self.env.device)
+        self.bar.n = self.step
+        self.bar.refresh()
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        return True
+
+    def _stop(self, divergence: Divergence, heldout_result: Optional[dict]) -> None:
+        """Save the diverged state beside the others and say where the last good checkpoint is."""
+        t, guard, step = self.cfg.train, self.guard, self.step
+        last_good = self.checkpoints.healthy_checkpoint(guard.state.healthy_step)
+        path = self.checkpoints.save(self.trainer, self.dataset, step,
+                                     _guard_payload(guard, heldout_result, self.logger),
+                                     name=f"diverged-step-{step:08d}")
+        why = "train.on_divergence: stop" if t.on_divergence == "stop" else \
+            "no healthy checkpoint to roll back to" if last_good is None else \
+            f"{guard.state.rollbacks_in_a_row} rollbacks in a row did not get past it (train.max_rollbacks)"
+        self.diverged = (f"{divergence.line()}; stopped ({why}); state saved to {path}; last good checkpoint: "
+                         f"{last_good or 'none'}")
+        _report(self.logger, divergence, step, "stop", guard, self.trainer, self.diverged, checkpoint=path,
+                last_good=last_good)
+
+    # ------------------------------------------------------------ the end
+
+    def summary(self) -> dict:
+        """Rank 0's view of the run, for the CLI."""
+        figures = self.result.values() if self.result else None
+        step = self.step
+        return {"step": step, "total_steps": self.total_steps, "loss": figures["loss"] if figures else None,
+                "perplexity": {d: figures[f"perplexity/{d}"] for d in DIRECTIONS} if figures else None,
+                "out_dir": self.out_dir, "checkpoint": self.checkpoints.path(step),
+                "stopped_by_signal": self.stopped_by_signal, "diverged": self.diverged,
+                "guard": self.guard.state.to_dict(), "is_main": self.env.is_main}
 
 
 def _on_divergence(divergence: Divergence, guard: DivergenceGuard, cfg: Config) -> str:

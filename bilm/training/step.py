@@ -13,13 +13,13 @@ import numpy as np
 import torch
 
 from bilm.data import LMDataset
-from bilm.logs import log
+from bilm.core.logs import log
 from bilm.modules.bidirectional import map_state
 from bilm.modules.language_model import DIRECTIONS
-from bilm.training.checkpoint import numpy_rng_from_plain, numpy_rng_to_plain
-from bilm.training.config import Config
-from bilm.training.distributed import DistEnv, to_device
-from bilm.training.model_builder import build_model
+from bilm.runs.checkpoint import numpy_rng_from_plain, numpy_rng_to_plain
+from bilm.runs.config import Config
+from bilm.core.distributed import DistEnv, to_device
+from bilm.runs.model_builder import build_model
 from bilm.training.strategy import check_config, make_strategy
 
 
@@ -74,7 +74,7 @@ class TrainStep:
         seed_everything(t.seed)  # same initial weights on every rank
         self.model = build_model(cfg, vocab_size)
         if init and init.get("weights"):
-            from bilm.training.init_weights import load_pretrained
+            from bilm.modules.pretrained import load_pretrained
             report = load_pretrained(self.model, init["weights"], init.get("options"), init.get("softmax"),
                                      init.get("softmax_vocab"), init.get("vocab_tokens"))
             log.info(f"initialized from {init['weights']}"

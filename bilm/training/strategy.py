@@ -28,12 +28,13 @@ import torch
 import yaml
 from torch import nn
 
-from bilm.training.checkpoint import CheckpointError, check_deepspeed_state, deepspeed_dir
-from bilm.training.config import Config, ConfigError
-from bilm.training.distributed import DistEnv, init_single_process_group
+from bilm.runs.checkpoint import CheckpointError, check_deepspeed_state
+from bilm.runs.run_dir import deepspeed_dir
+from bilm.runs.config import Config, ConfigError
+from bilm.core.distributed import DistEnv, init_single_process_group
 from bilm.training.gradients import all_reduce_gradients_, clip_grad_norm_
 from bilm.training.optimizers import build_optimizer
-from bilm.precision import autocast as precision_autocast
+from bilm.core.precision import autocast as precision_autocast
 
 Mark = Callable[[str], None]  # called after each phase of a step, with its name (for timings)
 

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bilm.data import LMDataset  # noqa: E402
-from bilm.training.distributed import init_distributed, shutdown  # noqa: E402
+from bilm.core.distributed import init_distributed, shutdown  # noqa: E402
 from bilm.training.step import TrainStep  # noqa: E402
 from train_helpers import TRAIN_DATA, TRAIN_VOCAB, tiny_config  # noqa: E402
 

@@ -13,9 +13,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import bilm.training.heldout as heldout  # noqa: E402
 from bilm.data import load_manifest  # noqa: E402
-from bilm.training.distributed import init_distributed, shutdown  # noqa: E402
-from bilm.training.trained_model import model_from_checkpoint  # noqa: E402
-from bilm.vocab import Vocabulary  # noqa: E402
+from bilm.core.distributed import init_distributed, shutdown  # noqa: E402
+from bilm.runs.trained_model import model_from_checkpoint  # noqa: E402
+from bilm.core.vocab import Vocabulary  # noqa: E402
 
 
 def evaluate(checkpoint, manifest, out_dir, out_json):

@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from bilm.errors import InputError
+from bilm.core.errors import InputError
 from bilm.modules.lstm.cell import TORCH_LSTM_GATES, State, plus_forget_bias, reorder_gates
 
 

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from bilm.errors import InputError
+from bilm.core.errors import InputError
 from bilm.modules.lstm.cell import GATE_POSITIONS, clip, clip_grad, gate_block, plus_forget_bias, split_gates
 
 

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from bilm.errors import InputError
+from bilm.core.errors import InputError
 from bilm.modules.lstm.cell import State, reference_cell
 from bilm.modules.lstm.cudnn import cudnn_forward
 from bilm.modules.lstm.fused import check_compile_mode, fused_layers, keep_mask

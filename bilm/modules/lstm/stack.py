@@ -11,7 +11,7 @@ from torch import nn
 from bilm.modules.lstm.cell import State
 from bilm.modules.lstm.fused import fused_layers, keep_mask
 from bilm.modules.lstm.layer import LstmWithProjection, lstm_impl_name
-from bilm.options import LstmOptions
+from bilm.core.options import LstmOptions
 
 
 class LstmStack(nn.Module):

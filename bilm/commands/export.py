@@ -1,6 +1,6 @@
 """``bilm export``: a checkpoint -> ``weights.hdf5`` + ``options.json`` + ``vocab.txt`` (the published
 ELMo format), with the tokenizer beside them. The reverse, for continued pretraining, is
-``bilm.training.trained_model.load_pretrained``."""
+``bilm.runs.trained_model.load_pretrained``."""
 from __future__ import annotations
 
 import json
@@ -9,14 +9,15 @@ import shutil
 
 import h5py
 
-from bilm.atomic import fsync_path, remove_stale, temporary_name
-from bilm.errors import InputError
-from bilm.options import BiLMOptions
-from bilm.formats.weights import SOFTMAX_BIAS, SOFTMAX_WEIGHT, save_weights
-from bilm.training.trained_model import model_from_checkpoint
-from bilm.text import SP_MODEL_FILE, TOKENIZER_FILE
+from bilm.core.atomic import fsync_path, remove_stale, temporary_name
+from bilm.core.errors import InputError
+from bilm.core.options import BiLMOptions
+from bilm.formats.weights import SOFTMAX_BIAS, SOFTMAX_WEIGHT
+from bilm.modules.weight_file import save_weights
+from bilm.runs.trained_model import model_from_checkpoint
+from bilm.core.files import (OPTIONS_FILE, SOFTMAX_FILE, SP_MODEL_FILE, TOKENIZER_FILE, VOCAB_FILE,
+                             WEIGHTS_FILE)
 
-OPTIONS = "options.json"
 STAGING = ".export"  # the staging directory inside --out: .export.tmpPID
 
 
@@ -48,7 +49,7 @@ def export(checkpoint: str, out_dir: str, force: bool = False, include_softmax: 
     problems = consumer_problems(options)
     if problems and strict:
         raise InputError("--strict: these weights would not load everywhere:\n  " + "\n  ".join(problems))
-    names = ["weights.hdf5", OPTIONS, "vocab.txt"] + (["softmax.hdf5"] if include_softmax else [])
+    names = [WEIGHTS_FILE, OPTIONS_FILE, VOCAB_FILE] + ([SOFTMAX_FILE] if include_softmax else [])
     if pipeline is not None:
         names += [TOKENIZER_FILE] + ([SP_MODEL_FILE] if pipeline.tokenizer == "sentencepiece" else [])
     # A tokenizer left by an earlier export of another model would be applied to this one: replace it too.
@@ -67,23 +68,23 @@ def export(checkpoint: str, out_dir: str, force: bool = False, include_softmax: 
     staging = temporary_name(base)
     os.makedirs(staging)
     try:
-        save_weights(model.bilm, os.path.join(staging, "weights.hdf5"))
-        with open(os.path.join(staging, OPTIONS), "w", encoding="utf-8") as f:
+        save_weights(model.bilm, os.path.join(staging, WEIGHTS_FILE))
+        with open(os.path.join(staging, OPTIONS_FILE), "w", encoding="utf-8") as f:
             json.dump(options.to_dict(), f, indent=2)
-        with open(os.path.join(staging, "vocab.txt"), "w", encoding="utf-8") as f:
+        with open(os.path.join(staging, VOCAB_FILE), "w", encoding="utf-8") as f:
             f.write("".join(f"{t}\n" for t in vocab))
         if pipeline is not None:  # the tokenizer travels with the model (AllenNLP ignores these files)
             pipeline.save(staging)
         if include_softmax:
-            with h5py.File(os.path.join(staging, "softmax.hdf5"), "w") as f:
+            with h5py.File(os.path.join(staging, SOFTMAX_FILE), "w") as f:
                 f.create_dataset(SOFTMAX_WEIGHT, data=model.softmax.weight.detach().numpy())
                 f.create_dataset(SOFTMAX_BIAS, data=model.softmax.bias.detach().numpy())
         fsync_path(staging)
-        if os.path.exists(os.path.join(out_dir, OPTIONS)):
-            os.remove(os.path.join(out_dir, OPTIONS))
+        if os.path.exists(os.path.join(out_dir, OPTIONS_FILE)):
+            os.remove(os.path.join(out_dir, OPTIONS_FILE))
         for name in stale:
             os.remove(os.path.join(out_dir, name))
-        for name in sorted(names, key=lambda n: n == OPTIONS):
+        for name in sorted(names, key=lambda n: n == OPTIONS_FILE):
             os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
         fsync_path(out_dir, recursive=False)
     finally:

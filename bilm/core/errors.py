@@ -5,8 +5,8 @@ a checkpoint, a missing extra) derives from ``BilmError`` and names what is wron
 The command line prints a ``BilmError`` (and an ``OSError``: a missing file, a full disk) as one
 line and exits 1; any other exception is a bug in bilm and keeps its traceback.
 
-The classes of each stage live with it (``ConfigError`` in ``bilm.training.config``, ``CheckpointError``
-in ``bilm.training.checkpoint``, ...); most also derive from ``ValueError`` (through ``InputError``) so
+The classes of each stage live with it (``ConfigError`` in ``bilm.runs.config``, ``CheckpointError``
+in ``bilm.runs.checkpoint``, ...); most also derive from ``ValueError`` (through ``InputError``) so
 that code written against older bilm, which caught ``ValueError``, keeps working.
 """
 

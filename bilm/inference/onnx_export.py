@@ -25,19 +25,20 @@ import warnings
 import torch
 from torch import nn
 
-from bilm.version import __version__
-from bilm.atomic import atomic_path
-from bilm.errors import InputError, MissingExtra
+from bilm.core.version import __version__
+from bilm.core.atomic import atomic_path
+from bilm.core.errors import InputError, MissingExtra
+from bilm.core.files import ONNX_FILE, OPTIONS_FILE, SERVING_FILES
 from bilm.modules.bidirectional import BidirectionalLM, reverse_padded
 from bilm.modules.lstm.cell import GATES, plus_forget_bias
 from bilm.inference.onnx_runtime import (INPUT_NAME, META_FORMAT, META_OPTIONS, META_VERSION, META_WEIGHTS_SHA256,
                                          MISSING_EXTRA, ONNX_FORMAT, OUTPUT_NAME, canonical_options, sha256_of)
-from bilm.formats.weights import load_bilm
+from bilm.modules.weight_file import load_bilm
 
 OPSET = 17
 
 if GATES != "ijfo":  # the scripted step below spells the blocks out in this order
-    raise ImportError(f"bilm.formats.onnx_export assumes gate order 'ijfo', the cell uses {GATES!r}")
+    raise ImportError(f"bilm.inference.onnx_export assumes gate order 'ijfo', the cell uses {GATES!r}")
 
 
 def _recurrence_eager(xz: torch.Tensor, w_hh_t: torch.Tensor, w_proj_t: torch.Tensor, keep: torch.Tensor,
@@ -166,20 +167,19 @@ def export_onnx_dir(options_file: str, weight_file: str, out_dir: str, force: bo
     Refuses to replace any of them without ``force``; returns the names written."""
     import shutil
 
-    from bilm.inference.onnx_runtime import ONNX_FILE, RUNTIME_FILES
 
     source_dir = os.path.dirname(os.path.abspath(options_file))
     names = [ONNX_FILE]
     if os.path.abspath(out_dir) != source_dir:
-        names += ["options.json"] + [n for n in RUNTIME_FILES
-                                     if n != "options.json" and os.path.isfile(os.path.join(source_dir, n))]
+        names += [OPTIONS_FILE] + [n for n in SERVING_FILES
+                                   if n != OPTIONS_FILE and os.path.isfile(os.path.join(source_dir, n))]
     existing = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
     if existing and not force:
         raise FileExistsError(f"{out_dir} already holds {', '.join(existing)}; pass --force to overwrite")
     os.makedirs(out_dir, exist_ok=True)
     write_onnx(options_file, weight_file, os.path.join(out_dir, ONNX_FILE), force=True)
     for name in names[1:]:
-        source = options_file if name == "options.json" else os.path.join(source_dir, name)
+        source = options_file if name == OPTIONS_FILE else os.path.join(source_dir, name)
         shutil.copyfile(source, os.path.join(out_dir, name))
     return names
 
@@ -187,7 +187,7 @@ def export_onnx_dir(options_file: str, weight_file: str, out_dir: str, force: bo
 def check_onnx_target(out_dir: str, force: bool) -> None:
     """``bilm export --format onnx``: the extra is installed and ``model.onnx`` may be written,
     checked before the export writes anything."""
-    from bilm.inference.onnx_runtime import ONNX_FILE, _import_onnxruntime
+    from bilm.inference.onnx_runtime import _import_onnxruntime
 
     try:
         import onnx  # noqa: F401

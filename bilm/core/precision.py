@@ -3,7 +3,7 @@
 cell state, the full softmax's log-sum-exp) stays so under autocast. Importing it is cheap."""
 from __future__ import annotations
 
-from bilm.errors import InputError
+from bilm.core.errors import InputError
 
 PRECISIONS = ("fp32", "bf16")
 

@@ -1,8 +1,8 @@
 """The biLM architecture options: the published ``options.json`` as typed dataclasses.
 
-These classes are the one schema of the architecture, read by ``bilm.schema`` both from an
+These classes are the one schema of the architecture, read by ``bilm.core.schema`` both from an
 ``options.json`` (``BiLMOptions.from_dict`` / ``from_file``) and from a config's ``model:``
-section (``bilm.training.config``). A field's default is the value a key missing from the file takes,
+section (``bilm.runs.config``). A field's default is the value a key missing from the file takes,
 as bilm-tf reads its own files (``options['lstm'].get('cell_clip')`` and so on): no clipping,
 no skip connections, no highway layers, word inputs when ``char_cnn`` is absent. A field
 without a default is a required key. A clip of 0 (or less) means no clipping, as in bilm-tf.
@@ -16,14 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from bilm.chars import DEFAULT_MAX_CHARACTERS, N_CHARACTERS
-from bilm.errors import read_json
-from bilm.schema import OMIT, FieldError, SchemaError, dump, load
+from bilm.core.chars import DEFAULT_MAX_CHARACTERS, N_CHARACTERS
+from bilm.core.errors import read_json
+from bilm.core.schema import OMIT, FieldError, SchemaError, dump, load
 
 
 class OptionsError(SchemaError):
     """A missing or mistyped key in an options.json (``from_dict``/``from_file``; a config's model
-    section reports through ``bilm.training.config.ConfigError``)."""
+    section reports through ``bilm.runs.config.ConfigError``)."""
 
 
 @dataclass
@@ -60,7 +60,7 @@ class CharCNNOptions:
 
     def to_dict(self) -> dict:
         """As published: ``n_characters`` always says 262, the prediction setting (row 0 the mask) that
-        AllenNLP reads; ``bilm.schema.dump`` gives the field as it is (a config keeps 261 if it said so)."""
+        AllenNLP reads; ``bilm.core.schema.dump`` gives the field as it is (a config keeps 261 if it said so)."""
         return {**dump(self), "n_characters": N_CHARACTERS}
 
 

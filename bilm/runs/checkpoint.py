@@ -1,12 +1,9 @@
-"""Checkpoint files: written atomically, the newest valid one found on resume, the last K kept,
-and the lock that keeps two runs out of one run directory.
+"""The checkpoint file: what it holds, written atomically, read with the safe loader.
 
-A checkpoint is one ``torch.save`` file ``step-00001234.pt`` holding the model, the
-optimizer, the step, the resolved config, and per-rank state (data-reader positions,
-RNG states, carried LSTM states). A write goes to ``step-N.pt.tmpPID`` first and is
-renamed when complete: a killed write leaves the previous checkpoints intact, and its
-temporary file is removed at the next start. A checkpoint that does not load is renamed
-``*.corrupt`` and reported, so pruning never counts it as one of the kept.
+A checkpoint is one ``torch.save`` file holding the model, the optimizer, the step, the
+resolved config, and per-rank state (data-reader positions, RNG states, carried LSTM states).
+A write goes to a temporary file first and is renamed when complete: a killed write leaves
+the previous checkpoints intact (``bilm.runs.run_dir`` removes its temporary at the next start).
 
 Checkpoints are handed between people, so they are read with torch's safe unpickler
 (``weights_only=True``): the payload is plain data only (tensors, numbers, strings, bytes,
@@ -18,25 +15,19 @@ constructors allowed besides the safe set.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import glob
 import os
 import pickle
 import re
 import shutil
-import socket
-import time
-import warnings
 import zipfile
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
-from bilm.atomic import atomic_path
-from bilm.errors import CheckpointWriteError, InputError, RunDirectoryLocked  # noqa: F401  (raised here, caught by the CLI)
+from bilm.core.atomic import atomic_path
+from bilm.core.errors import CheckpointWriteError, InputError
 
-_NAME = re.compile(r"step-(\d+)\.pt$")
 REQUIRED_KEYS = ("format", "step", "config", "model")
 # 2: plain data only, read with the safe unpickler. 1: numpy RNG states inside (convert_checkpoint).
 FORMAT = "bilm-checkpoint-2"
@@ -73,68 +64,6 @@ def check_plain(value: Any, where: str = "payload") -> None:
         return
     raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__name__}: a checkpoint holds only "
                     "tensors and plain data")
-
-
-LOCK_NAME = ".bilm-train.lock"
-
-
-class RunLock:
-    """An exclusive ``flock`` on ``out_dir/.bilm-train.lock``, held while a run trains.
-
-    The operating system releases it when the process ends, however it ends, so a killed
-    run never leaves a stale lock. The file names the holder (host and PID) for the message
-    the next run shows."""
-
-    def __init__(self, out_dir: str):
-        self.path = os.path.join(out_dir, LOCK_NAME)
-        self._file = None
-
-    def acquire(self) -> "RunLock":
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        f = open(self.path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                f.close()
-                raise
-            f.seek(0)
-            holder = f.read().strip() or "unknown holder"
-            f.close()
-            raise RunDirectoryLocked(f"{os.path.dirname(self.path)} is in use by another bilm train ({holder}); "
-                                     "wait for it to finish, or give this run another --out") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        self._file = f
-        return self
-
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()  # closing drops the flock
-            self._file = None
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def checkpoint_path(directory: str, step: int) -> str:
-    return os.path.join(directory, f"step-{step:08d}.pt")
-
-
-def checkpoint_step(path: str) -> int:
-    """The step in a ``step-N.pt`` name."""
-    return int(_NAME.search(path).group(1))
-
-
-def list_checkpoints(directory: str) -> list[str]:
-    """Checkpoint files in ``directory``, oldest first."""
-    paths = [p for p in glob.glob(os.path.join(directory, "step-*.pt")) if _NAME.search(p)]
-    return sorted(paths, key=lambda p: int(_NAME.search(p).group(1)))
 
 
 # The payload's schema: every key a checkpoint may hold and the types its value may take (None: null or
@@ -198,17 +127,6 @@ def _free_space(directory: str) -> str:
             return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
         free /= 1024
     return f"{free:.1f} TB"
-
-
-def remove_stale_temporaries(directory: str) -> list[str]:
-    """Delete ``*.tmp*`` files that killed checkpoint writes left behind (call with the run lock held)."""
-    stale = glob.glob(os.path.join(directory, "*.tmp*"))
-    for path in stale:
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.remove(path)
-    return stale
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
@@ -378,106 +296,6 @@ def numpy_rng_from_plain(state: dict) -> tuple:
             state["cached_gaussian"])
 
 
-# What a resumed run may not change: the model itself, and what the optimizer state's layout
-# follows. Everything else (learning rate, steps, epochs, intervals, evaluation, ...) may change.
-FIXED_KEYS = ("model.", "optim.name", "train.sparse_softmax")
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix[:-1]: d}
-    flat: dict[str, Any] = {}
-    for key, value in d.items():
-        flat.update(_flatten(value, f"{prefix}{key}."))
-    return flat
-
-
-def _digest(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()[:12]
-
-
-def check_resume(payload: dict, path: str, config: dict, vocab: list[str], vocab_source: str,
-                 text_pipeline: Optional[dict]) -> list[str]:
-    """Refuse (``CheckpointError``, one line naming the keys and both values) a resume whose model,
-    vocabulary or text pipeline differ from the checkpoint's; returns the other settings that changed
-    (``key: old -> new``), which are accepted. ``config`` is ``config_to_dict`` of this run's config;
-    ``text_pipeline`` the ``TextPipeline.to_state()`` of this run's data (None: not known)."""
-    from bilm.training.config import config_from_dict, config_to_dict
-
-    try:
-        saved = _flatten(config_to_dict(config_from_dict(payload["config"], where=f"{path} (its config)")))
-    except ValueError as e:
-        raise CheckpointError(f"{path}: its config does not read ({e})") from None
-    ours = _flatten(config)
-    refused, changed = [], []
-    for key in sorted(set(saved) | set(ours)):
-        old, new = saved.get(key), ours.get(key)
-        if old == new:
-            continue
-        if key.startswith(FIXED_KEYS):
-            refused.append(f"{key}: checkpoint {old!r} vs this run {new!r}")
-        else:
-            changed.append(f"{key}: {old!r} -> {new!r}")
-    saved_vocab = payload.get("vocab")
-    if saved_vocab is not None and list(saved_vocab) != list(vocab):
-        def describe(tokens):
-            return f"{len(tokens)} tokens, sha256 {_digest(chr(10).join(tokens).encode('utf-8', 'surrogatepass'))}"
-        first = next((i for i, (a, b) in enumerate(zip(saved_vocab, vocab)) if a != b),
-                     min(len(saved_vocab), len(vocab)))
-        refused.append(f"vocabulary: checkpoint {describe(saved_vocab)} vs {vocab_source} {describe(vocab)} "
-                       f"(first difference at line {first + 1})")
-    saved_pipeline = payload.get("text_pipeline")
-    if isinstance(saved_pipeline, dict) and text_pipeline is not None:
-        def pipeline_view(state):
-            proto = state.get("sp_model_proto")
-            return {"tokenizer": state.get("tokenizer"), "nfkc": bool(state.get("nfkc", False)),
-                    "max_tokens_per_line": int(state.get("max_tokens_per_line", 0)),
-                    "sentencepiece_model": f"sha256 {_digest(proto)}" if proto else None}
-        a, b = pipeline_view(saved_pipeline), pipeline_view(text_pipeline)
-        refused += [f"text_pipeline.{k}: checkpoint {a[k]!r} vs this run {b[k]!r}" for k in a if a[k] != b[k]]
-    if refused:
-        raise CheckpointError(f"{path}: cannot resume a different model: {'; '.join(refused)}; resume with the "
-                              "checkpoint's model, vocabulary and tokenizer, or train into another --out")
-    return changed
-
-
-def load_latest_valid(directory: str, map_location: Any = "cpu", set_aside_corrupt: bool = False,
-                      mmap: bool = False) -> tuple[Optional[str], Optional[dict]]:
-    """The newest checkpoint that loads; unreadable ones are reported and skipped. With
-    ``set_aside_corrupt`` (one process, holding the run lock) they are renamed ``*.corrupt``,
-    so that pruning neither counts nor keeps them."""
-    for path in reversed(list_checkpoints(directory)):
-        try:
-            return path, load_checkpoint(path, map_location, mmap)
-        except FileNotFoundError:
-            continue  # set aside by another rank meanwhile
-        except CheckpointRefused:
-            raise  # not damage: an older one would silently stand in for it
-        except CheckpointError as e:
-            if set_aside_corrupt:
-                os.replace(path, path + ".corrupt")
-                warnings.warn(f"skipping {e}; renamed it to {os.path.basename(path)}.corrupt", stacklevel=2)
-            else:
-                warnings.warn(f"skipping {e}", stacklevel=2)
-    return None, None
-
-
-def deepspeed_dir(directory: str) -> str:
-    return os.path.join(directory, "deepspeed")
-
-
-def prune_checkpoints(directory: str, keep: int, protect: Sequence[str] = ()) -> list[str]:
-    """Delete all but the newest ``keep`` checkpoints and those in ``protect``; returns the deleted ones
-    (the training strategy then deletes what it kept beside them, e.g. DeepSpeed's ``deepspeed/step-N``)."""
-    removed = list_checkpoints(directory)[:-keep] if keep > 0 else []
-    removed = [p for p in removed if p not in protect]
-    for path in removed:
-        os.remove(path)
-    return removed
-
-
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
                      assign: bool = False) -> None:
     """``load_state_dict`` whose error lists the mismatched keys and shapes and names the file.
@@ -498,23 +316,3 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
             lines.append("  shape mismatches: " + "; ".join(mismatched))
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(state, assign=assign)
-
-
-BEST_NAME = "best.pt"
-
-
-def best_checkpoint_path(directory: str) -> str:
-    """``checkpoints/best.pt``: the checkpoint with the lowest heldout perplexity, apart from pruning."""
-    return os.path.join(directory, BEST_NAME)
-
-
-def keep_as_best(path: str) -> str:
-    """Make ``best.pt`` beside ``path`` the checkpoint ``path``: a hard link (no second copy on disk;
-    pruning ``path`` later leaves it), or a copy where the file system has no links. Atomic."""
-    best = best_checkpoint_path(os.path.dirname(path))
-    with atomic_path(best) as tmp:
-        try:
-            os.link(path, tmp)
-        except OSError:
-            shutil.copyfile(path, tmp)
-    return best

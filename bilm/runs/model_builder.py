@@ -3,7 +3,7 @@ a checkpoint read back (``trained_model``: evaluate, export, score) and for the 
 from __future__ import annotations
 
 from bilm.modules.language_model import LanguageModel
-from bilm.training.config import Config
+from bilm.runs.config import Config
 
 
 def build_model(cfg: Config, vocab_size: int, training: bool = True) -> LanguageModel:

@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from bilm.errors import InputError, not_utf8
+from bilm.core.errors import InputError, not_utf8
 
 BOS_TOKEN = "<S>"
 EOS_TOKEN = "</S>"

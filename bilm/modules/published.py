@@ -27,12 +27,12 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Optional
 
-from bilm.errors import BilmError, InputError
-from bilm.progress import progress_bar
+from bilm.core.errors import BilmError, InputError
+from bilm.core.files import OPTIONS_FILE, WEIGHTS_FILE
+from bilm.core.progress import progress_bar
 
 
 ALLENNLP_BASE = "https://allennlp.s3.amazonaws.com/models/elmo"
-OPTIONS_NAME, WEIGHTS_NAME = "options.json", "weights.hdf5"
 DEFAULT_MODEL = "original"
 
 
@@ -89,7 +89,7 @@ class PublishedTFCheckpoint:
 TF_CHECKPOINTS: dict[str, PublishedTFCheckpoint] = {c.name: c for c in (
     PublishedTFCheckpoint(
         "original-tf", f"{BILMTF_BASE}/2x4096_512_2048cnn_2xhighway_tf_checkpoint",
-        ("checkpoint", OPTIONS_NAME, "model.ckpt-935588.index", "model.ckpt-935588.data-00000-of-00001"),
+        ("checkpoint", OPTIONS_FILE, "model.ckpt-935588.index", "model.ckpt-935588.data-00000-of-00001"),
         f"{BILMTF_BASE}/vocab-2016-09-10.txt",
         "the training checkpoint of 'original' (step 935,588): its softmax over 793,471 words and Adagrad state",
         # weights (93.6M) + softmax (793,471 x 513) and as many accumulators, float32
@@ -136,7 +136,7 @@ def _check_tf_checkpoint(directory: str, vocab_file: str, paths: list[str], entr
     """Every tensor of the index lies inside the data file and the vocabulary has a word per softmax
     row; else every file goes (the data file is mapped: nothing is read but the index)."""
     from bilm.formats.bilmtf import latest_tf_checkpoint, read_tf_checkpoint
-    from bilm.vocab import read_tokens
+    from bilm.core.vocab import read_tokens
 
     try:
         tensors = read_tf_checkpoint(latest_tf_checkpoint(directory), mmap=True)
@@ -176,10 +176,10 @@ def resolve_model(model: Optional[str] = None, progress: bool = True) -> tuple[s
     """(options.json, weights.hdf5) of a registered name (downloaded to the cache once) or of a directory."""
     model = DEFAULT_MODEL if model is None else model
     if os.path.isdir(model):
-        paths = os.path.join(model, OPTIONS_NAME), os.path.join(model, WEIGHTS_NAME)
+        paths = os.path.join(model, OPTIONS_FILE), os.path.join(model, WEIGHTS_FILE)
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"{model}: a model directory holds {OPTIONS_NAME} and {WEIGHTS_NAME}; "
+            raise FileNotFoundError(f"{model}: a model directory holds {OPTIONS_FILE} and {WEIGHTS_FILE}; "
                                     f"missing {', '.join(missing)}")
         return paths
     entry = MODELS.get(_key(model))
@@ -188,9 +188,9 @@ def resolve_model(model: Optional[str] = None, progress: bool = True) -> tuple[s
                          f"{model}, or use its published weights ({DEFAULT_MODEL!r})")
     if entry is None:
         raise InputError(f"unknown model {model!r}: give one of {', '.join(sorted(MODELS))}, or a directory "
-                         f"holding {OPTIONS_NAME} and {WEIGHTS_NAME}")
+                         f"holding {OPTIONS_FILE} and {WEIGHTS_FILE}")
     directory = os.path.join(cache_dir(), _key(entry.name))
-    options, weights = os.path.join(directory, OPTIONS_NAME), os.path.join(directory, WEIGHTS_NAME)
+    options, weights = os.path.join(directory, OPTIONS_FILE), os.path.join(directory, WEIGHTS_FILE)
     fetched = [fetch(entry.options_url, options, progress, f"{entry.name} options"),
                fetch(entry.weights_url, weights, progress, f"{entry.name} weights")]
     if any(fetched):
@@ -220,7 +220,7 @@ def cached_url(url: str, progress: bool = True) -> str:
 
 def _check_model(options: str, weights: str, entry: PublishedModel) -> None:
     """The downloaded weights open as HDF5 with the shapes the options describe; else both go."""
-    from bilm.formats.weights import load_bilm
+    from bilm.modules.weight_file import load_bilm
 
     try:
         load_bilm(options, weights)

@@ -4,13 +4,13 @@ A config file has three sections::
 
     model:   the architecture, in the structure of the published options.json
              (``lstm: {...}``, ``char_cnn: {...}``; no ``char_cnn`` means word inputs),
-             parsed by ``bilm.options.BiLMOptions``
+             parsed by ``bilm.core.options.BiLMOptions``
     train:   TrainConfig (batch, schedule, sampling, checkpoints, precision, strategy)
     optim:   OptimConfig (optimizer and gradient clipping)
 
-All three are read by the one schema reader, ``bilm.schema.load``. The ``model:`` section is
+All three are read by the one schema reader, ``bilm.core.schema.load``. The ``model:`` section is
 read as an options.json is: a missing key means what it means in the published file (the
-dataclass defaults in ``bilm.options``; the presets in configs/ write every char-CNN and LSTM
+dataclass defaults in ``bilm.core.options``; the presets in configs/ write every char-CNN and LSTM
 key but ``n_characters``), and its errors are phrased as options.json errors are. Unlike options.json,
 unknown keys are refused, and, as in every section, a numeric string where a number is
 expected is read as that number (PyYAML reads ``1e-8`` as a string).
@@ -29,9 +29,9 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
-from bilm.errors import InputError, not_utf8
-from bilm.options import BiLMOptions
-from bilm.schema import FieldError, SchemaError, Style, dump, load, suggest
+from bilm.core.errors import InputError, not_utf8
+from bilm.core.options import BiLMOptions
+from bilm.core.schema import FieldError, SchemaError, Style, dump, load, suggest
 
 
 class ConfigError(InputError):
@@ -138,7 +138,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
-# Each section's class and the style its errors are phrased in (bilm.schema).
+# Each section's class and the style its errors are phrased in (bilm.core.schema).
 _SECTIONS: dict[str, tuple[type, Style]] = {"model": (BiLMOptions, "options"), "train": (TrainConfig, "config"),
                                             "optim": (OptimConfig, "config")}
 
@@ -215,7 +215,7 @@ def config_to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config; whole or not at all (a reader never sees half a file)."""
-    from bilm.atomic import atomic_open
+    from bilm.core.atomic import atomic_open
 
     with atomic_open(os.fspath(path)) as f:
         yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, default_flow_style=None)

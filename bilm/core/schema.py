@@ -37,7 +37,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from bilm.errors import InputError
+from bilm.core.errors import InputError
 
 OMIT = object()  # metadata "if_none": leave the key out of ``dump`` when the value is None
 

@@ -22,11 +22,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from bilm.formats.bilmtf import (latest_tf_checkpoint, load_bilmtf_body, read_tf_checkpoint, softmax_arrays,
-                                 split_tensors)
-from bilm.errors import InputError
-from bilm.progress import progress_bar
-from bilm.vocab import SPECIAL_TOKENS, Vocabulary, VocabularyError, read_tokens
+from bilm.formats.bilmtf import latest_tf_checkpoint, read_tf_checkpoint, split_tensors
+from bilm.modules.tf_checkpoint import load_bilmtf_body, softmax_arrays
+from bilm.core.errors import InputError
+from bilm.core.files import OPTIONS_FILE
+from bilm.core.progress import progress_bar
+from bilm.core.vocab import SPECIAL_TOKENS, Vocabulary, VocabularyError, read_tokens
 
 # How a word the checkpoint never saw gets its softmax row (weight and bias):
 #   unk:   the checkpoint's <UNK> row; its bias less log(new words + 1): the probability the
@@ -65,7 +66,7 @@ class TFStart:
 
     @property
     def options_file(self) -> str:
-        return os.path.join(self.save_dir, "options.json")
+        return os.path.join(self.save_dir, OPTIONS_FILE)
 
     def checkpoint_tokens(self) -> list[str]:
         """The checkpoint's vocabulary, in its softmax's row order."""
@@ -81,6 +82,11 @@ class TFStart:
                                   "</S> and <UNK>)")
         special = set(SPECIAL_TOKENS)
         return Vocabulary([*SPECIAL_TOKENS, *(t for t in tokens if t not in special)], source=self.vocab_file)
+
+    def start(self, model, optimizer, tokens: list[str]) -> str:
+        """Load the checkpoint into a new run's model and optimizer; the line the run logs about it
+        (what ``bilm.training.run`` calls: it knows the object, not this module)."""
+        return report_line(self.load_into(model, optimizer, tokens))
 
     def load_into(self, model, optimizer, tokens: list[str], progress: bool = False) -> dict:
         """Start ``model`` (a ``LanguageModel`` over ``tokens``) and ``optimizer`` from the checkpoint.
@@ -191,7 +197,7 @@ def _with_ones(x: torch.Tensor) -> torch.Tensor:
 
 def _token_vectors(model, tokens: list[str], batch_size: int = 512) -> torch.Tensor:
     """The char CNN's context-free vector of each token (what bilm-tf's dump_token_embeddings writes), CPU."""
-    from bilm.chars import char_id_table
+    from bilm.core.chars import char_id_table
 
     bilm = model.bilm
     device = next(bilm.parameters()).device
@@ -214,7 +220,7 @@ _NEW_ROWS = {"char": _char_rows, "mean": _mean_rows, "unk": _unk_rows}
 def resolve_start(init_model: str, vocab_file: Optional[str], keep_vocab: bool, new_rows: Optional[str],
                   progress: bool = True) -> Optional[TFStart]:
     """``--init-model`` as a bilm-tf checkpoint (a published name of one, or a ``save_dir``), else None."""
-    from bilm.inference.published_models import resolve_tf_checkpoint, tf_checkpoint_entry
+    from bilm.modules.published import resolve_tf_checkpoint, tf_checkpoint_entry
 
     if not (is_tf_save_dir(init_model) or tf_checkpoint_entry(init_model) is not None):
         return None

@@ -7,11 +7,12 @@ import h5py
 import numpy as np
 import torch
 
-from bilm.errors import InputError
-from bilm.formats.weights import SOFTMAX_BIAS, SOFTMAX_WEIGHT, WeightFileError, load_weights, reading
+from bilm.core.errors import InputError
+from bilm.formats.weights import SOFTMAX_BIAS, SOFTMAX_WEIGHT, WeightFileError, reading
+from bilm.modules.weight_file import load_weights
 from bilm.modules.language_model import LanguageModel
-from bilm.options import BiLMOptions
-from bilm.vocab import read_tokens
+from bilm.core.options import BiLMOptions
+from bilm.core.vocab import read_tokens
 
 
 def load_pretrained(model: LanguageModel, weight_file: str, options_file: Optional[str] = None,

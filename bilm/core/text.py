@@ -14,7 +14,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, Optional, Protocol
 
-from bilm.errors import InputError, read_json
+from bilm.core.errors import InputError, read_json
+from bilm.core.files import SP_MODEL_FILE, TOKENIZER_FILE
 
 
 def _control_table() -> dict[int, str | None]:
@@ -94,8 +95,6 @@ def split_long(tokens: list[str], max_tokens: int) -> list[list[str]]:
 
 # --------------------------------------------------------------------------- the pipeline
 
-TOKENIZER_FILE = "tokenizer.json"
-SP_MODEL_FILE = "sentencepiece.model"
 TOKENIZER_FORMAT = "bilm-tokenizer"
 # Runs of CJK (Han, kana, Hangul) characters: a whitespace model reading one has probably been
 # handed unsegmented text.

@@ -6,13 +6,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from bilm.training.checkpoint import (BEST_NAME, CheckpointError, best_checkpoint_path, load_checkpoint, load_latest_valid,
-                                      load_model_state)
-from bilm.training.config import Config, config_from_dict
-from bilm.errors import InputError
+from bilm.runs.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from bilm.runs.run_dir import BEST_NAME, best_checkpoint_path, load_latest_valid
+from bilm.runs.config import Config, config_from_dict
+from bilm.core.errors import InputError
 from bilm.modules.language_model import LanguageModel
-from bilm.training.model_builder import build_model
-from bilm.text import TextPipeline
+from bilm.runs.model_builder import build_model
+from bilm.core.text import TextPipeline
 
 def resolve_checkpoint(path: str, mmap: bool = False, best: bool = False) -> tuple[str, dict]:
     """A checkpoint file, or a run directory (its newest valid checkpoint, or with ``best`` its

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from bilm.errors import InputError
+from bilm.core.errors import InputError
 
 
 @dataclass

@@ -17,13 +17,13 @@ from typing import Optional
 import torch
 
 from bilm.data import LMDataset, resolve_shards
-from bilm.training.distributed import DistEnv, all_reduce_sum, init_distributed, shutdown, to_device
-from bilm.precision import autocast, check_precision
-from bilm.training.trained_model import model_from_checkpoint
-from bilm.progress import progress_bar
+from bilm.core.distributed import DistEnv, all_reduce_sum, init_distributed, shutdown, to_device
+from bilm.core.precision import autocast, check_precision
+from bilm.runs.trained_model import model_from_checkpoint
+from bilm.core.progress import progress_bar
 from bilm.modules.language_model import DIRECTIONS, LanguageModel, reset_state_rows
-from bilm.vocab import Vocabulary
-from bilm.text import TextPipeline, split_long, warn_suspicious_lines
+from bilm.core.vocab import Vocabulary
+from bilm.core.text import TextPipeline, split_long, warn_suspicious_lines
 
 
 @torch.no_grad()

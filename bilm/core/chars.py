@@ -12,8 +12,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from bilm.errors import InputError
-from bilm.vocab import BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, read_tokens  # noqa: F401 (the tokens re-exported)
+from bilm.core.errors import InputError
+from bilm.core.vocab import BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, read_tokens  # noqa: F401 (the tokens re-exported)
 
 # Unshifted ids, as bilm-tf's UnicodeCharsVocabulary and the published weights use them.
 BOS_CHAR = 256

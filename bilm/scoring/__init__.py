@@ -1,0 +1,2 @@
+"""Full-softmax perplexity: one computation for ``bilm evaluate``, the heldout check while
+training and the scorer."""
