@@ -10,7 +10,8 @@ GPU_OUT ?=  # gpu-check's output directory; empty: benchmarks/results (with SMOK
 
 .PHONY: demo test setup setup-dev clean gpu-check
 
-# The demo needs the package only; the tests also need pytest, hypothesis, deepspeed and onnx(runtime).
+# The demo needs the package only; the tests also need pytest, hypothesis, deepspeed, onnx(runtime),
+# pyarrow, zstandard, sacremoses and sentencex.
 setup: $(VENV)/.installed
 setup-dev: $(VENV)/.installed-dev
 
@@ -21,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[dev,deepspeed,onnx]"
+	$(PY) -m pip install -q -e ".[dev,deepspeed,onnx,corpora,text]"
 	touch $@
 
 test: $(VENV)/.installed-dev

@@ -1,64 +1,257 @@
-"""Finding, opening and reading the raw input files.
+"""Finding, recognizing, opening and reading the raw input files.
 
-Files are read as bytes in blocks of whole lines (cut after the last newline) so
-that the main process does no per-line work; decoding happens in the workers, where
-invalid UTF-8 is replaced and counted (``decode_counting``).
+A file's format comes from its name (``.txt``, ``.jsonl`` / ``.json`` / ``.ndjson``, ``.parquet``,
+``.arrow``, each text format possibly ``.gz`` / ``.bz2`` / ``.xz`` / ``.zst``) and is checked
+against its first bytes (compression magic numbers, Parquet's ``PAR1``), so a misnamed file is
+refused in one line instead of read as garbage. A directory that Hugging Face ``datasets``'
+``save_to_disk`` wrote is read through its Arrow files (``data_tools.tables``).
+
+Text and JSON lines files are read as bytes in blocks of whole lines (cut after the last newline)
+so that the main process does no per-line work; decoding (and JSON parsing) happens in the
+workers, where invalid UTF-8 is replaced and counted (``decode_counting``).
 """
 from __future__ import annotations
 
 import bz2
 import codecs
 import gzip
+import json
 import lzma
 import os
+from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
-from bilm.core.errors import InputError
+from bilm.core.errors import InputError, MissingExtra
+from bilm.data.inputs import resolve_inputs
 
-_DECOMPRESSORS = {".gz": lambda raw: gzip.GzipFile(fileobj=raw), ".bz2": bz2.BZ2File, ".xz": lzma.LZMAFile}
-# Rough uncompressed/compressed size ratios, only used to size the shuffle buckets.
-_EXPANSION = {".gz": 3.5, ".bz2": 5.0, ".xz": 6.0}
+MISSING_CORPORA_EXTRA = "{what} needs the corpora extra: pip install 'bilm[corpora]' (or pip install {package})"
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+_MAGIC = {".gz": b"\x1f\x8b", ".bz2": b"BZh", ".xz": b"\xfd7zXZ\x00", ".zst": b"\x28\xb5\x2f\xfd"}
+_NAMES = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstandard"}
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+ARROW_SUFFIXES = (".arrow",)
+PARQUET_MAGIC = b"PAR1"
+ARROW_FILE_MAGIC = b"ARROW1"
+# Rough uncompressed text / file size ratios, only used to size the shuffle buckets.
+_EXPANSION = {".gz": 3.5, ".bz2": 5.0, ".xz": 6.0, ".zst": 4.0, "parquet": 2.5, "arrow": 1.0}
+# Hugging Face save_to_disk: a Dataset's directory, and a DatasetDict's (one subdirectory per split).
+HF_DATASET_FILES = ("state.json", "dataset_info.json")
+HF_DICT_FILE = "dataset_dict.json"
 
 
-def estimated_text_bytes(path: str) -> int:
-    return int(os.path.getsize(path) * _EXPANSION.get(_suffix(path), 1.0))
+class TruncatedInput(InputError):
+    """A compressed stream that ends before its end marker (a cut download, a full disk)."""
 
 
-def _suffix(path: str) -> str:
-    return os.path.splitext(path)[1].lower()
+@dataclass(frozen=True)
+class InputFile:
+    """One input: its path, format ("text", "jsonl", "parquet" or "arrow") and compression
+    (a suffix of ``COMPRESSIONS``, or "")."""
+    path: str
+    format: str
+    compression: str = ""
+
+    @property
+    def kind(self) -> str:
+        return self.format + (f"+{self.compression[1:]}" if self.compression else "")
 
 
-def open_binary(path: str, raw: BinaryIO) -> BinaryIO:
-    decompressor = _DECOMPRESSORS.get(_suffix(path))
-    return decompressor(raw) if decompressor is not None else raw
+def _suffixes(path: str) -> tuple[str, str]:
+    """(format suffix, compression suffix) of a file name, both lower case ('' when none)."""
+    base, last = os.path.splitext(os.path.basename(path).lower())
+    if last in COMPRESSIONS:
+        return os.path.splitext(base)[1], last
+    return last, ""
 
 
-def read_blocks(path: str, block_bytes: int = 8 << 20) -> Iterator[tuple[bytes, int]]:
+def format_from_name(path: str) -> InputFile:
+    suffix, compression = _suffixes(path)
+    if suffix in PARQUET_SUFFIXES or suffix in ARROW_SUFFIXES:
+        if compression:
+            raise InputError(f"{path}: a {suffix} file is compressed inside; decompress the {compression} around it")
+        return InputFile(path, "parquet" if suffix in PARQUET_SUFFIXES else "arrow")
+    return InputFile(path, "jsonl" if suffix in JSON_SUFFIXES else "text", compression)
+
+
+def detect_format(path: str) -> InputFile:
+    """The format the name says, checked against the first bytes; a mismatch is one line naming both."""
+    found = format_from_name(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return found  # an empty file is empty in every format
+    seen = next((suffix for suffix, magic in _MAGIC.items() if head.startswith(magic)), "")
+    if found.format == "parquet":
+        if not head.startswith(PARQUET_MAGIC):
+            raise InputError(f"{path}: not a Parquet file (it does not start with {PARQUET_MAGIC!r})"
+                             + (f"; it is {_NAMES[seen]} data" if seen else ""))
+        return found
+    if found.format == "arrow":
+        if not (head.startswith(ARROW_FILE_MAGIC) or head.startswith(b"\xff\xff\xff\xff")):
+            raise InputError(f"{path}: not an Arrow IPC file or stream")
+        return found
+    if found.compression and seen != found.compression:
+        raise InputError(f"{path}: cannot decompress (the name says {_NAMES[found.compression]}, the content is "
+                         f"{_NAMES[seen] + ' data' if seen else 'not compressed'})")
+    if not found.compression:
+        if seen:
+            raise InputError(f"{path}: {_NAMES[seen]}-compressed data in a file not named so; rename it "
+                             f"to end in {seen}")
+        if head.startswith(PARQUET_MAGIC):
+            raise InputError(f"{path}: a Parquet file; rename it to end in .parquet")
+    return found
+
+
+def _hf_data_files(directory: str) -> list[str] | None:
+    """The Arrow files of a ``save_to_disk`` directory (a Dataset, or every split of a DatasetDict),
+    in their order; None when ``directory`` is not one."""
+    def read(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{path}: not a readable Hugging Face dataset file ({e})") from None
+
+    dict_file = os.path.join(directory, HF_DICT_FILE)
+    if os.path.isfile(dict_file):
+        splits = read(dict_file).get("splits") if isinstance(read(dict_file), dict) else None
+        if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
+            raise InputError(f"{dict_file}: key 'splits' must list the splits' directories")
+        files = []
+        for split in splits:
+            found = _hf_data_files(os.path.join(directory, split))
+            if found is None:
+                raise InputError(f"{dict_file} names the split {split!r}, which is not a saved dataset")
+            files += found
+        return files
+    if not all(os.path.isfile(os.path.join(directory, name)) for name in HF_DATASET_FILES):
+        return None
+    state_file = os.path.join(directory, "state.json")
+    state = read(state_file)
+    entries = state.get("_data_files") if isinstance(state, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("filename"), str)
+                                                for e in entries):
+        raise InputError(f"{state_file}: key '_data_files' must list the dataset's Arrow files")
+    files = [os.path.join(directory, e["filename"]) for e in entries]
+    for path in files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{state_file} names {path}, which does not exist")
+    return files
+
+
+def resolve_corpus(specs: list[str]) -> list[InputFile]:
+    """Files from files, directories, globs and Hugging Face ``save_to_disk`` directories, each with
+    its checked format."""
+    paths: list[str] = []
+    for spec in map(os.fspath, specs):
+        hf = _hf_data_files(spec) if os.path.isdir(spec) else None
+        paths += hf if hf is not None else resolve_inputs([spec])
+    return [detect_format(path) for path in resolve_inputs(paths)] if paths else []
+
+
+def estimated_text_bytes(item: InputFile) -> int:
+    key = item.compression or (item.format if item.format in ("parquet", "arrow") else "")
+    return int(os.path.getsize(item.path) * _EXPANSION.get(key, 1.0))
+
+
+class _ZstdReader:
+    """``read1`` over a zstandard stream of one or more frames; a stream cut inside a frame raises
+    EOFError (zstandard's own stream reader ends quietly there)."""
+
+    def __init__(self, raw: BinaryIO):
+        try:
+            import zstandard
+        except ImportError:
+            raise MissingExtra(MISSING_CORPORA_EXTRA.format(what="reading .zst files", package="zstandard")) from None
+        self._raw, self._error = raw, zstandard.ZstdError
+        self._context = zstandard.ZstdDecompressor()
+        self._frame = None
+        self._pending = b""
+
+    def read1(self, size: int) -> bytes:
+        while True:
+            data, self._pending = self._pending or self._raw.read(size), b""
+            if not data:
+                if self._frame is not None:
+                    raise EOFError("compressed file ended before the end-of-frame marker was reached")
+                return b""
+            if self._frame is None:
+                self._frame = self._context.decompressobj()
+            try:
+                out = self._frame.decompress(data)
+            except self._error as e:
+                raise OSError(f"zstandard: {e}") from None
+            if self._frame.eof:
+                self._pending, self._frame = self._frame.unused_data, None
+            if out:
+                return out
+
+    def close(self) -> None:
+        pass
+
+
+def open_binary(item: InputFile, raw: BinaryIO):
+    """A stream with ``read1`` of the file's uncompressed bytes."""
+    if item.compression == ".gz":
+        return gzip.GzipFile(fileobj=raw)
+    if item.compression == ".bz2":
+        return bz2.BZ2File(raw)
+    if item.compression == ".xz":
+        return lzma.LZMAFile(raw)
+    if item.compression == ".zst":
+        return _ZstdReader(raw)
+    return raw
+
+
+def read_blocks(item: InputFile | str, block_bytes: int = 8 << 20) -> Iterator[tuple[bytes, int]]:
     """Yield ``(block, compressed_bytes_read_since_last_block)``; every block ends at a line end.
 
-    The last line of a file may lack its newline; it is still yielded.
+    The last line of a file may lack its newline; it is still yielded. A compressed stream cut
+    short raises ``TruncatedInput`` after the blocks of its complete lines (its ``lines`` says how
+    many); the cut line is dropped.
     """
+    if isinstance(item, str):
+        item = format_from_name(item)
+    path = item.path
+    lines = 0
     with open(path, "rb") as raw:
-        stream = open_binary(path, raw)
+        stream = open_binary(item, raw)
         try:
             carry = b""
             position = 0
+            truncated: EOFError | None = None
             while True:
-                data = stream.read(block_bytes)
+                if stream is raw:
+                    data = raw.read(block_bytes)
+                else:  # read1: a cut stream loses only what follows its last complete line
+                    parts, size = [], 0
+                    try:
+                        while size < block_bytes and (more := stream.read1(min(block_bytes - size, 1 << 20))):
+                            parts.append(more)
+                            size += len(more)
+                    except EOFError as e:
+                        truncated = e
+                    data = b"".join(parts)
                 progress = raw.tell() - position
                 position += progress
-                if not data:
+                if not data and truncated is None:
                     if carry:
                         yield carry, progress
                     return
                 data = carry + data
                 cut = data.rfind(b"\n") + 1
-                if cut == 0:  # no line end in the block yet: a very long line, keep reading
-                    carry = data
-                    continue
                 carry = data[cut:]
-                yield data[:cut], progress
-        except (OSError, EOFError, lzma.LZMAError) as e:
+                if cut:
+                    lines += data.count(b"\n", 0, cut)
+                    yield data[:cut], progress
+                if truncated is not None:
+                    error = TruncatedInput(f"{path}: truncated: the {_NAMES[item.compression]} stream ends early "
+                                           f"({truncated}); the cut comes after {lines:,} complete lines")
+                    error.lines = lines
+                    raise error
+                # cut == 0: no line end in the block yet, a very long line: keep reading
+        except (OSError, lzma.LZMAError) as e:
             raise InputError(f"{path}: cannot decompress ({e})") from None
         finally:
             if stream is not raw:

@@ -1,5 +1,7 @@
-"""Pass 1 (in the workers): a block of raw bytes -> cleaned, tokenized lines, each sent to
-a shuffle bucket of the train or heldout split.
+"""Pass 1 (in the workers): a block of raw bytes (text, JSON lines, or a table's text values)
+-> cleaned lines, split into sentences (``--split-sentences``), tokenized, each sent to a shuffle
+bucket of the train or heldout split. The worker's ``TextPipeline`` is the one the manifest
+records, so training data and later raw text are tokenized by the same code.
 
 The split is decided by a hash of the output line alone, so it does not depend on the
 seed, the block size or the number of workers. Without ``--dedup`` a line's bucket is drawn
@@ -16,7 +18,8 @@ from itertools import chain
 import numpy as np
 
 from data_tools.inputs import decode_counting
-from bilm.core.text import Tokenizer, clean_text, make_tokenizer, split_long
+from data_tools.records import json_lines_text
+from bilm.core.text import TextPipeline, clean_text, split_long
 from data_tools.vocab_builder import TokenCounts
 
 
@@ -31,6 +34,17 @@ class LineOptions:
     dedup: bool
     n_train_buckets: int
     n_heldout_buckets: int
+    lang: str | None = None
+    split_sentences: str | None = None
+    text_field: tuple[str, ...] = ("text",)
+
+    def pipeline(self) -> TextPipeline:
+        proto = None
+        if self.sp_model:
+            with open(self.sp_model, "rb") as f:
+                proto = f.read()
+        return TextPipeline(self.tokenizer, self.nfkc, self.max_tokens_per_line, proto, self.lang,
+                            self.split_sentences)
 
 
 @dataclass
@@ -39,6 +53,7 @@ class BlockTask:
     block_index: int
     first_line: int  # line number (0-based) of the block's first line in its file
     data: bytes
+    json: bool = False  # JSON lines: the text is the records' text field
 
 
 @dataclass
@@ -53,12 +68,22 @@ class LineStats:
     train_lines: int = 0
     heldout_lines: int = 0
     tokens: int = 0
+    extra_from_sentences: int = 0  # additional lines made by splitting lines into sentences
+    records: int = 0  # JSON records or table rows read (bad ones included); 0 for text
+    bad_records: int = 0  # skipped with --skip-bad (a truncated stream, an unreadable file: 1)
+    bad: dict = field(default_factory=dict)  # reason -> count
+    first_bad: str | None = None  # where the first bad record is, and why
 
     def add(self, other: "LineStats") -> None:
         for f in fields(self):
             if f.name == "first_invalid_line":
                 if self.first_invalid_line < 0:
                     self.first_invalid_line = other.first_invalid_line
+            elif f.name == "first_bad":
+                self.first_bad = self.first_bad or other.first_bad
+            elif f.name == "bad":
+                for reason, n in other.bad.items():
+                    self.bad[reason] = self.bad.get(reason, 0) + n
             else:
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
@@ -75,13 +100,13 @@ class BlockResult:
 
 
 _options: LineOptions | None = None
-_tokenizer: Tokenizer | None = None
+_pipeline: TextPipeline | None = None
 
 
 def init_worker(options: LineOptions) -> None:
-    global _options, _tokenizer
+    global _options, _pipeline
     _options = options
-    _tokenizer = make_tokenizer(options.tokenizer, options.sp_model)
+    _pipeline = options.pipeline()
 
 
 def line_hash(line: bytes) -> tuple[int, int]:
@@ -90,15 +115,30 @@ def line_hash(line: bytes) -> tuple[int, int]:
     return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
 
 
-def process_block(task: BlockTask) -> BlockResult:
-    options, tokenizer = _options, _tokenizer
-    assert options is not None and tokenizer is not None, "init_worker was not called"
-    result = BlockResult(task.file_index)
-    stats = result.stats
-
+def block_text(task: BlockTask, options: LineOptions, stats: LineStats) -> str:
+    """The block's text, decoded (JSON lines: their text field's lines), one line per input line;
+    stats get the invalid UTF-8, the records and the bad ones (``first_bad`` without the file name)."""
     text, stats.invalid_utf8, first_offset = decode_counting(task.data)
     if stats.invalid_utf8:
         stats.first_invalid_line = task.first_line + task.data.count(b"\n", 0, first_offset) + 1
+    if not task.json:
+        return text
+    parsed = json_lines_text(text, options.text_field, task.first_line)
+    stats.records = parsed.records
+    stats.invalid_utf8 += parsed.surrogates
+    if parsed.bad:
+        stats.bad, stats.bad_records = parsed.bad, sum(parsed.bad.values())
+        stats.first_bad = "{line}: {why}".format(line=parsed.first_bad[0], why=parsed.first_bad[1])
+    return "\n".join(parsed.lines) + "\n" if parsed.lines else ""
+
+
+def process_block(task: BlockTask) -> BlockResult:
+    options, pipeline = _options, _pipeline
+    assert options is not None and pipeline is not None, "init_worker was not called"
+    result = BlockResult(task.file_index)
+    stats = result.stats
+
+    text = block_text(task, options, stats)
     text, stats.control_removed = clean_text(text, options.nfkc)
     lines = text.split("\n")
     if lines and lines[-1] == "":
@@ -106,13 +146,15 @@ def process_block(task: BlockTask) -> BlockResult:
     stats.lines = len(lines)
 
     out_tokens: list[list[str]] = []
-    for tokens in tokenizer.tokenize(lines):
-        if not tokens:
+    for sentences in pipeline.tokenize_cleaned(lines):
+        if not sentences:
             stats.empty += 1
             continue
-        pieces = split_long(tokens, options.max_tokens_per_line)
-        stats.extra_from_long += len(pieces) - 1
-        out_tokens.extend(pieces)
+        stats.extra_from_sentences += len(sentences) - 1
+        for tokens in sentences:
+            pieces = split_long(tokens, options.max_tokens_per_line)
+            stats.extra_from_long += len(pieces) - 1
+            out_tokens.extend(pieces)
     out = [" ".join(tokens) for tokens in out_tokens]
 
     # Random buckets (no dedup) come from the block's own seeded generator: reproducible.

@@ -2,6 +2,12 @@
 
     bilm prepare corpus/ more/*.txt.gz --out prepared/ --heldout-fraction 0.01
     bilm prepare zh.txt.xz --out zh/ --tokenizer sentencepiece --sp-vocab-size 32000 --nfkc
+    bilm prepare dump/*.jsonl.zst --text-field text --tokenizer moses --split-sentences --out web/
+    bilm prepare hf_dataset_dir/ data/*.parquet --text-field body --skip-bad --out mixed/
+
+Inputs: plain text (one sentence or document per line), JSON lines (``--text-field``, a dotted path
+for a nested field), each possibly .gz, .bz2, .xz or .zst; Parquet files (``--text-field`` names the
+column) and directories a Hugging Face ``save_to_disk`` wrote (their Arrow files; pyarrow only).
 
 Output (``--out DIR``)::
 
@@ -13,8 +19,10 @@ Output (``--out DIR``)::
     manifest.json                shard lists, counts, settings (bilm.data.manifest writes and reads it)
 
 Input lines are decoded as UTF-8 (invalid bytes replaced and reported), optionally NFKC
-normalized, stripped of control characters, tokenized, cut into pieces of at most
-``--max-tokens-per-line`` tokens; empty lines are dropped. A hash of each line decides
+normalized, stripped of control characters, optionally split into sentences, tokenized, cut into
+pieces of at most ``--max-tokens-per-line`` tokens; empty lines are dropped. A bad record (a line
+that is not JSON, a record without the text field, a truncated compressed file, an unreadable
+Parquet row group) stops the run, unless ``--skip-bad`` skips and counts it. A hash of each line decides
 train or heldout (the same split on every run). Lines are shuffled across shards through
 temporary buckets on disk, so memory stays bounded whatever the corpus size.
 """
@@ -33,10 +41,11 @@ import bilm
 from bilm.core.atomic import atomic_path, fsync_path
 from bilm.data.manifest import write_manifest
 from bilm.core.progress import progress_bar
-from bilm.data.inputs import resolve_inputs
+from bilm.core.text import library_versions
 from bilm.core.errors import BilmError
-from data_tools.inputs import estimated_text_bytes, read_blocks
-from data_tools.lines import BlockTask, LineOptions, LineStats, init_worker, process_block
+from data_tools.inputs import InputFile, TruncatedInput, estimated_text_bytes, read_blocks, resolve_corpus
+from data_tools.lines import BlockTask, LineOptions, LineStats, block_text, init_worker, process_block
+from data_tools.tables import BadRecord, BadRecords, read_arrow, read_parquet
 from data_tools.parallel import Workers
 from data_tools.sentencepiece_training import sample_lines, train_sentencepiece
 from data_tools.shuffle import BucketTask, ShardInfo, ShardWriter, shuffle_bucket
@@ -61,19 +70,35 @@ class PrepareError(BilmError):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="files, directories or globs (plain text, .gz, .bz2, .xz); one sentence "
-                             "or document per line")
+                        help="files, directories or globs: plain text (one sentence or document per line), "
+                             "JSON lines (.jsonl, .json), each maybe .gz, .bz2, .xz or .zst; Parquet files; "
+                             "Hugging Face save_to_disk directories")
     parser.add_argument("-o", "--out", "--output", dest="output", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--force", action="store_true",
                         help="replace the outputs of a previous run in DIR (other files are kept)")
+    records = parser.add_argument_group("JSON lines, Parquet and Arrow inputs")
+    records.add_argument("--text-field", default="text", metavar="NAME",
+                         help="the field (JSON) or column (Parquet, Arrow) holding the text; a dotted path for a "
+                              "nested one, e.g. meta.body (default: text)")
+    records.add_argument("--skip-bad", action="store_true",
+                         help="skip bad records (a line that is not JSON, a record without the text field or with "
+                              "a non-string value, an unreadable Parquet file or row group, a truncated compressed "
+                              "file) and count them per file in the manifest; default: stop at the first, naming "
+                              "its file and line (or row group), and write nothing")
     text = parser.add_argument_group("text")
     text.add_argument("--nfkc", action="store_true", help="Unicode NFKC normalization")
     text.add_argument("--max-tokens-per-line", type=int, default=400, metavar="N",
                       help="cut longer lines into pieces of N tokens (0: no limit; default 400)")
     text.add_argument("--dedup", action="store_true", help="remove exact duplicate lines (after tokenization)")
-    text.add_argument("--tokenizer", choices=("whitespace", "sentencepiece"), default="whitespace",
+    text.add_argument("--tokenizer", choices=("whitespace", "sentencepiece", "moses"), default="whitespace",
                       help="whitespace: the input is already tokenized (default); sentencepiece: "
-                           "tokens are the pieces of a SentencePiece model")
+                           "tokens are the pieces of a SentencePiece model; moses: raw text, tokenized by the "
+                           "Moses rules the original ELMo's data was (sacremoses, no escaping; the text extra)")
+    text.add_argument("--lang", default="en", metavar="CODE",
+                      help="language of the text for --tokenizer moses and --split-sentences (default en)")
+    text.add_argument("--split-sentences", action="store_true",
+                      help="split each line (a paragraph, a document) into sentences before tokenizing "
+                           "(sentencex; the text extra); evaluate and score split raw text the same way")
     sp = parser.add_argument_group("sentencepiece")
     sp.add_argument("--sp-model", metavar="PATH", help="use this trained .model instead of training one")
     sp.add_argument("--sp-vocab-size", type=int, default=32000, metavar="N",
@@ -142,6 +167,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise PrepareError("--sp-model needs --tokenizer sentencepiece")
     if args.sp_model and not os.path.isfile(args.sp_model):
         raise PrepareError(f"--sp-model {args.sp_model!r}: no such file")
+    if not args.text_field or any(not part for part in args.text_field.split(".")):
+        raise PrepareError(f"--text-field {args.text_field!r}: give a field name, or a dotted path such as meta.body")
+    if not args.lang or not args.lang.replace("-", "").replace("_", "").isalnum():
+        raise PrepareError(f"--lang {args.lang!r}: give a language code such as en, de, zh")
 
 
 def _inside(path: str, directory: str) -> bool:
@@ -188,17 +217,19 @@ def prepare(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     _check_arguments(args)
     out = args.output
-    inputs = resolve_inputs(args.inputs)
-    skipped = [p for p in inputs if os.path.isdir(out) and _inside(p, out)]
-    inputs = [p for p in inputs if p not in skipped]
+    items = resolve_corpus(args.inputs)
+    skipped = [i.path for i in items if os.path.isdir(out) and _inside(i.path, out)]
+    items = [i for i in items if i.path not in skipped]
+    inputs = [i.path for i in items]
     if not inputs:
         raise PrepareError(f"no input files outside the output directory {out!r}")
+    _check_libraries(args, items)  # a missing extra: one line, before anything is written
     if all(os.path.getsize(p) == 0 for p in inputs):  # before anything is written
         raise PrepareError(f"the input is empty: {', '.join(inputs[:3])}{' ...' if len(inputs) > 3 else ''}")
     out_existed = os.path.isdir(out)
     removed = _prepare_output_dir(out, args.force, inputs + ([args.sp_model] if args.sp_model else []))
     try:
-        return _prepare_into(args, out, inputs, removed, skipped, started)
+        return _prepare_into(args, out, items, removed, skipped, started)
     except BaseException:
         # Leave no half-made outputs behind: a rerun must not need --force.
         for name in OUTPUT_NAMES:
@@ -208,24 +239,51 @@ def prepare(args: argparse.Namespace) -> dict:
         raise
 
 
-def _prepare_into(args: argparse.Namespace, out: str, inputs: list[str], removed: list[str], skipped: list[str],
-                  started: float) -> dict:
+def _check_libraries(args: argparse.Namespace, items: list[InputFile]) -> None:
+    from data_tools.tables import _import_pyarrow
+    from data_tools.inputs import _ZstdReader
+
+    if any(i.format in ("parquet", "arrow") for i in items):
+        _import_pyarrow()
+    if any(i.compression == ".zst" for i in items):
+        _ZstdReader(None)
+    if args.tokenizer == "moses" or args.split_sentences:
+        _line_options(args, None, 1, 0).pipeline().check_libraries()
+    if args.tokenizer == "moses":
+        from bilm.core.text import moses_languages
+
+        if args.lang not in moses_languages():
+            print(f"note: Moses has no non-breaking prefixes for --lang {args.lang}; it uses the English ones",
+                  file=sys.stderr)
+
+
+def _line_options(args: argparse.Namespace, sp_model: str | None, n_train_buckets: int,
+                  n_heldout_buckets: int) -> LineOptions:
+    uses_lang = args.tokenizer == "moses" or args.split_sentences
+    return LineOptions(nfkc=args.nfkc, tokenizer=args.tokenizer, sp_model=sp_model,
+                       max_tokens_per_line=args.max_tokens_per_line,
+                       heldout_fraction=args.heldout_fraction, seed=args.seed, dedup=args.dedup,
+                       n_train_buckets=n_train_buckets, n_heldout_buckets=n_heldout_buckets,
+                       lang=args.lang if uses_lang else None,
+                       split_sentences="sentencex" if args.split_sentences else None,
+                       text_field=tuple(args.text_field.split(".")))
+
+
+def _prepare_into(args: argparse.Namespace, out: str, items: list[InputFile], removed: list[str],
+                  skipped: list[str], started: float) -> dict:
     tmp = os.path.join(out, TMP_NAME)
     os.makedirs(tmp)
     quiet = args.no_progress  # else bars: in place on a terminal, a line a minute into a log (bilm.core.progress)
+    inputs = [i.path for i in items]
     total_bytes = sum(os.path.getsize(p) for p in inputs)
     try:
-        tokenizer = _set_up_tokenizer(args, inputs, out, total_bytes, quiet)
+        tokenizer = _set_up_tokenizer(args, items, out, total_bytes, quiet)
         bucket_bytes = args.bucket_mb << 20
-        n_train_buckets, n_heldout_buckets = _count_buckets(inputs, args.heldout_fraction, bucket_bytes)
-        options = LineOptions(nfkc=args.nfkc, tokenizer=args.tokenizer,
-                              sp_model=tokenizer.get("model_file"),
-                              max_tokens_per_line=args.max_tokens_per_line,
-                              heldout_fraction=args.heldout_fraction, seed=args.seed, dedup=args.dedup,
-                              n_train_buckets=n_train_buckets, n_heldout_buckets=n_heldout_buckets)
+        n_train_buckets, n_heldout_buckets = _count_buckets(items, args.heldout_fraction, bucket_bytes)
+        options = _line_options(args, tokenizer.get("model_file"), n_train_buckets, n_heldout_buckets)
         with Workers(args.workers, init_worker, (options,)) as workers:
             file_stats, counts, heldout_counts = _split_into_buckets(
-                workers, inputs, options, tmp, total_bytes, quiet)
+                workers, items, options, args.skip_bad, tmp, total_bytes, quiet)
             train_lines = sum(s.train_lines for s in file_stats)
             lines_per_shard = args.shard_lines or (
                 -(-train_lines // args.num_shards) if args.num_shards else 100_000)
@@ -276,8 +334,12 @@ def _prepare_into(args: argparse.Namespace, out: str, inputs: list[str], removed
         "train_oov_rate": vocab.train_oov_tokens / n_train_tokens,
         "heldout_oov_rate": oov_rate(heldout_counts, vocab_tokens),
         "tokenizer": {k: v for k, v in tokenizer.items() if k != "model_file"},
+        "sentence_splitter": _splitter_entry(options),
         "normalization": {"nfkc": args.nfkc, "control_characters": "removed",
                           "max_tokens_per_line": args.max_tokens_per_line, "dedup": args.dedup},
+        "text_field": args.text_field if any(i.format != "text" for i in items) else None,
+        "skip_bad": args.skip_bad,
+        "bad_records": total.bad_records,
         "heldout_fraction": args.heldout_fraction,
         "seed": args.seed,
         "min_count": args.min_count,
@@ -286,7 +348,7 @@ def _prepare_into(args: argparse.Namespace, out: str, inputs: list[str], removed
         "long_tokens": {"max_bytes": max_bytes, "types": long_types, "occurrences": long_occurrences,
                         "examples": long_examples},
         "duplicates_removed": duplicates,
-        "inputs": [{"path": os.path.abspath(p), **vars(s)} for p, s in zip(inputs, file_stats)],
+        "inputs": [{"path": os.path.abspath(i.path), "format": i.kind, **vars(s)} for i, s in zip(items, file_stats)],
         "seconds": round(seconds, 3),
     })
     os.rmdir(tmp)
@@ -303,10 +365,18 @@ def _command_line(argv: list[str] | None = None) -> str:
     return " ".join([program, shlex.join(sys.argv[1:])])
 
 
-def _count_buckets(inputs: list[str], heldout_fraction: float, bucket_bytes: int) -> tuple[int, int]:
+def _splitter_entry(options: LineOptions) -> dict | None:
+    """The manifest's ``sentence_splitter``: what split lines into sentences (None: nothing did)."""
+    if not options.split_sentences:
+        return None
+    return {"type": options.split_sentences, "lang": options.lang,
+            "library_versions": library_versions("whitespace", options.split_sentences)}
+
+
+def _count_buckets(items: list[InputFile], heldout_fraction: float, bucket_bytes: int) -> tuple[int, int]:
     """Train and heldout shuffle buckets of about ``bucket_bytes`` each (an oversized one is
     cut again in pass 2; the count is capped to keep the number of open files modest)."""
-    estimated = sum(estimated_text_bytes(p) for p in inputs)
+    estimated = sum(estimated_text_bytes(i) for i in items)
     n_train = min(MAX_BUCKETS, max(1, -(-estimated // bucket_bytes)))
     if heldout_fraction == 0:
         return n_train, 0
@@ -321,11 +391,14 @@ def _split_section(shards: list[ShardInfo]) -> dict:
             "n_tokens": sum(s.tokens for s in shards)}
 
 
-def _set_up_tokenizer(args: argparse.Namespace, inputs: list[str], out: str, total_bytes: int,
+def _set_up_tokenizer(args: argparse.Namespace, items: list[InputFile], out: str, total_bytes: int,
                       quiet: bool | None) -> dict:
     """Manifest entry of the tokenizer; ``model_file`` (absolute) is what the workers load."""
     if args.tokenizer == "whitespace":
         return {"type": "whitespace"}
+    if args.tokenizer == "moses":
+        return {"type": "moses", "lang": args.lang, "library": "sacremoses", "escape": False,
+                "aggressive_dash_splits": False, "library_versions": library_versions("moses", None)}
     model = os.path.join(out, SP_MODEL_NAME)
     if args.sp_model:
         shutil.copyfile(args.sp_model, model)
@@ -333,7 +406,12 @@ def _set_up_tokenizer(args: argparse.Namespace, inputs: list[str], out: str, tot
                 "trained": False, "source": os.path.abspath(args.sp_model)}
     with progress_bar(total=total_bytes, unit="B", unit_scale=True, desc="sample for SentencePiece",
               disable=quiet) as bar:
-        sample, seen = sample_lines(inputs, args.sp_sample_lines, args.seed, args.nfkc, bar.update)
+        options = _line_options(args, None, 1, 0)
+        scratch = [LineStats() for _ in items]  # the sample pass's counts; pass 1 counts for the manifest
+        texts = ((block_text(task, options, scratch[task.file_index]), read)
+                 for task, read in _read_tasks(items, options, args.skip_bad, scratch))
+        sample, seen = sample_lines(texts, args.sp_sample_lines, args.seed, args.nfkc, bar.update,
+                                    options.pipeline().split_cleaned if options.split_sentences else None)
     print(f"training SentencePiece ({args.sp_model_type}, vocab {args.sp_vocab_size}) on "
           f"{len(sample):,} of {seen:,} lines", file=sys.stderr)
     train_sentencepiece(sample, os.path.join(out, "sentencepiece"), args.sp_vocab_size, args.sp_model_type,
@@ -346,26 +424,63 @@ def _set_up_tokenizer(args: argparse.Namespace, inputs: list[str], out: str, tot
             "pieces": pieces, "sample_lines": len(sample), "character_coverage": args.sp_character_coverage}
 
 
-def _split_into_buckets(workers: Workers, inputs: list[str], options: LineOptions, tmp: str,
-                        total_bytes: int, quiet: bool | None) -> tuple[list[LineStats], TokenCounts, TokenCounts]:
+def _read_tasks(items: list[InputFile], options: LineOptions, skip_bad: bool,
+                stats: list[LineStats]) -> Iterator[tuple[BlockTask, int]]:
+    """The blocks of every input, for the workers, with the bytes of the file read for each (the
+    progress bar). What the main process finds bad (a truncated stream, a bad table row) stops the
+    run, or with ``skip_bad`` is counted in ``stats``."""
+    text_field = ".".join(options.text_field)
+    for file_index, item in enumerate(items):
+        first_line = 0
+        if item.format in ("parquet", "arrow"):
+            bad = BadRecords()
+            read = read_parquet if item.format == "parquet" else read_arrow
+            try:
+                for block_index, block in enumerate(read(item, text_field, skip_bad, bad)):
+                    stats[file_index].records += block.rows
+                    yield BlockTask(file_index, block_index, first_line, block.data), block.progress
+                    first_line += block.data.count(b"\n")
+            except BadRecord as e:
+                raise PrepareError(str(e)) from None
+            if bad.counts:
+                bad_stats = LineStats(bad_records=sum(bad.counts.values()), bad=dict(bad.counts), first_bad=bad.first)
+                stats[file_index].add(bad_stats)
+            continue
+        try:
+            for block_index, (data, read) in enumerate(read_blocks(item)):
+                yield BlockTask(file_index, block_index, first_line, data, json=item.format == "jsonl"), read
+                first_line += data.count(b"\n")
+        except TruncatedInput as e:
+            if not skip_bad:
+                raise PrepareError(f"{e}; pass --skip-bad to keep the lines before the cut (the file is counted "
+                                   "as bad in the manifest)") from None
+            stats[file_index].add(LineStats(bad_records=1, bad={"truncated": 1}, first_bad=str(e)))
+
+
+def _split_into_buckets(workers: Workers, items: list[InputFile], options: LineOptions, skip_bad: bool,
+                        tmp: str, total_bytes: int,
+                        quiet: bool | None) -> tuple[list[LineStats], TokenCounts, TokenCounts]:
     """Pass 1: clean, tokenize, split, and append every line to its bucket file.
 
     Returns per-file statistics and the train and heldout token counts (empty with dedup).
     """
     n_buckets = options.n_train_buckets + options.n_heldout_buckets
     buckets = [open(os.path.join(tmp, f"bucket-{b:05d}.txt"), "wb") for b in range(n_buckets)]
-    stats = [LineStats() for _ in inputs]
+    stats = [LineStats() for _ in items]
     counts, heldout_counts = TokenCounts(), TokenCounts()
     with progress_bar(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=quiet) as bar:
         def tasks() -> Iterator[BlockTask]:
-            for file_index, path in enumerate(inputs):
-                first_line = 0
-                for block_index, (data, read) in enumerate(read_blocks(path)):
-                    bar.update(read)
-                    yield BlockTask(file_index, block_index, first_line, data)
-                    first_line += data.count(b"\n")
+            for task, read in _read_tasks(items, options, skip_bad, stats):
+                bar.update(read)
+                yield task
 
         for result in workers.map(process_block, tasks()):
+            path = items[result.file_index].path
+            if result.stats.first_bad is not None:  # a JSON record: "LINE: why"
+                result.stats.first_bad = f"{path}:{result.stats.first_bad}"
+                if not skip_bad:
+                    raise PrepareError(f"{result.stats.first_bad}; pass --skip-bad to skip such records (they are "
+                                       "counted in the manifest)")
             stats[result.file_index].add(result.stats)
             if result.train_counts is not None:
                 counts.add(result.train_counts)
@@ -420,6 +535,13 @@ def _print_summary(manifest: dict, total: LineStats, removed: list[str], skipped
     lines.append(f"dropped: {total.empty:,} empty lines, {m['duplicates_removed']:,} duplicates; "
                  f"{total.extra_from_long:,} extra lines from cutting long ones; "
                  f"{total.control_removed:,} control characters removed")
+    if m.get("sentence_splitter"):
+        lines.append(f"sentences: {total.extra_from_sentences:,} extra lines from splitting lines into sentences "
+                     f"({m['sentence_splitter']['type']}, {m['sentence_splitter']['lang']})")
+    for entry in m["inputs"]:
+        if entry["bad_records"]:
+            reasons = ", ".join(f"{n:,} {reason.replace('_', ' ')}" for reason, n in sorted(entry["bad"].items()))
+            lines.append(f"skipped bad records: {entry['path']}: {reasons} (first: {entry['first_bad']})")
     for entry in m["inputs"]:
         if entry["invalid_utf8"]:
             lines.append(f"invalid UTF-8: {entry['path']}: {entry['invalid_utf8']:,} byte sequences replaced "

@@ -28,7 +28,7 @@ from bilm.modules.language_model import DIRECTIONS, LanguageModel
 from bilm.core.precision import autocast, check_precision
 from bilm.core.progress import progress_bar
 from bilm.core.vocab import Vocabulary
-from bilm.core.text import TextPipeline, split_long
+from bilm.core.text import TextPipeline
 
 
 
@@ -77,9 +77,7 @@ class LanguageModelScorer:
         """Each line's sentences: tokenized, cut as prepare cut the training data; none for an empty line."""
         if self.pretokenized:
             return [[line.split()] if line.split() else [] for line in lines]
-        pipeline = self.text_pipeline or TextPipeline()
-        return [split_long(tokens, pipeline.max_tokens_per_line) if tokens else []
-                for tokens in pipeline.tokenize_lines(lines)]
+        return (self.text_pipeline or TextPipeline()).line_sentences(lines)
 
     def score(self, texts: Iterable[str], per_token: bool = False) -> list[dict]:
         return list(self.iter_scores(texts, per_token))

@@ -61,7 +61,10 @@ def check_resume(payload: dict, path: str, config: dict, vocab: list[str], vocab
             proto = state.get("sp_model_proto")
             return {"tokenizer": state.get("tokenizer"), "nfkc": bool(state.get("nfkc", False)),
                     "max_tokens_per_line": int(state.get("max_tokens_per_line", 0)),
-                    "sentencepiece_model": f"sha256 {_digest(proto)}" if proto else None}
+                    "sentencepiece_model": f"sha256 {_digest(proto)}" if proto else None,
+                    # absent before they existed: the behaviour then (no language, no sentence splitting)
+                    "lang": state.get("lang") if state.get("tokenizer") == "moses" or state.get("split_sentences")
+                    else None, "split_sentences": state.get("split_sentences")}
         a, b = pipeline_view(saved_pipeline), pipeline_view(text_pipeline)
         refused += [f"text_pipeline.{k}: checkpoint {a[k]!r} vs this run {b[k]!r}" for k in a if a[k] != b[k]]
     if refused:

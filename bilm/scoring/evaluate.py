@@ -23,7 +23,7 @@ from bilm.runs.trained_model import model_from_checkpoint
 from bilm.core.progress import progress_bar
 from bilm.modules.language_model import DIRECTIONS, LanguageModel, reset_state_rows
 from bilm.core.vocab import Vocabulary
-from bilm.core.text import TextPipeline, split_long, warn_suspicious_lines
+from bilm.core.text import TextPipeline, warn_suspicious_lines
 
 
 @torch.no_grad()
@@ -116,18 +116,20 @@ def tokenize_files(paths: list[str], pipeline: Optional[TextPipeline], directory
             lines = f.read().split("\n")
         if lines and lines[-1] == "":
             lines.pop()
-        tokenized = pipeline.tokenize_lines(lines)
-        warn_suspicious_lines(pipeline, ((i + 1, t) for i, t in enumerate(tokenized)), path, max_characters)
+        per_line = pipeline.line_sentences(lines)  # split into sentences and cut as prepare did
+        warn_suspicious_lines(pipeline, ((i + 1, [t for s in sentences for t in s]) for i, sentences in
+                                         enumerate(per_line)), path, max_characters)
         out_path = os.path.join(directory, f"{k:05d}-{os.path.basename(path)}")
         with open(out_path, "w", encoding="utf-8") as f:
-            for tokens in tokenized:
-                for sentence in split_long(tokens, pipeline.max_tokens_per_line) if tokens else []:
+            for sentences in per_line:
+                for sentence in sentences:
                     f.write(" ".join(sentence) + "\n")
                     n_sentences += 1
                     n_tokens += len(sentence)
         n_lines += len(lines)
         out_paths.append(out_path)
-    how = (f"the model's {pipeline.tokenizer} pipeline" + (" with NFKC" if pipeline.nfkc else "")) if recorded else \
+    how = (f"the model's {pipeline.tokenizer} pipeline" + (" with NFKC" if pipeline.nfkc else "")
+           + (f", split into sentences ({pipeline.split_sentences})" if pipeline.split_sentences else "")) if recorded else \
         "whitespace (the checkpoint records no tokenizer)"
     return out_paths, (f"tokenized {n_lines:,} lines of {len(paths)} file(s) with {how}: {n_sentences:,} sentences, "
                        f"{n_tokens:,} tokens (--pretokenized: read them as whitespace-tokenized instead)")
