@@ -17,20 +17,22 @@ import pytest
 import torch
 
 from bilm.runs.checkpoint import load_checkpoint
-from bilm.runs.lock import LOCK_NAME
-from bilm.runs.run_dir import list_checkpoints
+from bilm.runs.run_dir import checkpoint_step, list_checkpoints
 from bilm.cli import main as bilm_main
 from bilm.training.run import train
 from conftest import OPTIONS, WEIGHTS
-from train_helpers import BILM_TF_TEST_MODEL, ROOT, TRAIN_DATA, TRAIN_VOCAB, assert_same_trained_params, tiny_config
+from train_helpers import (BILM_TF_TEST_MODEL, FAST_TRAINING, POLL_SECONDS, ROOT, TRAIN_DATA, TRAIN_VOCAB,
+                           assert_same_trained_params, tiny_config)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+# The CLI with places to hold a run at a point of its progress (see the script).
+HELD_CLI = os.path.join(ROOT, "tests", "dist_scripts", "held_cli.py")
 
 
 def _train_args(out, *overrides):
     args = ["train", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--data", TRAIN_DATA, "--vocab",
             TRAIN_VOCAB, "--out", str(out), "--no-progress"]
-    for override in (*BILM_TF_TEST_MODEL, *overrides):
+    for override in (*BILM_TF_TEST_MODEL, *FAST_TRAINING, *overrides):
         args += ["--set", override]
     return args
 
@@ -63,10 +65,52 @@ def _assert_same_run(a, b):
     assert _losses(a) == _losses(b)
 
 
+# ----- waiting on the run, never on the clock -----
+
+HANG_SECONDS = 600  # a wait longer than this is a hang (the only use of a deadline here)
+
+
+def _wait_for(condition, proc, what, stderr_file=None):
+    """Poll ``condition`` until it holds. ``proc`` ending first fails (with its stderr); the deadline only
+    guards against a hang: on any machine the wait ends when the condition holds, never on a timer."""
+    deadline = time.monotonic() + HANG_SECONDS
+    while not condition():
+        if proc.poll() is not None:
+            err = open(stderr_file).read()[-2000:] if stderr_file else ""
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}\n{err}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {HANG_SECONDS} s: the run hangs")
+        time.sleep(POLL_SECONDS)
+
+
+def _logged_steps(run):
+    """The steps metrics.jsonl holds now (a line still being written is skipped)."""
+    steps = []
+    for line in _logged(run):
+        try:
+            steps.append(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            continue
+    return steps
+
+
+def _saved_steps(run):
+    return [checkpoint_step(p) for p in list_checkpoints(os.path.join(run, "checkpoints"))]
+
+
+def _furthest_step(run):
+    """The furthest step the run has logged or saved (a killed run may have logged past its newest checkpoint)."""
+    return max([0, *_logged_steps(run), *_saved_steps(run)])
+
+
+def _partial_files(run):
+    return sorted(p for p in os.listdir(os.path.join(run, "checkpoints")) if ".tmp" in p)
+
+
 # ----- kill -9 -----
 
-# The CLI, with a way to die inside a checkpoint write: with KILL_IN_WRITE=N the process kills
-# itself (SIGKILL) right after the N-th checkpoint's bytes are written, before the file is renamed.
+# The CLI, dying inside a checkpoint write (tests/test_continue_tf.py): with KILL_IN_WRITE=N the process
+# kills itself (SIGKILL) right after the N-th checkpoint's bytes are written, before the file is renamed.
 CLI_THAT_DIES_IN_A_WRITE = ("import os, signal, sys, torch\n"
                             "real, writes = torch.save, []\n"
                             "def save(obj, f, *a, **kw):\n"
@@ -79,35 +123,60 @@ CLI_THAT_DIES_IN_A_WRITE = ("import os, signal, sys, torch\n"
                             "from bilm.cli import main\n"
                             "sys.exit(main(sys.argv[1:]))\n")
 
+# Runs that tests kill are given this many steps: out of reach, so a run is still going when its kill
+# comes, however fast the machine; the run's last start sets the length it ends at.
+OUT_OF_REACH = 10**9
+
 
 def test_kill_9_at_random_moments_resumes_bit_exactly(tmp_path):
-    """Ten kills: five at random moments from outside, five inside a checkpoint write."""
-    args = _train_args("{out}", "train.max_steps=300", "train.checkpoint_every_steps=1", "train.keep_checkpoints=2",
-                       "train.log_every_steps=1", "train.seed=5")
+    """Ten kills -9 of one run, each at a moment chosen at random among those the run reaches (never
+    after a guessed time): five when a step shows up (logged, or its checkpoint saved), five inside a
+    checkpoint write. Then it resumes to exactly the run it would have been unkilled."""
+    settings = ("train.checkpoint_every_steps=1", "train.keep_checkpoints=2", "train.log_every_steps=1", "train.seed=5")
 
-    def command(out):
-        return [sys.executable, "-c", CLI_THAT_DIES_IN_A_WRITE, *[a.format(out=out) for a in args], "--resume"]
+    def command(out, max_steps):
+        return [sys.executable, HELD_CLI, *_train_args(out, *settings, f"train.max_steps={max_steps}"), "--resume"]
 
-    full, part = tmp_path / "full", tmp_path / "part"
-    subprocess.run(command(full), check=True, env=ENV, timeout=300, capture_output=True)
+    part, in_write = tmp_path / "part", tmp_path / "in-write"
     rng = random.Random(0)
-    partial_writes = 0
+    landed, partial_files = [], []
     for kill in range(10):
-        if kill % 2:  # inside the k-th checkpoint write of this run
-            proc = subprocess.run(command(part), env={**ENV, "KILL_IN_WRITE": str(rng.randint(1, 20))},
-                                  capture_output=True, timeout=300)
-            assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-            partial_writes += len([p for p in os.listdir(part / "checkpoints") if ".tmp" in p])
-        else:  # at a random moment
-            proc = subprocess.Popen(command(part), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(1.0, 3.5))
-            assert proc.poll() is None, "the run finished before ten kills: make it longer"
-            proc.kill()
-            proc.wait()
-    assert partial_writes == 5  # each left its partial file behind
-    done = subprocess.run(command(part), env=ENV, timeout=300, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert not [p for p in os.listdir(part / "checkpoints") if ".tmp" in p]  # removed at the next start
+        ahead = rng.randint(1, 20)  # steps on from where the run is now
+        target = _furthest_step(part) + ahead
+        env = dict(ENV)
+        if kill % 2:
+            env.update(PAUSE_IN_WRITE=str(ahead), WRITE_FRACTION=str(rng.random()), IN_WRITE=str(in_write))
+            moment, reached = f"inside checkpoint write {ahead} of this start", in_write.exists
+        elif rng.random() < 0.5:
+            moment, reached = f"step {target} logged", lambda: max(_logged_steps(part), default=0) >= target
+        else:
+            moment, reached = f"step {target} saved", lambda: max(_saved_steps(part), default=0) >= target
+        stderr = tmp_path / f"kill-{kill}.err"
+        with open(stderr, "w") as err:
+            proc = subprocess.Popen(command(part, OUT_OF_REACH), env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            _wait_for(reached, proc, moment, stderr)
+        finally:
+            proc.kill()  # at once (also when the wait failed: never leave a run behind)
+        assert proc.wait() == -signal.SIGKILL, f"kill {kill} ({moment}) did not land:\n{stderr.read_text()[-2000:]}"
+        landed.append(moment)
+        if kill % 2:
+            name = os.path.basename(in_write.read_text())  # the temporary file the write was filling
+            in_write.unlink()
+            assert _partial_files(part) == [name]  # it stays, partial, until the next start
+            partial_files.append(name)
+        else:
+            assert _furthest_step(part) >= target
+    assert len(landed) == 10 and len(partial_files) == 5, landed
+
+    steps = _furthest_step(part) + 10  # a few steps more than any start reached: the length both runs end at
+    done = subprocess.run(command(part, steps), env=ENV, timeout=HANG_SECONDS, capture_output=True, text=True)
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said[-3000:]
+    assert f"removed {part / 'checkpoints' / partial_files[-1]}" in said and "resumed from" in said
+    assert not _partial_files(part)
+    full = tmp_path / "full"
+    subprocess.run(command(full, steps), check=True, env=ENV, timeout=HANG_SECONDS, capture_output=True)
     _assert_same_run(full, part)
 
 
@@ -156,38 +225,38 @@ def test_stale_partial_files_are_removed_at_the_next_start(tmp_path):
 # ----- two runs on one directory -----
 
 def test_second_run_on_the_same_directory_refuses_at_once(tmp_path):
-    run = tmp_path / "run"
-    first = subprocess.Popen(_bilm(*_train_args(run, "train.max_steps=400", "train.checkpoint_every_steps=100000",
-                                                "train.log_every_steps=10")),
-                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """The second run refuses while the first is held at its step 5: a second run that waited for the
+    directory instead would never return (the hang guard ends the test)."""
+    run, held, release = tmp_path / "run", tmp_path / "held", tmp_path / "release"
+    stderr = tmp_path / "first.err"
+    env = {**ENV, "HOLD_AFTER_STEP": "5", "HELD": str(held), "RELEASE": str(release)}
+    with open(stderr, "w") as err:
+        first = subprocess.Popen([sys.executable, HELD_CLI, *_train_args(run, "train.max_steps=40",
+                                  "train.checkpoint_every_steps=100000", "train.log_every_steps=10")],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=err)
     try:
-        _check_second_run_refused(first, run)
+        _check_second_run_refused(first, run, held, release, stderr)
     finally:
         if first.poll() is None:
             first.kill()
             first.wait()
 
 
-def _check_second_run_refused(first, run):
-    lock = run / LOCK_NAME
-    deadline = time.time() + 60
-    config = run / "config.yaml"  # written by the first run once it holds the lock
-    while not (lock.exists() and "pid" in lock.read_text() and config.exists()) and time.time() < deadline:
-        time.sleep(0.1)
-    assert first.poll() is None, "the first run ended before the second could start"
+def _check_second_run_refused(first, run, held, release, stderr):
+    _wait_for(held.exists, first, "the first run's step 5", stderr)  # it holds the lock and wrote its config
+    config = run / "config.yaml"
     config_before = config.read_bytes()
-    started = time.time()
     second = subprocess.run(_bilm(*_train_args(run, "train.max_steps=400")), env=ENV, capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=HANG_SECONDS)
     assert second.returncode == 1
-    assert time.time() - started < 30
+    assert first.poll() is None  # still held: the second run did not wait for it
     err = second.stderr.strip()
     assert len(err.splitlines()) == 1 and f"pid {first.pid}" in err and str(run) in err
     assert f"host {socket.gethostname()}" in err and "in use by another bilm train" in err
-    out, errors = first.communicate(timeout=300)
-    assert first.returncode == 0, errors
+    release.touch()
+    assert first.wait(timeout=HANG_SECONDS) == 0, stderr.read_text()[-2000:]
     assert config.read_bytes() == config_before  # the second run's different settings were not written
-    assert sorted(_losses(str(run))) == list(range(10, 401, 10))  # every step once, from the first run only
+    assert sorted(_losses(str(run))) == list(range(10, 41, 10))  # every step once, from the first run only
 
 
 # ----- SIGTERM: stopped, not finished -----
@@ -204,7 +273,8 @@ def test_sigterm_exits_143_with_a_resume_hint(tmp_path):
               "    return r\n"
               "t.TrainStep.step = step\n"
               f"sys.exit(main({_train_args(run, 'train.max_steps=50')!r}))\n")
-    out = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True,
+                         timeout=HANG_SECONDS)
     assert out.returncode == 143, out.stderr
     assert "stopped by SIGTERM at step 3 of 50; checkpoint" in out.stderr and "step-00000003.pt" in out.stderr
     assert "continue with --resume" in out.stderr and "Traceback" not in out.stderr
@@ -243,7 +313,7 @@ def test_deepspeed_checkpoints_are_pruned_with_theirs(tmp_path):
     ds_config = os.path.join(ROOT, "configs", "deepspeed", "zero1.json")
     args = _train_args(run, "train.max_steps=6", "train.checkpoint_every_steps=2", "train.keep_checkpoints=2",
                        "train.strategy=deepspeed", f"train.deepspeed_config={ds_config}", "train.sparse_softmax=false")
-    out = subprocess.run(_bilm(*args), env=ENV, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(_bilm(*args), env=ENV, capture_output=True, text=True, timeout=HANG_SECONDS)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert [os.path.basename(p) for p in list_checkpoints(str(run / "checkpoints"))] == \
         ["step-00000004.pt", "step-00000006.pt"]
@@ -269,32 +339,36 @@ def _children(pid):
 
 @pytest.mark.distributed
 def test_torchrun_restarts_a_killed_rank_and_finishes_the_same_run(tmp_path):
+    """Rank 1 is killed -9 at a step chosen at random (held there until the kill, so the run cannot
+    end first); torchrun restarts both ranks, which resume and finish the run unkilled."""
     args = _train_args("{out}", "train.max_steps=120", "train.checkpoint_every_steps=10", "train.log_every_steps=10",
                        "train.seed=6")
 
     def torchrun(out, restarts):
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                f"--max-restarts={restarts}", "-m", "bilm.cli", *[a.format(out=out) for a in args], "--resume"]
+                f"--max-restarts={restarts}", HELD_CLI, *[a.format(out=out) for a in args], "--resume"]
 
-    full, part = tmp_path / "full", tmp_path / "part"
-    done = subprocess.run(torchrun(full, 0), env=ENV, capture_output=True, text=True, timeout=600)
+    full, part, held = tmp_path / "full", tmp_path / "part", tmp_path / "held"
+    done = subprocess.run(torchrun(full, 0), env=ENV, capture_output=True, text=True, timeout=HANG_SECONDS)
     assert done.returncode == 0, done.stderr[-3000:]
-    proc = subprocess.Popen(torchrun(part, 1), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    at_step = random.Random(6).randint(11, 109)  # past the first checkpoint, before the last
+    env = {**ENV, "HOLD_AFTER_STEP": str(at_step), "HOLD_RANK": "1", "HELD": str(held),
+           "RELEASE": str(tmp_path / "never")}
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(torchrun(part, 1), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and len(_logged(part)) < 3:  # 30 steps done: checkpoints at 10, 20, 30
-            time.sleep(0.2)
-        workers = _children(proc.pid)
-        assert len(workers) == 2 and proc.poll() is None
-        os.kill(max(workers), signal.SIGKILL)  # one rank dies mid-run
-        out = proc.communicate(timeout=600)[0]
+        _wait_for(held.exists, proc, f"rank 1 at step {at_step}", log)
+        rank = int(held.read_text())
+        assert rank in _children(proc.pid)  # a worker of this torchrun
+        os.kill(rank, signal.SIGKILL)  # one rank dies mid-run
+        proc.wait(timeout=HANG_SECONDS)
     finally:  # never leave torchrun and its workers behind
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    with open(tmp_path / "torchrun.log", "w") as f:
-        f.write(out)
+    out = log.read_text()
     assert proc.returncode == 0, out[-3000:]
     assert "resumed from" in out
     _assert_same_run(str(full), str(part))
@@ -304,7 +378,7 @@ def test_torchrun_restarts_a_killed_rank_and_finishes_the_same_run(tmp_path):
 def test_two_nodes_on_one_machine_equal_one_process(tmp_path):
     script = os.path.join(ROOT, "tests", "dist_scripts", "ddp_equivalence.py")
     single, double = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
-    subprocess.run([sys.executable, script, single], check=True, env=ENV, timeout=300)
+    subprocess.run([sys.executable, script, single], check=True, env=ENV, timeout=HANG_SECONDS)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -313,7 +387,7 @@ def test_two_nodes_on_one_machine_equal_one_process(tmp_path):
                                "--rdzv-id=bilm-test", script, double], env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True) for rank in (0, 1)]
     try:
-        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+        outputs = [node.communicate(timeout=HANG_SECONDS)[0] for node in nodes]
     finally:
         for node in nodes:
             if node.poll() is None:
