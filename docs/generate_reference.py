@@ -349,6 +349,10 @@ def stale() -> list[Path]:
             if not path.exists() or path.read_text(encoding="utf-8") != text]
 
 
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when a reference file differs from the code")
@@ -356,13 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         paths = stale()
         for path in paths:
-            print(f"{path.relative_to(ROOT)} is stale: run python docs/generate_reference.py", file=sys.stderr)
+            print(f"{_shown(path)} is stale: run python docs/generate_reference.py", file=sys.stderr)
         return 1 if paths else 0
     REFERENCE.mkdir(parents=True, exist_ok=True)
     for path, text in generated().items():
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             path.write_text(text, encoding="utf-8")
-            print(f"wrote {path.relative_to(ROOT)}")
+            print(f"wrote {_shown(path)}")
     return 0
 
 
