@@ -16,7 +16,7 @@ rounds are interleaved and the best round counts, so load from other processes h
 ``--onnx`` adds the ONNX runtime (``ElmoEmbedder(runtime="onnx")``: the stateless model built by
 ``bilm.inference.onnx_export``, run by onnxruntime) to the same rounds; ``--latency-sentences N`` then also
 times N sentences one at a time (batch 1: serving latency, ms per sentence) for every embedder.
-The issue-24 table (README, "Serve without PyTorch"):
+The issue-24 table (docs/onnx.md; figures in docs/benchmarks.md):
 
     python benchmarks/embed.py --precisions fp32 bf16 --skip reference-bf16 --onnx --latency-sentences 16
 """

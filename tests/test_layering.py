@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The one place bilm may import data_tools: the CLI's `prepare` command, lazily.
 ALLOWED_DATA_TOOLS_IMPORTS = {"bilm.cli"}
 
-# bilm's layers, bottom to top (the README's code map says the same). A module may import its own
+# bilm's layers, bottom to top (docs/architecture.md's code map says the same). A module may import its own
 # package and anything in a lower layer. Packages in one layer are peers: they do not import each
 # other (formats and data; training, inference and evaluation).
 LAYERS = (
@@ -41,7 +41,7 @@ def package_of(module: str, layers=LAYERS) -> tuple[int, str]:
     found = [(len(p), i, p) for i, (_, packages) in enumerate(layers) for p in packages
              if module == p or (module.startswith(p + ".") and p.count(".") > 0)]
     if not found:
-        raise AssertionError(f"{module} is in no layer: add it to LAYERS (and the README's code map)")
+        raise AssertionError(f"{module} is in no layer: add it to LAYERS (and docs/architecture.md's code map)")
     _, index, package = max(found)
     return index, package
 

@@ -5,8 +5,7 @@ or ``--init-model SAVE_DIR --init-vocab VOCAB`` (any bilm-tf ``save_dir``) start
 LSTMs and the softmax from the checkpoint, with bilm-tf's Adagrad accumulators where the run uses
 Adagrad. The run's vocabulary (``bilm prepare`` of the domain corpus) decides the softmax: a word
 the checkpoint knows gets its row and that row's accumulator, bit for bit; a new word gets a row by
-``NEW_ROW_RULES`` (the default chosen by measurement: README, "Continue the published ELMo with its
-softmax") and a fresh accumulator, as a parameter that was never updated. ``--keep-vocab`` trains
+``NEW_ROW_RULES`` (the default chosen by measurement: docs/continued-pretraining.md) and a fresh accumulator, as a parameter that was never updated. ``--keep-vocab`` trains
 with the checkpoint's vocabulary instead (bilm-tf's own fine-tuning recipe): every row carried.
 
 The checkpoint is mapped, not read: the rows are gathered in chunks straight from the file, so the
