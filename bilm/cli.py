@@ -336,6 +336,118 @@ def _add_score(sub: argparse._SubParsersAction) -> Callable:
     return run
 
 
+def _add_probe(sub: argparse._SubParsersAction) -> Callable:
+    p = sub.add_parser("probe", help="what the vectors are worth: small heads trained on frozen biLM vectors",
+                       description="Freeze the biLM, train a small head on its vectors for each layer setting and "
+                                   "seed, and print the test score (mean ± standard deviation over the seeds, and "
+                                   "every run). Epochs are chosen on a dev split carved from --train, never on "
+                                   "--test. The vectors of a model and a file are computed once and cached.")
+    _add_model_arguments(p)
+    p.add_argument("--checkpoint", help="probe a training run before export: a checkpoint file, or a run directory "
+                                        "(its newest checkpoint, or with --best its best.pt)")
+    p.add_argument("--best", action="store_true", help="with a run directory as --checkpoint: its best.pt")
+    p.add_argument("--every-checkpoint", action="store_true",
+                   help="with a run directory as --checkpoint: probe every kept checkpoint and best.pt, one table "
+                        "(and JSON, PNG) of the score against the step beside the heldout perplexity the run logged")
+    p.add_argument("--task", required=True, choices=["classify", "tag"],
+                   help="classify: each line label<TAB>text; tag: CoNLL-U or whitespace-separated columns (token "
+                        "first, tag in --tag-column), a blank line after each sentence")
+    p.add_argument("--train", required=True, help="labelled training file (a dev split is carved from it)")
+    p.add_argument("--test", required=True, help="labelled test file (scored once per head; never chooses anything)")
+    p.add_argument("--dev", help="a labelled dev file instead of the split carved from --train")
+    p.add_argument("--tag-column", type=int,
+                   help="tag: the tag's column, counted from 1 (default: UPOS, 4, for CoNLL-U; else the last column)")
+    p.add_argument("--pretokenized", action="store_true",
+                   help="split texts (and read tagged tokens) as they are, instead of with the model's tokenizer")
+    p.add_argument("--layers", default="mix,0",
+                   help="comma list of settings: mix (a learned scalar mix of all layers with its scale gamma, "
+                        "trained with the head), 0 (the context-free token layer), 1, 2, ..., top, average "
+                        "(default: mix,0)")
+    p.add_argument("--control", choices=["random"],
+                   help="random: the same settings for a biLM of the same shape with the random weights a training "
+                        "run starts from (a probe learns a lot from random features)")
+    p.add_argument("--head", choices=["linear", "mlp", "cnn"], default="linear",
+                   help="linear (default; classification on mean- and max-pooled vectors, tagging per token), mlp "
+                        "(one hidden layer), cnn (the article's Conv1D classifier)")
+    p.add_argument("--seeds", type=int, default=3, help="heads trained per setting, seeds 0..N-1 (default 3)")
+    p.add_argument("--epochs", type=int, default=40, help="at most this many epochs per head (default 40)")
+    p.add_argument("--patience", type=int, default=3,
+                   help="stop after this many epochs without a better dev score; the best epoch is kept (default 3)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate for the heads (default 0.001)")
+    p.add_argument("--dev-fraction", type=float, default=0.1,
+                   help="fraction of --train held out as the dev split (default 0.1)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the dev split and of --max-train (default 0)")
+    p.add_argument("--max-train", type=int, metavar="N",
+                   help="use a fixed random sample of N examples of --train (the output says so)")
+    p.add_argument("--cache-dir", help="where the vectors are cached (default: $BILM_CACHE/probe, "
+                                       "~/.cache/bilm/probe)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write cached vectors")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="draw the settings with error bars (with --every-checkpoint: the score against the step); "
+                        "needs the plot extra (matplotlib)")
+    p.add_argument("--force", action="store_true", help="overwrite --json / --plot files that exist")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="of the embedding pass: fp32 or bf16")
+    p.add_argument("--batch-size", type=int, default=64, help="sentences per batch of the embedding pass (default 64)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N, for the embedding pass (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def run(args: argparse.Namespace) -> int:
+        from bilm.evaluation.across_run import probe_run
+        from bilm.evaluation.probe import ProbeConfig, Prober, Task, probe_model
+        from bilm.evaluation.report import format_step_table, plot_settings, plot_steps, require_matplotlib, table, \
+            write_json
+        from bilm.evaluation.vectors import default_cache_dir, model_from_checkpoint, model_from_files, random_control
+        if args.checkpoint and (args.model or args.options or args.weights):
+            raise InputError("give --checkpoint, or --model, or --options and --weights: one model")
+        if (args.best or args.every_checkpoint) and not args.checkpoint:
+            raise InputError("--best and --every-checkpoint go with --checkpoint RUN_DIR")
+        if args.best and args.every_checkpoint:
+            raise InputError("--every-checkpoint already probes best.pt: drop --best")
+        for path in (args.json, args.plot):
+            if path and os.path.exists(path) and not args.force:
+                raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
+        if args.plot:
+            require_matplotlib()  # before any work: a missing extra is one line, not a lost run
+        if args.cache_dir and args.no_cache:
+            raise InputError("give --cache-dir or --no-cache, not both")
+        cache = None if args.no_cache else args.cache_dir or default_cache_dir()
+        config = ProbeConfig(args.task, args.head, args.seeds, args.epochs, args.patience, args.lr, args.dev_fraction,
+                             args.split_seed, args.max_train, args.tag_column)
+        task = Task(args.train, args.test, config, args.dev)  # the files are checked before a model is loaded
+        for warning in task.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        prober = Prober(task, cache, args.pretokenized, args.precision, args.device, args.batch_size,
+                        progress=not args.no_progress)
+        if args.every_checkpoint:
+            report = probe_run(args.checkpoint, task, prober, lambda n_layers: _probe_settings(args, n_layers))
+            print(format_step_table(report))
+            plot = plot_steps
+        else:
+            model = (model_from_checkpoint(args.checkpoint, best=args.best) if args.checkpoint
+                     else model_from_files(*_model_files(args)))
+            settings = _probe_settings(args, model.n_layers)
+            control = random_control(model) if args.control else None
+            report = probe_model(model, task, prober, settings, control)
+            print(table(report))
+            plot = plot_settings
+        if args.json:
+            write_json(args.json, report)
+            print(f"wrote {args.json}")
+        if args.plot:
+            plot(args.plot, report)
+            print(f"wrote {args.plot}")
+        return 0
+    return run
+
+
+def _probe_settings(args: argparse.Namespace, n_layers: int) -> list:
+    """--layers (and with --control random the same again for the control) for a biLM of ``n_layers``."""
+    from bilm.evaluation.heads import parse_settings
+    settings = parse_settings(args.layers, n_layers)
+    return settings + (parse_settings(args.layers, n_layers, random=True) if args.control == "random" else [])
+
+
 def _add_import_bilmtf(sub: argparse._SubParsersAction) -> Callable:
     p = sub.add_parser("import-bilm-tf", help="bilm-tf training run (TensorFlow checkpoint) -> bilm checkpoint",
                        description="Read the newest checkpoint of a bilm-tf train() run (no TensorFlow needed) and "
@@ -415,7 +527,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     for name, add in (("prepare", _add_prepare), ("train", _add_train), ("evaluate", _add_evaluate),
                       ("export", _add_export), ("embed", _add_embed),
                       ("dump-token-embeddings", _add_dump_token_embeddings),
-                      ("export-onnx", _add_export_onnx), ("score", _add_score),
+                      ("export-onnx", _add_export_onnx), ("score", _add_score), ("probe", _add_probe),
                       ("import-bilm-tf", _add_import_bilmtf), ("convert-checkpoint", _add_convert_checkpoint)):
         handler = add(sub)
         if handler is not None:

@@ -20,7 +20,7 @@ def subcommands():
 def test_every_subcommand_is_documented():
     names = set(subcommands())
     assert names == {"prepare", "train", "evaluate", "export", "embed", "dump-token-embeddings", "import-bilm-tf",
-                     "convert-checkpoint", "export-onnx", "score"}
+                     "convert-checkpoint", "export-onnx", "score", "probe"}
     for name, sub in subcommands().items():
         assert sub.description, f"bilm {name} has no description"
         for action in sub._actions:

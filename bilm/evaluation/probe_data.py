@@ -1,0 +1,200 @@
+"""The labelled files ``bilm probe`` reads, checked line by line (errors name the file and the line).
+
+Classification: ``label<TAB>text`` a line. Tagging: CoNLL-U (FORM and, by default, UPOS; comment
+lines, multi-word ranges and empty nodes skipped) or whitespace-separated columns, the token in
+column 1 and the tag in ``tag_column`` (1-based; default the last), a blank line after each sentence.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from bilm.core.errors import InputError, not_utf8
+
+CONLLU_COLUMNS = 10
+CONLLU_FORM, CONLLU_UPOS = 2, 4  # 1-based, as --tag-column counts
+_CONLLU_ID = re.compile(r"^\d+(-\d+|\.\d+)?$")
+
+
+@dataclass
+class LabelledData:
+    """One file's examples: a sentence each. ``texts`` (classification: raw text for the model's
+    tokenizer) or ``tokens`` (tagging: tokens as the file gives them); ``labels`` is one label per
+    sentence (classification) or one tag per token (tagging); ``lines`` the line of each sentence
+    (its first token's), ``token_lines`` each token's (tagging)."""
+    path: str
+    task: str  # "classify" or "tag"
+    labels: list
+    lines: list[int]
+    texts: list[str] = field(default_factory=list)
+    tokens: list[list[str]] = field(default_factory=list)
+    token_lines: list[list[int]] = field(default_factory=list)
+    reader: str = "tsv"  # tsv, conllu or columns
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def subset(self, index) -> "LabelledData":
+        """The examples at ``index`` (sentence indices), in that order."""
+        pick = lambda xs: [xs[i] for i in index] if xs else []  # noqa: E731
+        return LabelledData(self.path, self.task, pick(self.labels), pick(self.lines), pick(self.texts),
+                            pick(self.tokens), pick(self.token_lines), self.reader)
+
+    def label_set(self) -> list[str]:
+        flat = self.labels if self.task == "classify" else [t for tags in self.labels for t in tags]
+        return sorted(set(flat))
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\r\n") for line in f]
+    except UnicodeDecodeError:
+        raise InputError(not_utf8(path)) from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: a directory, expected a file") from None
+
+
+def read_classification(path: str) -> LabelledData:
+    """``label<TAB>text`` lines; blank lines are skipped."""
+    data = LabelledData(path, "classify", [], [])
+    for number, line in enumerate(_read_lines(path), 1):
+        if not line.strip():
+            continue
+        if "\t" not in line:
+            raise InputError(f"{path}, line {number}: no tab (each line is label<TAB>text)")
+        label, text = line.split("\t", 1)
+        if not label.strip():
+            raise InputError(f"{path}, line {number}: empty label (each line is label<TAB>text)")
+        if not text.strip():
+            raise InputError(f"{path}, line {number}: empty text after the label {label.strip()!r}")
+        data.labels.append(label.strip())
+        data.texts.append(text.strip())
+        data.lines.append(number)
+    if not data.lines:
+        raise InputError(f"{path}: no examples (empty file; each line is label<TAB>text)")
+    return data
+
+
+def is_conllu(lines: list[str]) -> bool:
+    """CoNLL-U when the first line that is neither blank nor a comment has ten tab-separated
+    fields and a CoNLL-U ID (``#`` lines are tokens in other column formats, e.g. CoNLL-2000)."""
+    for line in lines:
+        if line.strip() and not line.startswith("#"):
+            fields = line.split("\t")
+            return len(fields) == CONLLU_COLUMNS and bool(_CONLLU_ID.match(fields[0]))
+    return False
+
+
+def read_tagging(path: str, tag_column: Optional[int] = None) -> LabelledData:
+    """Sentences of (token, tag) from CoNLL-U or whitespace-separated columns (see the module's doc)."""
+    lines = _read_lines(path)
+    conllu = is_conllu(lines)
+    data = LabelledData(path, "tag", [], [], reader="conllu" if conllu else "columns")
+    token_column = CONLLU_FORM if conllu else 1
+    if tag_column is not None and tag_column < 1:
+        raise InputError(f"--tag-column counts from 1, got {tag_column}")
+    tokens: list[str] = []
+    tags: list[str] = []
+    numbers: list[int] = []
+    width = first = 0
+
+    def close() -> None:
+        if tokens:
+            data.tokens.append(list(tokens))
+            data.labels.append(list(tags))
+            data.token_lines.append(list(numbers))
+            data.lines.append(numbers[0])
+            tokens.clear(), tags.clear(), numbers.clear()
+
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            close()
+            width = 0
+            continue
+        if conllu and line.startswith("#"):
+            continue
+        fields = line.split("\t") if conllu else line.split()
+        if conllu and not _CONLLU_ID.match(fields[0]):
+            raise InputError(f"{path}, line {number}: {fields[0]!r} is not a CoNLL-U token ID")
+        if width == 0:
+            width, first = len(fields), number
+        elif len(fields) != width:
+            raise InputError(f"{path}, line {number}: {len(fields)} columns, but the sentence's first line "
+                             f"(line {first}) has {width}")
+        if conllu and not fields[0].isdigit():
+            continue  # a multi-word range (1-2) or an empty node (3.1): not a token of the sentence
+        if width < 2:
+            raise InputError(f"{path}, line {number}: one column; a token line is the token, then its tag "
+                             "(whitespace-separated)")
+        column = tag_column or (CONLLU_UPOS if conllu else width)
+        if column > width:
+            raise InputError(f"{path}, line {number}: --tag-column {column} is out of range (the line has "
+                             f"{width} columns)")
+        if column == token_column:
+            raise InputError(f"{path}: --tag-column {column} is the token column")
+        token, tag = fields[token_column - 1], fields[column - 1]
+        if not token.strip() or not tag.strip():
+            raise InputError(f"{path}, line {number}: empty {'token' if not token.strip() else 'tag'}")
+        tokens.append(token)
+        tags.append(tag)
+        numbers.append(number)
+    close()
+    if not data.lines:
+        raise InputError(f"{path}: no sentences (empty file; a token and its tag a line, a blank line after "
+                         "each sentence)")
+    return data
+
+
+def read_task_file(path: str, task: str, tag_column: Optional[int] = None) -> LabelledData:
+    if task == "classify":
+        return read_classification(path)
+    if task == "tag":
+        return read_tagging(path, tag_column)
+    raise InputError(f"--task must be classify or tag, got {task!r}")
+
+
+def subsample(data: LabelledData, limit: Optional[int], seed: int) -> LabelledData:
+    """At most ``limit`` sentences of ``data``, a fixed random sample in file order."""
+    if not limit or limit >= len(data):
+        return data
+    keep = np.sort(np.random.RandomState(seed).permutation(len(data))[:limit])
+    return data.subset(keep.tolist())
+
+
+def dev_split(data: LabelledData, fraction: float, seed: int) -> tuple[LabelledData, LabelledData]:
+    """(train, dev): ``fraction`` of the sentences, drawn with ``seed``, held out for choosing epochs."""
+    if not 0 < fraction < 1:
+        raise InputError(f"--dev-fraction must be between 0 and 1, got {fraction}")
+    n = len(data)
+    n_dev = int(round(n * fraction))
+    if n_dev < 1 or n - n_dev < 1:
+        raise InputError(f"{data.path}: {n} example{'s' if n != 1 else ''} cannot be split into training and dev "
+                         f"sets with --dev-fraction {fraction}")
+    order = np.random.RandomState(seed).permutation(n)
+    return data.subset(np.sort(order[n_dev:]).tolist()), data.subset(np.sort(order[:n_dev]).tolist())
+
+
+def unseen_labels(test: LabelledData, train_labels: list[str], train_path: str) -> Optional[str]:
+    """A warning naming the first test label (or tag) the training file never has, and how many."""
+    known = set(train_labels)
+    first, count = None, 0
+    if test.task == "classify":
+        for label, line in zip(test.labels, test.lines):
+            if label not in known:
+                count += 1
+                first = first or (line, label)
+    else:
+        for tags, lines in zip(test.labels, test.token_lines):
+            for tag, line in zip(tags, lines):
+                if tag not in known:
+                    count += 1
+                    first = first or (line, tag)
+    if first is None:
+        return None
+    what = "label" if test.task == "classify" else "tag"
+    return (f"{test.path}, line {first[0]}: {what} {first[1]!r} never appears in {train_path}; scored as wrong "
+            f"({count} such {'line' if test.task == 'classify' else 'token'}{'s' if count > 1 else ''})")
