@@ -139,6 +139,11 @@ def test_sentencepiece_model_export_format_onnx_and_embed_runtime_onnx(chinese_r
     tokens, vectors = ElmoEmbedder(str(serving), runtime="onnx").embed_text(raw[0])
     want_tokens, want = torch_embedder.embed_text(raw[0])
     assert tokens == want_tokens and np.abs(vectors - want).max() <= TOLERANCE
+    # ... and from the command line (which hands the embedder the directory's options.json).
+    assert bilm_main(["embed", "--model", str(serving), "--input", str(text), "--out", str(tmp_path / "served.hdf5"),
+                      "--runtime", "onnx"]) == 0
+    with h5py.File(tmp_path / "served.hdf5") as a, h5py.File(tmp_path / "onnx.hdf5") as b:
+        assert set(a) == set(b) and all(np.array_equal(a[k][...], b[k][...]) for k in a if k != "sentence_to_index")
     capsys.readouterr()
     assert bilm_main(["export-onnx", "--model", str(out), "--out", str(serving)]) == 1  # no --force
     assert "already exists; pass --force" in capsys.readouterr().err

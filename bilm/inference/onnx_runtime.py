@@ -158,13 +158,17 @@ def check_onnx_arguments(stateful: Optional[bool], precision: str, token_embeddi
 
 def serving_files(options_file: Optional[str], weight_file: Optional[str]) -> tuple[str, Optional[str]]:
     """``model_files`` for the ONNX runtime: a directory with ``options.json`` + ``model.onnx`` (what
-    ``bilm export-onnx`` writes) needs no weights; anything else as ``model_files``."""
+    ``bilm export-onnx`` writes), or that ``options.json`` itself, needs no weights; anything else as
+    ``model_files``."""
     from bilm.modules.published import model_files
 
-    if weight_file is None and options_file is not None and os.path.isdir(options_file):
-        options = os.path.join(options_file, OPTIONS_FILE)
-        weights = os.path.join(options_file, WEIGHTS_FILE)
-        if os.path.isfile(options) and os.path.isfile(os.path.join(options_file, ONNX_FILE)):
+    if weight_file is None and options_file is not None:
+        if os.path.isdir(options_file):
+            directory, options = options_file, os.path.join(options_file, OPTIONS_FILE)
+        else:
+            directory, options = os.path.dirname(os.path.abspath(options_file)), options_file
+        weights = os.path.join(directory, WEIGHTS_FILE)
+        if os.path.isfile(options) and os.path.isfile(os.path.join(directory, ONNX_FILE)):
             return options, weights if os.path.isfile(weights) else None
     return model_files(options_file, weight_file)
 
