@@ -418,3 +418,65 @@ def test_random_control_is_the_initialization_of_a_training_run(model_dir):
     assert set(control.bilm.state_dict()) == set(start)
     for name, value in control.bilm.state_dict().items():
         assert torch.equal(value, start[name]), name
+
+
+# ----------------------------------------------------------------------------- across a run
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    from bilm.training.run import train
+    from train_helpers import TRAIN_DATA, TRAIN_VOCAB, tiny_config
+
+    run = tmp_path_factory.mktemp("run")
+    cfg = tiny_config("train.max_steps=30", "train.checkpoint_every_steps=10", "train.eval_every_steps=10",
+                      "train.keep_checkpoints=2", "train.eval_tokens=400", "train.seed=3")
+    train(cfg, TRAIN_DATA, str(run), vocab_file=TRAIN_VOCAB, progress=False, eval_data=TRAIN_DATA)
+    return str(run)
+
+
+def test_every_checkpoint_probes_each_beside_its_logged_perplexity(small_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from bilm.evaluation.across_run import logged_perplexity
+
+    train, test = previous_word_tagging(tmp_path, 60, 20)
+    rc, out, err = run_cli("--checkpoint", small_run, "--every-checkpoint", "--task", "tag", "--train", train,
+                           "--test", test, "--layers", "mix,0", "--control", "random", "--seeds", "2", "--epochs", "2",
+                           "--cache-dir", str(tmp_path / "cache"), "--json", str(tmp_path / "run.json"),
+                           "--plot", str(tmp_path / "run.png"), capsys=capsys)
+    assert rc == 0, err
+    report = json.loads((tmp_path / "run.json").read_text())
+    rows = report["checkpoints"]
+    steps = [row["step"] for row in rows]
+    assert steps == sorted(steps) and {20, 30} <= set(steps)  # the two kept; best.pt shares a row or has its own
+    assert sum(row["best"] for row in rows) == 1
+    best = next(row for row in rows if row["best"])
+    assert best["name"] == "best.pt" or best["step"] in (20, 30)
+    logged = logged_perplexity(small_run)
+    for row in rows:
+        assert row["heldout_perplexity"] == logged[row["step"]]
+        assert list(row["results"]) == ["mix", "0"]
+    assert list(report["control"]) == ["random:mix", "random:0"]  # probed once: the same for every step
+    choice = report["choice"]
+    chosen = next(row for row in rows if row["name"] == choice["checkpoint"])
+    assert choice["dev"] == max(r["dev"]["mean"] for row in rows for r in row["results"].values())
+    assert chosen["results"][choice["setting"]]["dev"]["mean"] == choice["dev"]
+    assert f"export it with: bilm export --checkpoint {choice['path']}" in out
+    assert (tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_checkpoint_and_best_of_a_run(small_run, tmp_path, capsys):
+    from bilm.evaluation.vectors import model_from_checkpoint
+    from bilm.runs.checkpoint import load_checkpoint
+
+    newest, best = model_from_checkpoint(small_run), model_from_checkpoint(small_run, best=True)
+    assert newest.description.endswith("step-00000030.pt")
+    assert best.description.endswith("best.pt") and best.random_seed == 3  # the run's train.seed
+    assert load_checkpoint(best.description, mmap=True)["step"] in (10, 20, 30)
+    train, test = previous_word_tagging(tmp_path, 40, 10)
+    rc, out, err = run_cli("--checkpoint", small_run, "--best", "--task", "tag", "--train", train, "--test", test,
+                           "--seeds", "1", "--epochs", "1", "--no-cache", capsys=capsys)
+    assert rc == 0, err
+    assert "best.pt" in out
+    rc, _, err = run_cli("--checkpoint", small_run, "--model", "x", "--task", "tag", "--train", train, "--test", test,
+                         capsys=capsys)
+    assert rc == 1 and "one model" in err

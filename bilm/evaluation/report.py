@@ -97,7 +97,8 @@ def plot_settings(path: str, report: dict) -> None:
         ax.plot([i] * len(runs), runs, "k.", markersize=4)
     low = min(min(r[metric]["runs"]) for r in report["results"].values())
     ax.set_ylim(max(0.0, low - 5), min(100.0, max(m + s for m, s in zip(means, stds)) + 3))
-    ax.set_xticks(range(len(names)), names)
+    ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 5 else 0,
+                  ha="right" if len(names) > 5 else "center")
     ax.set_ylabel(f"test {metric} (%)")
     ax.set_title(f"{report['task']}, {report['head']} head, {report['seeds']} seeds\n{_short(report['model'])}",
                  fontsize=9)
@@ -107,30 +108,40 @@ def plot_settings(path: str, report: dict) -> None:
 
 def plot_steps(path: str, report: dict) -> None:
     """The score of each setting against the checkpoint's step (error bars: the seeds' standard
-    deviation), the heldout perplexity the run logged on a second axis."""
+    deviation; the random control, the same at every step, dashed in its setting's colour), the
+    heldout perplexity the run logged on a second axis."""
     plt = require_matplotlib()
+    from matplotlib.ticker import MaxNLocator
     metric = report["metric"]
     points = [c for c in report["checkpoints"] if c.get("step") is not None]
     steps = [c["step"] for c in points]
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    bases = list(dict.fromkeys(n.removeprefix("random:") for n in report["settings"]))
+    colour = {name: f"C{i % 10}" for i, name in enumerate(bases)}
     for name in report["settings"]:
+        base = name.removeprefix("random:")
         if name.startswith("random:"):
-            value = report["control"][name][metric]
-            ax.axhline(value["mean"], color="#999999", linestyle="--", linewidth=1, label=f"{name} (fixed)")
+            ax.axhline(report["control"][name][metric]["mean"], color=colour[base], linestyle="--", linewidth=1,
+                       label=f"{name} (initial weights)")
             continue
         ax.errorbar(steps, [c["results"][name][metric]["mean"] for c in points],
-                    yerr=[c["results"][name][metric]["std"] for c in points], marker="o", capsize=3, label=name)
+                    yerr=[c["results"][name][metric]["std"] for c in points], marker="o", capsize=3,
+                    color=colour[base], label=name)
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"test {metric} (%)")
+    handles, labels = ax.get_legend_handles_labels()
     perplexities = [(c["step"], c["heldout_perplexity"]) for c in points if c.get("heldout_perplexity")]
     if perplexities:
         twin = ax.twinx()
-        twin.plot(*zip(*perplexities), "k:", marker="x", label="heldout perplexity")
-        twin.set_ylabel("heldout perplexity (run's log)")
-        twin.legend(loc="upper right", fontsize=8)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(f"{report['task']}, {report['head']} head, across {_short(report['run'])}", fontsize=9)
-    fig.tight_layout()
+        twin.plot(*zip(*perplexities), "k:", marker="x", label="heldout perplexity (right)")
+        twin.set_ylabel("heldout perplexity (the run's log)")
+        more = twin.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    ax.set_title(f"{report['task']}, {report['head']} head, {report['seeds']} seeds, across {_short(report['run'], 50)}",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 3), 1, 1))
     _save(fig, path, plt)
 
 
@@ -151,15 +162,15 @@ def format_step_table(report: dict) -> str:
     names = [n for n in report["settings"] if not n.startswith("random:")]
     lines = [f"bilm probe across {report['run']}: {report['task']} with a {report['head']} head, "
              f"{report['seeds']} seeds; test {metric} (%)", *data_lines(report), ""]
-    header = f"{'checkpoint':<22}{'step':>8}{'heldout ppl':>13}  " + "".join(f"{n:<17}" for n in names)
+    header = f"{'checkpoint':<24}{'step':>8}{'heldout ppl':>13}  " + "".join(f"{n:<17}" for n in names)
     lines.append(header)
     for c in report["checkpoints"]:
         ppl = f"{c['heldout_perplexity']:.1f}" if c.get("heldout_perplexity") else "-"
         label = c["name"] + (" (best)" if c.get("best") and c["name"] != "best.pt" else "")
-        lines.append(f"{label:<22}{c['step']:>8}{ppl:>13}  "
+        lines.append(f"{label:<24}{c['step']:>8}{ppl:>13}  "
                      + "".join(f"{_percent(c['results'][n][metric]):<17}" for n in names))
     for name, result in report.get("control", {}).items():
-        lines.append(f"{name}: {_percent(result[metric])} (a biLM of the same shape with its initial weights)")
+        lines.append(f"{name}: {_percent(result[metric])} (a biLM of this shape with the run's initial weights)")
     choice: Optional[dict] = report.get("choice")
     if choice:
         lines.append(f"best for this task (highest dev score): {choice['checkpoint']} (step {choice['step']}), "
