@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from bilm.runs.checkpoint import load_checkpoint
+from bilm.runs.checkpoint import CheckpointError, load_checkpoint
 from bilm.runs.run_dir import checkpoint_step, list_checkpoints
 from bilm.cli import main as bilm_main
 from bilm.training.run import train
@@ -164,6 +164,8 @@ def test_kill_9_at_random_moments_resumes_bit_exactly(tmp_path):
             name = os.path.basename(in_write.read_text())  # the temporary file the write was filling
             in_write.unlink()
             assert _partial_files(part) == [name]  # it stays, partial, until the next start
+            with pytest.raises(CheckpointError, match="truncated or corrupt"):
+                load_checkpoint(str(part / "checkpoints" / name))
             partial_files.append(name)
         else:
             assert _furthest_step(part) >= target
