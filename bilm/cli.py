@@ -214,17 +214,22 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Callable:
         import json
         import os
         from bilm.scoring.evaluate import evaluate
+        from bilm.scoring.perplexity import figure, json_safe
         result = evaluate(args.checkpoint, args.data, args.batch_size, args.unroll, args.per_sentence, args.device,
                           pretokenized=args.pretokenized, precision=args.precision)
         if int(os.environ.get("RANK", 0)) != 0:
             return 0
         if args.json:
-            print(json.dumps(result, indent=2))
+            print(json.dumps(json_safe(result), indent=2))
         else:
             for d in ("forward", "backward"):
                 r = result[d]
-                print(f"{d:8s} perplexity {r['perplexity']:10.3f}  ({r['tokens']} tokens, {r['unk_targets']} <UNK> targets)")
-            print(f"average  perplexity {result['average_perplexity']:10.3f}  ({result['checkpoint']})")
+                print(f"{d:8s} perplexity {figure(r['perplexity'], '{:10.3f}'):>10s}  mean loss "
+                      f"{figure(r['mean_loss'], '{:.4f}')}  ({r['tokens']} tokens, {r['unk_targets']} <UNK> targets)")
+            print(f"average  perplexity {figure(result['average_perplexity'], '{:10.3f}'):>10s}  mean loss "
+                  f"{figure(result['average_mean_loss'], '{:.4f}')}  ({result['checkpoint']})")
+        if result["diverged_note"]:  # the figures stand; the line says what they mean
+            print(f"warning: {result['diverged_note']}", file=sys.stderr)
         return 0
     return run
 
@@ -310,6 +315,7 @@ def _add_score(sub: argparse._SubParsersAction) -> Callable:
         import json
         from bilm.core.errors import not_utf8
         from bilm.inference.score import LanguageModelScorer, corpus_summary
+        from bilm.scoring.perplexity import figure, json_safe
         if args.out != "-" and os.path.exists(args.out) and not args.force:
             raise FileExistsError(f"{args.out} already exists; pass --force to overwrite it")
         try:
@@ -324,14 +330,17 @@ def _add_score(sub: argparse._SubParsersAction) -> Callable:
         # The file appears whole when every line is scored (nothing half-written under its name).
         with (contextlib.nullcontext(sys.stdout) if args.out == "-" else atomic_open(args.out)) as out:
             for record in scorer.iter_scores(lines, args.per_token, progress=not args.no_progress, total=len(lines)):
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.write(json.dumps(json_safe(record), ensure_ascii=False) + "\n")
                 records.append(record)
         summary = corpus_summary(records)
         if summary["predictions"]:
             print(f"scored {summary['lines']} lines ({summary['predictions']} predictions a direction, "
-                  f"{summary['unk_targets']} <UNK> targets): perplexity forward {summary['forward']['perplexity']:.3f}, "
-                  f"backward {summary['backward']['perplexity']:.3f}, average {summary['average_perplexity']:.3f}",
-                  file=sys.stderr)
+                  f"{summary['unk_targets']} <UNK> targets): perplexity forward "
+                  f"{figure(summary['forward']['perplexity'])}, backward {figure(summary['backward']['perplexity'])}, "
+                  f"average {figure(summary['average_perplexity'])}", file=sys.stderr)
+        warning = scorer.health_line(summary)
+        if warning:  # the scores stand; the line says what they mean
+            print(f"warning: {warning}", file=sys.stderr)
         return 0
     return run
 

@@ -66,7 +66,7 @@ def _events(run):
 def _fake(perplexity):
     """A heldout result in ``bilm.scoring.evaluate.summarize``'s form."""
     d = {"perplexity": perplexity, "mean_loss": math.log(perplexity)}
-    return {"forward": d, "backward": dict(d), "average_perplexity": perplexity}
+    return {"forward": d, "backward": dict(d), "average_perplexity": perplexity, "average_mean_loss": d["mean_loss"]}
 
 
 @pytest.fixture
@@ -343,6 +343,25 @@ def test_divergence_rules():
         "backward heldout perplexity 801.0 is above 2 x its best so far (400.0)")
     assert guard.check_heldout(30, {"forward": float("nan"), "backward": 400.0}) is not None
     assert guard.check_heldout(30, {"forward": 600.0, "backward": 790.0}) is None
+
+
+def test_training_loss_bound_is_a_multiple_of_the_uniform_models_loss():
+    guard = DivergenceGuard(2.0, vocab_size=1000, loss_factor=3.0)
+    assert guard.loss_bound == pytest.approx(3 * math.log(1000))
+    assert guard.check_training(5, {"forward": 20.0, "backward": 20.7}, 5) is None
+    fired = guard.check_training(7, {"forward": 20.0, "backward": 80000.0}, 7)
+    assert (fired.step, fired.figure, fired.bound) == (7, 80000.0, guard.loss_bound)
+    assert fired.line() == ("divergence at step 7: backward training loss averaged over 7 steps is 80,000.0, "
+                            "above 3 x log(vocabulary size 1,000) = 20.7")
+    assert "is nan" in guard.check_training(3, {"forward": float("nan"), "backward": 1.0}, 1).what
+    # The same bound holds for a heldout mean loss, even at the first evaluation (no best yet).
+    heldout = guard.check_heldout(10, {"forward": float("inf"), "backward": 10.0}, {"forward": 800.0, "backward": 2.3})
+    assert heldout.what == "forward heldout perplexity is inf (mean loss 800.0)"
+    high = guard.check_heldout(10, {"forward": math.exp(30.0), "backward": 10.0}, {"forward": 30.0, "backward": 2.3})
+    assert high.what.startswith("forward heldout mean loss 30.0 (perplexity 1.069e+13) is above 3 x log(vocabulary")
+    # Off: only non-finite figures fire.
+    off = DivergenceGuard(2.0, vocab_size=1000, loss_factor=None)
+    assert off.loss_bound is None and off.check_training(1, {"forward": 1e30, "backward": 1e30}, 1) is None
 
 
 # ----- the best checkpoint

@@ -52,7 +52,8 @@ def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch):
     results = [trainer.step(next(data)) for _ in range(5)]
     assert reads.calls == []
     figures = results[-1].values()  # the one read, when the loop logs
-    assert set(figures) == {"loss", "grad_norm", "perplexity/forward", "perplexity/backward"}
+    assert set(figures) == {"loss", "grad_norm", "loss/forward", "loss/backward", "perplexity/forward",
+                            "perplexity/backward"}
     assert len(reads.calls) == 4
 
 

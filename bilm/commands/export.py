@@ -11,6 +11,7 @@ import h5py
 
 from bilm.core.atomic import fsync_path, remove_stale, temporary_name
 from bilm.core.errors import InputError
+from bilm.core.finite import non_finite_weights
 from bilm.core.options import BiLMOptions
 from bilm.formats.weights import SOFTMAX_BIAS, SOFTMAX_WEIGHT
 from bilm.modules.weight_file import save_weights
@@ -47,6 +48,9 @@ def export(checkpoint: str, out_dir: str, force: bool = False, include_softmax: 
     model, cfg, vocab, found, pipeline = model_from_checkpoint(checkpoint, best=best)
     options = cfg.model
     problems = consumer_problems(options)
+    non_finite = non_finite_weights(model)
+    if non_finite:  # a diverged run's checkpoint: the files are written (the user asked), but not silently
+        problems.append(f"the weights hold {non_finite}: vectors and scores computed from them will be NaN or inf")
     if problems and strict:
         raise InputError("--strict: these weights would not load everywhere:\n  " + "\n  ".join(problems))
     names = [WEIGHTS_FILE, OPTIONS_FILE, VOCAB_FILE] + ([SOFTMAX_FILE] if include_softmax else [])

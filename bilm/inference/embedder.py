@@ -26,6 +26,7 @@ import torch
 from bilm.core.atomic import atomic_path
 from bilm.core.chars import CharIdMapper, char_id_table
 from bilm.core.errors import InputError, not_utf8
+from bilm.core.finite import non_finite_weights
 from bilm.modules.bidirectional import BidirectionalLM, RowStates
 from bilm.core.precision import autocast, check_precision
 from bilm.core.progress import progress_bar
@@ -250,7 +251,8 @@ class ElmoEmbedder:
                         emb = emb[-1]
                     elif output_format == "average":
                         emb = emb.mean(axis=0)
-                    dataset = out.create_dataset(str(i), data=emb.astype(dtype, copy=False))
+                    emb = self._checked(emb, dtype, input_file, i + 1)
+                    dataset = out.create_dataset(str(i), data=emb)
                     dataset.attrs["tokens"] = json.dumps(tokens, ensure_ascii=False)
                     sentence_to_index[line] = str(i)
                 # AllenNLP's layout: a (1,) string dataset holding the JSON.
@@ -258,6 +260,23 @@ class ElmoEmbedder:
                 index[0] = json.dumps(sentence_to_index)
                 out.attrs["dtype"] = dtype
         return len(lines)
+
+
+    def _checked(self, emb: np.ndarray, dtype: str, input_file: str, line: int) -> np.ndarray:
+        """``emb`` as ``dtype``, or an ``InputError`` (nothing is written) when it holds NaN or inf, or
+        a value float16 cannot hold: a file of such vectors would pass for a good one."""
+        if not np.isfinite(emb).all():
+            found = non_finite_weights(self.model) if self.model is not None else ""
+            raise InputError(f"{input_file}, line {line}: the model gives vectors holding NaN or inf "
+                             + (f"(its weights hold {found}; " if found else "(")
+                             + "a diverged or damaged model?); nothing written")
+        with np.errstate(over="ignore"):  # said below, in one line
+            out = emb.astype(dtype, copy=False)
+        if dtype == "float16" and not np.isfinite(out).all():
+            raise InputError(f"{input_file}, line {line}: a vector value ({float(np.abs(emb).max()):.4g}) exceeds "
+                             f"float16's range (±{float(np.finfo(np.float16).max):,.0f}); use --dtype float32; "
+                             "nothing written")
+        return out
 
 
 @torch.no_grad()
@@ -277,5 +296,10 @@ def dump_token_embeddings(vocab_file: str, options_file: str, weight_file: str, 
             for start in progress_bar(range(0, len(tokens), batch_size), desc="tokens", disable=not progress):
                 chunk = tokens[start : start + batch_size]
                 char_ids = torch.from_numpy(char_id_table(chunk, max_characters)).to(device)
-                table[start : start + len(chunk)] = model.embed_tokens(char_ids).cpu().numpy()
+                vectors = model.embed_tokens(char_ids).cpu().numpy()
+                if not np.isfinite(vectors).all():
+                    found = non_finite_weights(model)
+                    raise InputError(f"{weight_file}: the token vectors of {vocab_file} hold NaN or inf"
+                                     + (f" (the weights hold {found})" if found else "") + "; nothing written")
+                table[start : start + len(chunk)] = vectors
     return len(tokens)

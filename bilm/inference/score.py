@@ -13,7 +13,6 @@ The model is a run directory or checkpoint, or an export made with ``--include-s
 """
 from __future__ import annotations
 
-import math
 import os
 from itertools import islice
 from typing import Iterable, Iterator, Optional
@@ -28,6 +27,9 @@ from bilm.modules.language_model import DIRECTIONS, LanguageModel
 from bilm.core.precision import autocast, check_precision
 from bilm.core.progress import progress_bar
 from bilm.core.vocab import Vocabulary
+from bilm.core.finite import non_finite_weights
+from bilm.runs.config import DIVERGENCE_LOSS_FACTOR
+from bilm.scoring.perplexity import diverged_directions, diverged_line, perplexity
 from bilm.core.text import TextPipeline
 
 
@@ -72,6 +74,18 @@ class LanguageModelScorer:
         self.pretokenized = pretokenized
         char_cnn = self.model.options.char_cnn
         self.max_characters = char_cnn.max_characters_per_token if char_cnn else 50
+
+    def health_line(self, summary: dict) -> Optional[str]:
+        """One line when ``corpus_summary``'s figures or the weights say the model has diverged (a
+        mean loss that is not finite or above ``DIVERGENCE_LOSS_FACTOR`` x log(V); weights holding
+        NaN or inf), else None."""
+        found = non_finite_weights(self.model)
+        losses = {d: summary[d]["mean_loss"] for d in DIRECTIONS} if summary.get("predictions") else {}
+        diverged = diverged_directions(losses, len(self.vocab), DIVERGENCE_LOSS_FACTOR)
+        if diverged:
+            return diverged_line(diverged, losses, len(self.vocab), DIVERGENCE_LOSS_FACTOR,
+                                 f"; its weights hold {found}" if found else "")
+        return f"the model's weights hold {found}" if found else None
 
     def sentences_of(self, lines: list[str]) -> list[list[list[str]]]:
         """Each line's sentences: tokenized, cut as prepare cut the training data; none for an empty line."""
@@ -156,7 +170,8 @@ class LanguageModelScorer:
 
 
 def _perplexity(log_prob: float, count: int) -> Optional[float]:
-    return math.exp(-log_prob / count) if count else None
+    """exp(-log_prob / count); ``inf`` past float range (a diverged model), None for no predictions."""
+    return perplexity(-log_prob / count) if count else None
 
 
 def _line_record(line: str, sentences: list[dict], per_token: bool) -> dict:
@@ -198,6 +213,6 @@ def corpus_summary(records: Iterable[dict]) -> dict:
     out = {"lines": lines, "predictions": count, "unk_targets": unk}
     for d in DIRECTIONS:
         out[d] = {"perplexity": _perplexity(totals[d], count), "mean_loss": -totals[d] / count if count else None}
-    out["average_perplexity"] = (math.exp(0.5 * (out["forward"]["mean_loss"] + out["backward"]["mean_loss"]))
-                                 if count else None)
+    out["average_mean_loss"] = 0.5 * (out["forward"]["mean_loss"] + out["backward"]["mean_loss"]) if count else None
+    out["average_perplexity"] = perplexity(out["average_mean_loss"]) if count else None
     return out

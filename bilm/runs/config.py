@@ -34,6 +34,11 @@ from bilm.core.options import BiLMOptions
 from bilm.core.schema import FieldError, SchemaError, Style, dump, load, suggest
 
 
+# The guard's training-loss bound, in units of log(vocab size); bilm evaluate and bilm score call a model
+# whose mean loss passes it diverged (measured healthy runs: docs/divergence.md).
+DIVERGENCE_LOSS_FACTOR = 3.0
+
+
 class ConfigError(InputError):
     """A config file or override that cannot be used; the message names the file and the key."""
 
@@ -66,9 +71,12 @@ class TrainConfig:
     # does not pay: docs/measurements.md, "lstm-compile"), on, off. The other lstm_impls ignore it.
     lstm_compile: Literal["auto", "on", "off"] = "auto"
     # Heldout perplexity while training (bilm.training.heldout) and the divergence guard (bilm.training.guard).
-    eval_every_steps: int = 1000           # score the heldout sample every N steps and at the end
+    eval_every_steps: int = 1000           # score the heldout sample every N steps and at the end; 0: never
     eval_tokens: int = 30000               # heldout sample: its first sentences up to this many tokens; 0: none
     divergence_factor: float = 2.0         # heldout perplexity above this x the direction's best so far is a divergence
+    # A direction's training loss averaged over the guard's last 10 steps above this x log(vocab size) (the
+    # uniform model's loss) is a divergence, heldout data or not; null: off (docs/divergence.md, the bound).
+    divergence_loss_factor: float | None = DIVERGENCE_LOSS_FACTOR
     on_divergence: Literal["rollback", "stop", "warn"] = "rollback"
     rollback_lr_factor: float = 0.5        # each rollback multiplies the learning rate by this
     max_rollbacks: int = 3                 # stop after this many rollbacks in a row that do not pass the diverged step
@@ -82,13 +90,14 @@ class TrainConfig:
 
     def __post_init__(self):
         for key in ("batch_size", "unroll_steps", "n_epochs", "n_train_tokens", "max_steps", "n_negative_samples_batch",
-                    "log_every_steps", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
-                    "eval_every_steps"):
+                    "log_every_steps", "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints"):
             _positive(self, key)
-        for key in ("seed", "eval_tokens", "max_rollbacks"):
+        for key in ("seed", "eval_every_steps", "eval_tokens", "max_rollbacks"):
             _non_negative(self, key)
         if not self.divergence_factor > 1.0:
             raise FieldError("divergence_factor", f"must be > 1, got {self.divergence_factor}")
+        if self.divergence_loss_factor is not None and not self.divergence_loss_factor >= 1.0:
+            raise FieldError("divergence_loss_factor", f"must be >= 1 (or null: off), got {self.divergence_loss_factor}")
         if not 0.0 < self.rollback_lr_factor <= 1.0:
             raise FieldError("rollback_lr_factor", f"must be in (0, 1], got {self.rollback_lr_factor}")
         if not 0.0 <= self.dropout < 1.0:

@@ -8,7 +8,6 @@ making the result independent of batch size and unroll length.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import tempfile
@@ -23,6 +22,9 @@ from bilm.runs.trained_model import model_from_checkpoint
 from bilm.core.progress import progress_bar
 from bilm.modules.language_model import DIRECTIONS, LanguageModel, reset_state_rows
 from bilm.core.vocab import Vocabulary
+from bilm.core.finite import non_finite_note
+from bilm.runs.config import DIVERGENCE_LOSS_FACTOR
+from bilm.scoring.perplexity import diverged_directions, diverged_line, perplexity as loss_perplexity
 from bilm.core.text import TextPipeline, warn_suspicious_lines
 
 
@@ -60,13 +62,16 @@ def score(model: LanguageModel, dataset: LMDataset, env: DistEnv, precision: str
 
 
 def summarize(sums: dict) -> dict:
+    """Per direction: perplexity, mean loss, tokens and <UNK> targets; the average perplexity and its
+    mean loss. A diverged model's perplexity is ``inf`` (``bilm.scoring.perplexity``), never an error."""
     out = {}
     for d in DIRECTIONS:
         mean = sums[f"{d}/nll"] / max(sums[f"{d}/tokens"], 1.0)
-        out[d] = {"perplexity": math.exp(mean), "mean_loss": mean, "tokens": int(sums[f"{d}/tokens"]),
+        out[d] = {"perplexity": loss_perplexity(mean), "mean_loss": mean, "tokens": int(sums[f"{d}/tokens"]),
                   "unk_targets": int(sums[f"{d}/unk"])}
     # bilm-tf reports exp of the mean of the two mean losses.
-    out["average_perplexity"] = math.exp(0.5 * (out["forward"]["mean_loss"] + out["backward"]["mean_loss"]))
+    out["average_mean_loss"] = 0.5 * (out["forward"]["mean_loss"] + out["backward"]["mean_loss"])
+    out["average_perplexity"] = loss_perplexity(out["average_mean_loss"])
     return out
 
 
@@ -94,6 +99,12 @@ def evaluate(checkpoint: str, data: str, batch_size: Optional[int] = None, unrol
                                 rank=env.rank, world_size=env.world_size, char_inputs=char_cnn is not None,
                                 max_characters_per_token=char_cnn.max_characters_per_token if char_cnn else 50)
             result = score(model, dataset, env, precision, progress)
+        factor = cfg.train.divergence_loss_factor or DIVERGENCE_LOSS_FACTOR
+        result["diverged"] = diverged_directions({d: result[d]["mean_loss"] for d in DIRECTIONS}, len(vocab_tokens),
+                                                 factor)
+        result["diverged_note"] = diverged_line(result["diverged"], {d: result[d]["mean_loss"] for d in DIRECTIONS},
+                                                len(vocab_tokens), factor, non_finite_note(model)) \
+            if result["diverged"] else None
         result.update(checkpoint=found, data=data, batch_size=dataset.batch_size, unroll_steps=dataset.unroll_steps,
                       per_sentence=per_sentence, world_size=env.world_size, precision=precision,
                       tokenizer=None if pretokenized or data.endswith(".json") else

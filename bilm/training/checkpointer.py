@@ -10,6 +10,7 @@ format version) are ``bilm.runs.checkpoint``'s.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -75,17 +76,24 @@ class Checkpointer:
         due_by_time = self.env.is_main and (time.time() - self.last_save_time) >= 60 * self.cfg.train.checkpoint_every_minutes
         return float(self._signal), float(due_by_time)
 
-    def agree(self, agree_now: bool, signal_seen: float, time_due: float, bad_step: int) -> tuple[float, float, int]:
+    def agree(self, agree_now: bool, signal_seen: float, time_due: float, bad_step: int, high_step: int = 0,
+              high_mean: Optional[list[float]] = None) -> tuple[float, float, int, int, list[float]]:
         """Under torchrun every rank must take the same decision, which takes an all-reduce (a wait
-        for every rank), done only at ``agree_now`` steps; the earliest non-finite step of any rank
-        (``bad_step``, 0: none) rides in the same all-reduce. Returns the agreed (signal, time due,
-        bad step); one process: its own view."""
+        for every rank), done only at ``agree_now`` steps; what the divergence guard watches rides in
+        the same all-reduce: the earliest non-finite step of any rank (``bad_step``, 0: none), the
+        earliest step at which a rank's training-loss average passed the bound (``high_step``) and the
+        highest of those averages (``high_mean``, per direction). Returns the agreed (signal, time due,
+        bad step, high step, high mean); one process: its own view."""
+        high_mean = list(high_mean or [])
         if not self.env.distributed:
-            return signal_seen, time_due, bad_step
+            return signal_seen, time_due, bad_step, high_step, high_mean
         if not agree_now:
-            return 0.0, 0.0, bad_step
-        signal_seen, time_due, neg_bad = all_reduce_max([signal_seen, time_due, -float(bad_step or _NO_STEP)], self.env)
-        return signal_seen, time_due, 0 if -neg_bad >= _NO_STEP else int(-neg_bad)
+            return 0.0, 0.0, bad_step, high_step, high_mean
+        agreed = all_reduce_max([signal_seen, time_due, -float(bad_step or _NO_STEP), -float(high_step or _NO_STEP),
+                                 *(m if high_step else -math.inf for m in high_mean)], self.env)
+        signal_seen, time_due, neg_bad, neg_high = agreed[:4]
+        first = lambda neg: 0 if -neg >= _NO_STEP else int(-neg)  # noqa: E731
+        return signal_seen, time_due, first(neg_bad), first(neg_high), agreed[4:]
 
     # ----- write -----
     def save(self, trainer: TrainStep, dataset: LMDataset, step: int, extra: Optional[dict] = None,

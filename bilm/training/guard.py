@@ -3,13 +3,18 @@ what it needs for that across checkpoints (plain data, saved in every checkpoint
 
 It fires on
 
-* a non-finite training loss or gradient norm (the step where it first happened), and
-* a direction's heldout perplexity that is not finite, that rose above the add-one unigram
-  model of the training counts after having been below it, or that is above
-  ``train.divergence_factor`` times the direction's best so far.
+* a non-finite training loss or gradient norm (the step where it first happened);
+* a direction's training loss, averaged over the last ``TRAINING_LOSS_WINDOW`` steps, above
+  ``train.divergence_loss_factor`` x log(vocabulary size) (the uniform model's loss: a healthy run
+  starts near or below it and only goes down; docs/divergence.md has the measurements). It needs no
+  heldout data, and fires once each time the mean rises past the bound;
+* a direction's heldout perplexity that is not finite, whose mean loss is above that same bound,
+  that rose above the add-one unigram model of the training counts after having been below it, or
+  that is above ``train.divergence_factor`` times the direction's best so far.
 
-The training loop (``bilm.training.run``) asks, acts on ``train.on_divergence`` (rollback, stop,
-warn) and reports; this module holds no tensors, files or ranks.
+The training loop (``bilm.training.run``) tracks the training losses on the device, asks, acts on
+``train.on_divergence`` (rollback, stop, warn) and reports; this module holds no tensors, files or
+ranks.
 """
 from __future__ import annotations
 
@@ -18,6 +23,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from bilm.modules.language_model import DIRECTIONS
+from bilm.scoring.perplexity import figure, loss_bound
+
+# Steps the training loss is averaged over (fewer at the start of a run or after a rollback): long
+# enough that one unlucky batch cannot fire, short enough to stop a blow-up within a few steps.
+TRAINING_LOSS_WINDOW = 10
 
 
 @dataclass
@@ -57,21 +67,46 @@ class GuardState:
 
 class DivergenceGuard:
     def __init__(self, divergence_factor: float, unigram: Optional[dict[str, float]] = None,
-                 state: Optional[GuardState] = None):
+                 state: Optional[GuardState] = None, vocab_size: Optional[int] = None,
+                 loss_factor: Optional[float] = None):
         self.factor = divergence_factor
         self.unigram = unigram  # direction -> add-one unigram perplexity on the heldout sample; None: unknown
         self.state = state or GuardState()
+        self.vocab_size, self.loss_factor = vocab_size, loss_factor
+        # The mean loss no healthy run reaches (None: that check is off).
+        self.loss_bound = loss_bound(vocab_size, loss_factor) if vocab_size and loss_factor else None
 
     # ----- checks
 
-    def check_heldout(self, step: int, perplexity: dict[str, float]) -> Optional[Divergence]:
-        """Heldout perplexity per direction, against the unigram model and the best so far (not
-        yet updated with these figures)."""
+    def _bound_words(self) -> str:
+        return f"{self.loss_factor:g} x log(vocabulary size {self.vocab_size:,}) = {self.loss_bound:,.1f}"
+
+    def check_training(self, step: int, mean_loss: dict[str, float], steps: int) -> Optional[Divergence]:
+        """Each direction's training loss averaged over the ``steps`` steps up to ``step``, against
+        the bound (the loop says when an average first passed it: only then is this asked)."""
+        if self.loss_bound is None:
+            return None
+        for d in DIRECTIONS:
+            loss = mean_loss[d]
+            if not loss <= self.loss_bound:
+                return Divergence(step, f"{d} training loss averaged over {steps} step{'s' * (steps != 1)} is "
+                                        f"{figure(loss, '{:,.1f}')}, above {self._bound_words()}", loss,
+                                  self.loss_bound)
+        return None
+
+    def check_heldout(self, step: int, perplexity: dict[str, float],
+                      mean_loss: Optional[dict[str, float]] = None) -> Optional[Divergence]:
+        """Heldout perplexity per direction (and its mean loss, when given), against the training-loss
+        bound, the unigram model and the best so far (not yet updated with these figures)."""
         for d in DIRECTIONS:
             p = perplexity[d]
+            loss = (mean_loss or {}).get(d, math.log(p) if p > 0 and math.isfinite(p) else p)
             best = self.state.best.get(d)
             if not math.isfinite(p):
-                return Divergence(step, f"{d} heldout perplexity is {p}", p)
+                return Divergence(step, f"{d} heldout perplexity is {p} (mean loss {figure(loss, '{:,.1f}')})", p)
+            if self.loss_bound is not None and loss > self.loss_bound:
+                return Divergence(step, f"{d} heldout mean loss {loss:,.1f} (perplexity {p:,.4g}) is above "
+                                        f"{self._bound_words()}", p)
             unigram = (self.unigram or {}).get(d)
             # "Rose above": a model that has not yet learnt the unigram statistics is not diverging.
             if unigram is not None and best is not None and best < unigram < p:

@@ -78,20 +78,25 @@ def heldout_sources(manifest: Optional[dict], eval_data: Optional[str]) -> tuple
     return [], "", True
 
 
-def no_heldout_message(manifest: Optional[dict], eval_tokens: int) -> str:
-    why = ("train.eval_tokens is 0" if eval_tokens == 0 else
+def no_heldout_message(manifest: Optional[dict], eval_tokens: int, eval_every_steps: int = 1,
+                       loss_factor: Optional[float] = None) -> str:
+    why = ("train.eval_every_steps is 0" if eval_every_steps == 0 else "train.eval_tokens is 0" if eval_tokens == 0 else
            "the manifest has no heldout split" if manifest is not None else "--data is not a manifest.json")
+    guard = (f"watches the training loss only (not finite, or averaged above {loss_factor:g} x log(vocabulary size))"
+             if loss_factor else "sees only non-finite training losses (train.divergence_loss_factor is null)")
     return (f"no heldout evaluation ({why}): this run cannot watch its heldout perplexity, and the divergence guard "
-            "sees only non-finite losses; give it data with --eval-data FILE|manifest.json (or bilm prepare "
-            "--heldout-fraction 0.01)")
+            f"{guard}; give it data with --eval-data FILE|manifest.json (or bilm prepare --heldout-fraction 0.01)")
 
 
 def prepare_heldout(cfg: Config, manifest: Optional[dict], eval_data: Optional[str], out_dir: str,
                     vocab: Vocabulary, pipeline: Optional[TextPipeline], env: DistEnv) -> Optional[HeldoutEval]:
-    """The run's heldout sample and its dataset for this rank, or None when there is no heldout data."""
+    """The run's heldout sample and its dataset for this rank, or None when there is no heldout data
+    or the check is off (``train.eval_every_steps`` or ``train.eval_tokens`` 0)."""
     t = cfg.train
+    if t.eval_every_steps == 0 or t.eval_tokens == 0:
+        return None
     files, source, tokenized = heldout_sources(manifest, eval_data)
-    if t.eval_tokens == 0 or not files:
+    if not files:
         return None
     path = os.path.join(out_dir, SAMPLE_NAME)
     char_cnn = cfg.model.char_cnn
@@ -164,6 +169,9 @@ def unigram_perplexity(sentences: list[list[str]], vocab: Vocabulary, counts: li
 
 
 def figures(result: dict) -> dict[str, float]:
-    """The metrics of one heldout evaluation (``summarize``'s form), as they are logged."""
+    """The metrics of one heldout evaluation (``summarize``'s form), as they are logged: each perplexity
+    with its mean loss beside it (the perplexity may be ``inf``, the mean loss is finite)."""
     return {**{f"heldout_perplexity/{d}": result[d]["perplexity"] for d in DIRECTIONS},
-            "heldout_perplexity/average": result["average_perplexity"]}
+            "heldout_perplexity/average": result["average_perplexity"],
+            **{f"heldout_loss/{d}": result[d]["mean_loss"] for d in DIRECTIONS},
+            "heldout_loss/average": result["average_mean_loss"]}

@@ -11,7 +11,6 @@ loop reads figures back from the device), checkpoint, stop.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import warnings
@@ -26,12 +25,13 @@ from bilm.runs.config import Config, save_config
 from bilm.data import LMDataset, load_manifest
 from bilm.core.distributed import DistEnv, init_distributed, shutdown
 from bilm.core.errors import InputError
-from bilm.training.guard import Divergence, DivergenceGuard, GuardState
+from bilm.training.guard import TRAINING_LOSS_WINDOW, Divergence, DivergenceGuard, GuardState
 from bilm.training.heldout import figures as heldout_figures, no_heldout_message, prepare_heldout
 from bilm.core.logs import log
 from bilm.modules.language_model import DIRECTIONS
 from bilm.core.options import BiLMOptions
 from bilm.core.progress import progress_bar
+from bilm.scoring.perplexity import figure, json_safe
 from bilm.training.step import StepResult, TrainStep
 from bilm.training.strategy import check_config
 from bilm.core.vocab import Vocabulary
@@ -48,10 +48,7 @@ STOP_CHECK_STEPS = 10
 
 def _log_values(result: StepResult, trainer: TrainStep, dataset: LMDataset, env: DistEnv, data_time: float,
                 tokens_per_second: float) -> dict[str, float]:
-    figures = result.values()
-    values = {**figures, "loss/forward": math.log(figures["perplexity/forward"]),
-              "loss/backward": math.log(figures["perplexity/backward"]),
-              "lr": trainer.optimizer.param_groups[0]["lr"], "tokens_per_second": tokens_per_second,
+    values = {**result.values(), "lr": trainer.optimizer.param_groups[0]["lr"], "tokens_per_second": tokens_per_second,
               "epoch": dataset.epoch, "time/data": data_time, **{f"time/{k}": v for k, v in result.timings.items()}}
     if env.device.type == "cuda":
         values["gpu_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 2**30
@@ -76,7 +73,10 @@ class _Logger:
     steps, heldout perplexity at evaluations) or an event of the divergence guard (``{"event":
     "divergence", ...}``, no ``step`` key). A run resumed from a checkpoint first drops what was
     logged after that checkpoint was written (it is logged again), so each step appears once;
-    a rollback does the same, moving the dropped step lines to ``metrics-rolled-back.jsonl``."""
+    a rollback does the same, moving the dropped step lines to ``metrics-rolled-back.jsonl``.
+    A figure that is not a finite number (a perplexity past float range, a NaN loss) is written as
+    the string ``"inf"``, ``"-inf"`` or ``"nan"`` (``json_safe``), every line stays JSON, and the
+    mean loss stands beside each perplexity (``loss/forward``, ``heldout_loss/forward``, ...)."""
 
     def __init__(self, out_dir: str, enabled: bool, resumed_step: int = 0, offset: Optional[int] = None):
         self.enabled, self.out_dir = enabled, out_dir
@@ -102,10 +102,10 @@ class _Logger:
                  "heldout_perplexity/backward": ("heldout_b", "{:.1f}"), "tokens_per_second": ("tok_s", "{:,.0f}")}
         for key, (name, form) in shown.items():
             if key in values:
-                self.postfix[name] = form.format(values[key])
+                self.postfix[name] = figure(values[key], form)
         if not self.enabled:
             return
-        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+        self.metrics.write(json.dumps(json_safe({"step": step, **values})) + "\n")
         self.metrics.flush()
         if self.writer is not None:
             for k, v in values.items():
@@ -115,7 +115,7 @@ class _Logger:
         """A line of its own in metrics.jsonl, and ``scalars`` at ``step`` in TensorBoard."""
         if not self.enabled:
             return
-        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.write(json.dumps(json_safe(record)) + "\n")
         self.metrics.flush()
         if self.writer is not None:
             for k, v in scalars.items():
@@ -195,24 +195,55 @@ def train(cfg: Config, data: str, out_dir: str, resume: bool = False, vocab_file
             lock.release()
 
 
-class _NonFinite:
-    """The first step whose training loss or gradient norm was not finite, tracked on the device
-    (no wait for it each step) and read where the loop reads figures anyway."""
+class _LossWatch:
+    """What the guard needs of the training figures, tracked on the device (no wait for it each step)
+    and read where the loop reads figures anyway: the first step whose training loss or gradient
+    norm was not finite, and the first step whose per-direction loss averaged over the last
+    ``TRAINING_LOSS_WINDOW`` steps (fewer since the watch started) passed ``bound``, with those
+    averages. The average fires once on the way up: after a firing it is armed again only once an
+    average is back at or below the bound."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.reset()
+    def __init__(self, device: torch.device, bound: Optional[float]):
+        self.device, self.bound = device, bound
+        self.window = torch.zeros(TRAINING_LOSS_WINDOW, len(DIRECTIONS), dtype=torch.float64, device=device)
+        self.seen = 0  # steps since the watch started (a host count: indexing by it reads nothing back)
+        self.watch_finite = True
+        self.first_bad = torch.zeros((), dtype=torch.int64, device=device)
+        self.armed = torch.ones((), dtype=torch.bool, device=device)
+        self.rearm()
 
-    def reset(self) -> None:
-        self.first = torch.zeros((), dtype=torch.int64, device=self.device)
+    def forget_non_finite(self) -> None:
+        """Stop watching for non-finite figures (one has been acted on, and they stay so)."""
+        self.watch_finite = False
+        self.first_bad = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    def rearm(self) -> None:
+        """Forget the last high average (it has been acted on)."""
+        self.first_high = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.high_mean = torch.zeros(len(DIRECTIONS), dtype=torch.float64, device=self.device)
 
     def update(self, result: StepResult, step: int) -> None:
-        bad = ~(torch.isfinite(result.loss) & torch.isfinite(result.grad_norm))
-        self.first = torch.where(bad & (self.first == 0), step, self.first)
+        if self.watch_finite:
+            bad = ~(torch.isfinite(result.loss) & torch.isfinite(result.grad_norm))
+            self.first_bad = torch.where(bad & (self.first_bad == 0), step, self.first_bad)
+        if self.bound is None:
+            return
+        self.window[self.seen % TRAINING_LOSS_WINDOW] = torch.stack([result.mean_loss[d] for d in DIRECTIONS])
+        self.seen += 1
+        mean = self.window[:min(self.seen, TRAINING_LOSS_WINDOW)].mean(dim=0)
+        high = (mean > self.bound).any()
+        fire = high & self.armed & (self.first_high == 0)
+        self.first_high = torch.where(fire, step, self.first_high)
+        self.high_mean = torch.where(fire, mean, self.high_mean)
+        self.armed = (self.armed & ~fire) | (mean <= self.bound).all()
 
-    def read(self) -> int:
-        """That step, or 0."""
-        return int(self.first)
+    def read(self) -> tuple[int, int, list[float]]:
+        """(the first non-finite step, the first step of a high average, its averages per direction); 0: none."""
+        return int(self.first_bad), int(self.first_high), self.high_mean.tolist()
+
+    def steps_averaged(self, step: int, last_step: int) -> int:
+        """How many steps the average of ``step`` (at most ``last_step``, the newest) was over."""
+        return min(TRAINING_LOSS_WINDOW, self.seen - (last_step - step))
 
 
 def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv, eval_data=None) -> dict:
@@ -225,9 +256,11 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
 class _Due:
     """What this step must do besides training, as all ranks agree on it."""
 
-    def __init__(self, log: bool, save: bool, evaluate: bool, check: bool, signal_seen: bool, bad_step: int):
+    def __init__(self, log: bool, save: bool, evaluate: bool, check: bool, signal_seen: bool, bad_step: int,
+                 high_step: int = 0, high_mean: Optional[list[float]] = None):
         self.log, self.save, self.evaluate, self.check = log, save, evaluate, check
         self.signal_seen, self.bad_step = signal_seen, bad_step
+        self.high_step, self.high_mean = high_step, high_mean  # the training-loss average past the bound
 
 
 class _Run:
@@ -265,7 +298,8 @@ class _Run:
                                  if char_inputs else 50)
         self.heldout = prepare_heldout(cfg, manifest, eval_data, out_dir, self.vocab, text_pipeline, env)
         log.info(self._heldout_line(manifest))
-        self.guard = DivergenceGuard(t.divergence_factor, self.heldout.unigram if self.heldout else None)
+        self.guard = DivergenceGuard(t.divergence_factor, self.heldout.unigram if self.heldout else None,
+                                     vocab_size=len(self.vocab), loss_factor=t.divergence_loss_factor)
         self.step, self.metrics_offset = 0, None
         self.result: Optional[StepResult] = None
         self.stopped_by_signal = False
@@ -293,7 +327,7 @@ class _Run:
     def _heldout_line(self, manifest: Optional[dict]) -> str:
         heldout, t = self.heldout, self.cfg.train
         if heldout is None:
-            return no_heldout_message(manifest, t.eval_tokens)
+            return no_heldout_message(manifest, t.eval_tokens, t.eval_every_steps, t.divergence_loss_factor)
         unigram = (f"; add-one unigram perplexity of the training counts: forward {heldout.unigram['forward']:,.1f}, "
                    f"backward {heldout.unigram['backward']:,.1f}") if heldout.unigram else \
             "; no vocab_counts.tsv, so no unigram bound"
@@ -325,15 +359,12 @@ class _Run:
         self.tokens_per_step = t.batch_size * t.unroll_steps * env.world_size  # one direction, all ranks
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.batches: Iterator[dict] = iter(self.dataset)
-        self.nonfinite: Optional[_NonFinite] = _NonFinite(env.device)
+        self.watch = _LossWatch(env.device, self.guard.loss_bound)
         try:
             while self.step < self.total_steps:
                 values = self._train_step()
                 due = self._agree(bool(values))
-                divergence: Optional[Divergence] = None
-                if due.bad_step:
-                    divergence = Divergence(due.bad_step, "the training loss or gradient norm is not finite",
-                                            float("nan"))
+                divergence = self._check_training(due)
                 heldout_result, best = None, False
                 if due.evaluate and divergence is None and not due.signal_seen:
                     heldout_result, divergence, best = self._evaluate(values)
@@ -345,7 +376,7 @@ class _Run:
                     self.bar.set_postfix(**self.logger.postfix, refresh=False)
 
                 if divergence is not None:
-                    outcome = self._respond(divergence, heldout_result, due.bad_step)
+                    outcome = self._respond(divergence, heldout_result, due)
                     if outcome == "rolled back":
                         continue
                     if outcome == "stopped":
@@ -374,8 +405,7 @@ class _Run:
         self.step += 1
         self.window_steps += 1
         self.bar.update(1)
-        if self.nonfinite is not None:
-            self.nonfinite.update(self.result, self.step)
+        self.watch.update(self.result, self.step)
         if not (self.step % t.log_every_steps == 0 or self.step == self.total_steps):
             return {}
         tokens_per_second = self.tokens_per_step * self.window_steps / max(time.perf_counter() - self.window_start,
@@ -395,10 +425,22 @@ class _Run:
         agree_now = log_now or by_steps or eval_by_steps or step % STOP_CHECK_STEPS == 0
         signal_seen, time_due = self.checkpoints.local_view()
         check_now = agree_now if self.env.distributed else agree_now or signal_seen or time_due
-        bad_step = self.nonfinite.read() if self.nonfinite is not None and check_now else 0
-        signal_seen, time_due, bad_step = self.checkpoints.agree(agree_now, signal_seen, time_due, bad_step)
+        bad_step, high_step, high_mean = self.watch.read() if check_now else (0, 0, [0.0] * len(DIRECTIONS))
+        signal_seen, time_due, bad_step, high_step, high_mean = self.checkpoints.agree(
+            agree_now, signal_seen, time_due, bad_step, high_step, high_mean)
         return _Due(log=log_now, save=by_steps or bool(time_due) or bool(signal_seen), evaluate=eval_by_steps,
-                    check=check_now, signal_seen=bool(signal_seen), bad_step=bad_step)
+                    check=check_now, signal_seen=bool(signal_seen), bad_step=bad_step, high_step=high_step,
+                    high_mean=high_mean)
+
+    def _check_training(self, due: _Due) -> Optional[Divergence]:
+        """The guard's view of the training figures the ranks agreed on: a non-finite loss or gradient
+        norm, else a training-loss average past the bound."""
+        if due.bad_step:
+            return Divergence(due.bad_step, "the training loss or gradient norm is not finite", float("nan"))
+        if due.high_step:
+            return self.guard.check_training(due.high_step, dict(zip(DIRECTIONS, due.high_mean)),
+                                             self.watch.steps_averaged(due.high_step, self.step))
+        return None
 
     def _evaluate(self, values: dict[str, float]) -> tuple[dict, Optional[Divergence], bool]:
         """Heldout perplexity into ``values``; the guard's view of it; whether it is a new best (written
@@ -409,7 +451,7 @@ class _Run:
         self.window_start += eval_seconds  # tokens/s is training's own
         values.update(heldout_figures(heldout_result), **{"time/heldout_evaluation": eval_seconds})
         ppl = {d: heldout_result[d]["perplexity"] for d in DIRECTIONS}
-        divergence = self.guard.check_heldout(self.step, ppl)
+        divergence = self.guard.check_heldout(self.step, ppl, {d: heldout_result[d]["mean_loss"] for d in DIRECTIONS})
         best = False
         if divergence is None:
             self.guard.record_healthy(self.step, ppl)
@@ -418,7 +460,7 @@ class _Run:
 
     # ------------------------------------------------------------ the divergence response
 
-    def _respond(self, divergence: Divergence, heldout_result: Optional[dict], bad_step: int) -> Optional[str]:
+    def _respond(self, divergence: Divergence, heldout_result: Optional[dict], due: _Due) -> Optional[str]:
         """``train.on_divergence``: "rolled back", "stopped", or None (warned; training goes on)."""
         action = _on_divergence(divergence, self.guard, self.cfg)
         if action == "rollback":
@@ -430,8 +472,10 @@ class _Run:
             return "stopped"
         _report(self.logger, divergence, self.step, "warn", self.guard, self.trainer,
                 f"{divergence.line()}; training goes on (train.on_divergence: warn)")
-        if bad_step:
-            self.nonfinite = None  # said once: the weights stay non-finite from here on
+        if due.bad_step:
+            self.watch.forget_non_finite()  # said once: the weights stay non-finite from here on
+        elif due.high_step:
+            self.watch.rearm()  # said; it fires again once the average has come back under the bound and passes it
         return None
 
     def _rollback(self, divergence: Divergence) -> bool:
@@ -457,7 +501,7 @@ class _Run:
         for _ in range(skipped):  # the same number on every rank: they stay in step
             next(self.batches)
         self.step = target_step
-        self.nonfinite = _NonFinite(self.env.device)
+        self.watch = _LossWatch(self.env.device, guard.loss_bound)
         self.bar.n = self.step
         self.bar.refresh()
         self.window_start, self.window_steps = time.perf_counter(), 0

@@ -20,6 +20,7 @@ from bilm.runs.checkpoint import numpy_rng_from_plain, numpy_rng_to_plain
 from bilm.runs.config import Config
 from bilm.core.distributed import DistEnv, to_device
 from bilm.runs.model_builder import build_model
+from bilm.scoring.perplexity import perplexity
 from bilm.training.strategy import check_config, make_strategy
 
 
@@ -48,15 +49,23 @@ def set_rng_state(state: dict) -> None:
 @dataclass
 class StepResult:
     """One step's figures, as tensors on the device: reading them (``values()``) waits for the
-    device, so the loop does it only when it logs."""
+    device, so the loop does it only when it logs. ``mean_loss``: each direction's mean sampled-softmax
+    loss (float64); its perplexity is ``bilm.scoring.perplexity.perplexity`` of it, ``inf`` past float range."""
     loss: torch.Tensor
-    perplexity: dict[str, torch.Tensor]
+    mean_loss: dict[str, torch.Tensor]
     grad_norm: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def perplexity(self) -> dict[str, torch.Tensor]:
+        """exp of each direction's mean loss, on the device (``inf`` past float64's range)."""
+        return {d: torch.exp(m) for d, m in self.mean_loss.items()}
+
     def values(self) -> dict[str, float]:
+        losses = {d: float(m) for d, m in self.mean_loss.items()}
         return {"loss": float(self.loss), "grad_norm": float(self.grad_norm),
-                **{f"perplexity/{d}": float(p) for d, p in self.perplexity.items()}}
+                **{f"loss/{d}": m for d, m in losses.items()},
+                **{f"perplexity/{d}": perplexity(m) for d, m in losses.items()}}
 
 
 class TrainStep:
@@ -122,8 +131,8 @@ class TrainStep:
         mark("forward")
         grad_norm = self.strategy.step(loss * self.loss_scale, mark)
         self.steps_done += 1
-        perplexity = {d: torch.exp(losses[d].mean.detach().double().clamp(max=50.0)) for d in DIRECTIONS}
-        return StepResult(loss.detach(), perplexity, grad_norm.detach(), timings)
+        mean_loss = {d: losses[d].mean.detach().double() for d in DIRECTIONS}
+        return StepResult(loss.detach(), mean_loss, grad_norm.detach(), timings)
 
     def _set_learning_rate(self) -> None:
         """optim.lr, ramped up linearly over the first optim.warmup_steps steps and, with optim.decay

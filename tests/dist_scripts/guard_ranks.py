@@ -39,7 +39,7 @@ def train(blow_up_at, argv):
         if len(calls) == blow_up_at:
             p = 100 * result["forward"]["perplexity"]
             d = {"perplexity": p, "mean_loss": 0.0}
-            return {"forward": d, "backward": d, "average_perplexity": p}
+            return {"forward": d, "backward": d, "average_perplexity": p, "average_mean_loss": 0.0}
         return result
     heldout.HeldoutEval.run = run
     from bilm.cli import main
