@@ -8,10 +8,10 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo_out
 GPU_OUT ?=  # gpu-check's output directory; empty: benchmarks/results (with SMOKE=1 a temporary one)
 
-.PHONY: demo test setup setup-dev clean gpu-check
+.PHONY: demo probe test setup setup-dev clean gpu-check
 
 # The demo needs the package only; the tests also need pytest, hypothesis, deepspeed, onnx(runtime),
-# pyarrow, zstandard, sacremoses and sentencex.
+# pyarrow, zstandard, sacremoses, sentencex and matplotlib.
 setup: $(VENV)/.installed
 setup-dev: $(VENV)/.installed-dev
 
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[dev,deepspeed,onnx,corpora,text]"
+	$(PY) -m pip install -q -e ".[dev,deepspeed,onnx,corpora,text,plot]"
 	touch $@
 
 test: $(VENV)/.installed-dev
@@ -38,6 +38,20 @@ demo: $(VENV)/.installed
 	$(BILM) export --checkpoint $(DEMO_OUT)/run --out $(DEMO_OUT)/export --force
 	$(BILM) embed --options $(DEMO_OUT)/export/options.json --weights $(DEMO_OUT)/export/weights.hdf5 --input data/sample/demo_sentences.txt --out $(DEMO_OUT)/sentences.hdf5 --force
 	$(PY) examples/nearest_neighbours.py --input data/sample/demo_sentences.txt --embeddings $(DEMO_OUT)/sentences.hdf5 --word bank
+
+# What the demo model's vectors are worth (about 3 minutes on 2 cores once make demo is done; make
+# demo runs first when its export is missing): bilm probe on sentence polarity (MR) and on
+# part-of-speech tags (UD English-EWT) from PROBE_DATA, layers 0, 1, 2 and the learned mix against
+# a random biLM of the same shape, 3 seeds each; tables on stdout, JSON and PNG into DEMO_OUT.
+PROBE_DATA ?= ../shared/corpora/probe
+probe: $(VENV)/.installed-plot
+	test -f $(DEMO_OUT)/export/weights.hdf5 || $(MAKE) demo
+	$(BILM) probe --model $(DEMO_OUT)/export --task classify --train $(PROBE_DATA)/mr/train.tsv --test $(PROBE_DATA)/mr/test.tsv --layers mix,0,1,2 --control random --json $(DEMO_OUT)/probe-mr.json --plot $(DEMO_OUT)/probe-mr.png --force
+	$(BILM) probe --model $(DEMO_OUT)/export --task tag --train $(PROBE_DATA)/ud-ewt/train.conllu --test $(PROBE_DATA)/ud-ewt/test.conllu --layers mix,0,1,2 --control random --json $(DEMO_OUT)/probe-ewt.json --plot $(DEMO_OUT)/probe-ewt.png --force
+
+$(VENV)/.installed-plot: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[plot]"
+	touch $@
 
 # On a GPU machine: every GPU figure in one command (at most 7 minutes), written to GPU_OUT.
 # It runs with the interpreter it is given as it is (no venv, no install; bilm from this checkout):

@@ -370,9 +370,12 @@ def test_cache_hits_and_misses(tmp_path):
     write_model(directory, seed=2)
     other = vectors()
     assert not other.from_cache and not np.array_equal(other.layers, first.layers)
-    # The file edited: a miss.
-    with open(train, "a") as f:
-        f.write("a\tcat cow\n")
+    # The file edited (one word of its first line; the same lines): a miss.
+    with open(train) as f:
+        lines = f.read().split("\n")
+    lines[0] = lines[0].replace("\t", "\tcow ", 1)
+    with open(train, "w") as f:
+        f.write("\n".join(lines))
     assert not vectors().from_cache
     assert vectors().from_cache
 
