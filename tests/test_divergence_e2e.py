@@ -215,6 +215,10 @@ def test_evaluate_on_the_diverged_checkpoint_prints_its_figures_and_says_so(dive
     assert code == 0 and result["diverged"] and result["forward"]["mean_loss"] > 3 * math.log(10000)
     for d in ("forward", "backward"):  # a perplexity past float range is "inf", its mean loss a number beside it
         assert result[d]["perplexity"] == "inf" or result[d]["perplexity"] == math.exp(result[d]["mean_loss"])
+    # The run directory has no healthy checkpoint: the error says where the diverged state is.
+    code, out, err = bilm(capsys, "evaluate", "--checkpoint", os.path.dirname(os.path.dirname(diverged)),
+                          "--data", heldout, "--device", "cpu")
+    assert code != 0 and f"the run diverged: its state is in {diverged}" in err and "Traceback" not in err
 
 
 def test_score_export_and_embed_on_the_diverged_checkpoint(diverged, capsys, tmp_path):

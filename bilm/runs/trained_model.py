@@ -1,6 +1,7 @@
 """A run's checkpoint as the trained model (``bilm evaluate``, ``bilm export``, ``bilm score``)."""
 from __future__ import annotations
 
+import glob
 import os
 from typing import NamedTuple, Optional
 
@@ -29,7 +30,11 @@ def resolve_checkpoint(path: str, mmap: bool = False, best: bool = False) -> tup
             return found, load_checkpoint(found, mmap=mmap)
         found, payload = load_latest_valid(directory, mmap=mmap)
         if payload is None:
-            raise FileNotFoundError(f"no readable checkpoint in {directory}")
+            # A run stopped by the divergence guard before its first checkpoint has only its diverged state.
+            diverged = sorted(glob.glob(os.path.join(directory, "diverged-step-*.pt")))
+            hint = (f" (the run diverged: its state is in {diverged[-1]}; pass that file to look at it)"
+                    if diverged else "")
+            raise FileNotFoundError(f"no readable checkpoint in {directory}{hint}")
         return found, payload
     return path, load_checkpoint(path, mmap=mmap)
 
