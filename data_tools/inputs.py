@@ -18,6 +18,7 @@ import gzip
 import json
 import lzma
 import os
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
@@ -251,7 +252,7 @@ def read_blocks(item: InputFile | str, block_bytes: int = 8 << 20) -> Iterator[t
                     error.lines = lines
                     raise error
                 # cut == 0: no line end in the block yet, a very long line: keep reading
-        except (OSError, lzma.LZMAError) as e:
+        except (OSError, lzma.LZMAError, zlib.error) as e:  # zlib.error: a damaged gzip stream
             raise InputError(f"{path}: cannot decompress ({e})") from None
         finally:
             if stream is not raw:

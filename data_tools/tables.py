@@ -21,7 +21,7 @@ from bilm.core.errors import InputError, MissingExtra
 from data_tools.inputs import MISSING_CORPORA_EXTRA, InputFile
 
 BATCH_ROWS = 8192  # rows per record batch read from a Parquet row group
-BLOCK_BYTES = 8 << 20  # text handed to a worker at a time (batches are joined up to this)
+BLOCK_BYTES = 2 << 20  # text handed to a worker at a time: small, so that the workers start while the file is read
 
 
 class BadRecord(InputError):

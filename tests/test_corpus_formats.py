@@ -486,3 +486,67 @@ def test_missing_extras_are_named(tmp_path, capsys, monkeypatch):
         status, _, err = prepare(capsys, *argv, "-o", tmp_path / "out", "--workers", 1)
         assert status == 2 and f"pip install 'bilm[{extra}]'" in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- damaged files: a result or one line
+
+def _seed_files(tmp_path):
+    lines = corpus_lines(300, seed=9)
+    jsonl = "".join(json.dumps({"text": line}) + "\n" for line in lines).encode()
+    pq.write_table(pa.table({"text": lines}), tmp_path / "seed.parquet", row_group_size=100)
+    write_hf_dataset(tmp_path / "seed_hf", lines)
+    return {".jsonl.zst": COMPRESS[".zst"](jsonl), ".jsonl.gz": gzip.compress(jsonl), ".jsonl": jsonl,
+            ".parquet": (tmp_path / "seed.parquet").read_bytes(),
+            ".arrow": (tmp_path / "seed_hf" / "data-00000-of-00002.arrow").read_bytes()}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".jsonl.gz", ".jsonl", ".parquet", ".arrow"])
+def test_damaged_inputs_end_in_a_result_or_one_line(tmp_path, capsys, suffix):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    seed = _seed_files(tmp_path)[suffix]
+    cases = iter(range(10 ** 6))
+
+    @settings(max_examples=25, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                     HealthCheck.data_too_large])
+    @given(cut=st.integers(0, len(seed) - 1), edits=st.lists(st.tuples(st.integers(0, len(seed) - 1),
+                                                                      st.integers(0, 255)), max_size=6),
+           skip_bad=st.booleans())
+    def check(cut, edits, skip_bad):
+        data = bytearray(seed)
+        for position, value in edits:
+            data[position] = value
+        data = bytes(data[:cut] if cut % 3 == 0 else data)
+        case = tmp_path / f"case-{next(cases)}"
+        case.mkdir()
+        (case / f"input{suffix}").write_bytes(data)
+        status, _, err = prepare(capsys, case / f"input{suffix}", "-o", case / "out", "--workers", 1,
+                                 *(["--skip-bad"] if skip_bad else []))
+        assert status in (0, 2), err
+        if status == 2:
+            assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "input" in err, err
+            assert not (case / "out").exists()
+
+    check()
+
+
+def test_sentencepiece_trains_on_the_text_field_not_the_json(tmp_path, capsys):
+    lines = corpus_lines(300, seed=11)
+    (tmp_path / "plain.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps({"text": line, "source": "web"}) + "\n"
+                                                                for line in lines).encode()))
+    common = ["--tokenizer", "sentencepiece", "--sp-vocab-size", 60, "--heldout-fraction", 0.1, "--workers", 1]
+    for name in ("plain.txt", "a.jsonl.gz"):
+        status, _, err = prepare(capsys, tmp_path / name, "-o", tmp_path / f"out-{name}", *common)
+        assert status == 0, err
+    import sentencepiece
+
+    def pieces(name):  # the model file also records its path (model_prefix): compare what it holds
+        model = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / f"out-{name}" / "sentencepiece.model"))
+        return [(model.id_to_piece(i), model.get_score(i)) for i in range(model.get_piece_size())]
+
+    assert pieces("plain.txt") == pieces("a.jsonl.gz") and not any("text" in p or "{" in p for p, _ in
+                                                                    pieces("a.jsonl.gz"))
+    assert shard_bytes(tmp_path / "out-plain.txt") == shard_bytes(tmp_path / "out-a.jsonl.gz")
