@@ -13,7 +13,7 @@ import torch
 from bilm.cli import main
 from bilm.core.errors import InputError
 from bilm.core.options import BiLMOptions
-from bilm.evaluation.heads import ProbeNet, Setting, build_net, parse_settings
+from bilm.evaluation.heads import Setting, build_net, parse_settings
 from bilm.evaluation.metrics import chunk_counts, is_bio, span_f1
 from bilm.evaluation.probe import ProbeConfig, Prober, Task, probe_model
 from bilm.evaluation.probe_data import read_classification, read_tagging
