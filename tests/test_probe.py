@@ -343,6 +343,31 @@ def test_plot_without_matplotlib_names_the_extra(tmp_path, capsys, model_dir, mo
     assert "pip install 'bilm[plot]'" in err
 
 
+def test_a_token_cut_into_pieces_gets_the_mean_of_its_pieces(tmp_path):
+    import sentencepiece
+    from bilm.core.text import TextPipeline
+    from bilm.evaluation.vectors import ModelInputs, embed, model_inputs
+    from train_helpers import TRAIN_DATA
+
+    sentencepiece.SentencePieceTrainer.train(input=TRAIN_DATA, model_prefix=str(tmp_path / "sp"), vocab_size=40,
+                                             normalization_rule_name="identity", minloglevel=3)
+    directory = write_model(tmp_path / "model")
+    TextPipeline("sentencepiece", sp_model_proto=(tmp_path / "sp.model").read_bytes()).save(directory)
+    model = model_from_files(os.path.join(directory, "options.json"), os.path.join(directory, "weights.hdf5"))
+    data = read_tagging(write(tmp_path / "tags.txt", ["neural A", "networks B", "", "models A", "use B", ""]))
+    inputs = model_inputs(data, model.pipeline, pretokenized=False)
+    assert inputs.n_split >= 3 and len(inputs.pieces[0]) > 2
+    vectors = embed(model, inputs, progress=False)
+    assert vectors.offsets.tolist() == [0, 2, 4]  # one vector per token of the file
+    pieces = embed(model, ModelInputs([inputs.pieces[0]], None), progress=False).layers.astype(np.float32)
+    groups = np.asarray(inputs.groups[0])
+    for token in (0, 1):
+        expected = pieces[groups == token].mean(0)
+        assert np.allclose(vectors.layers[token].astype(np.float32), expected, rtol=1e-2, atol=1e-3)
+    # --pretokenized: the file's tokens as they are, one piece each.
+    assert model_inputs(data, model.pipeline, pretokenized=True).n_split == 0
+
+
 # ----------------------------------------------------------------------------- the cache
 
 def test_cache_hits_and_misses(tmp_path):
