@@ -42,7 +42,11 @@ HF_DICT_FILE = "dataset_dict.json"
 
 
 class TruncatedInput(InputError):
-    """A compressed stream that ends before its end marker (a cut download, a full disk)."""
+    """A compressed stream that ends before its end marker (a cut download, a full disk), or that
+    cannot be decompressed past some point (damaged bytes); ``reason``: "truncated" or "damaged",
+    ``lines``: the complete lines read before."""
+    reason = "truncated"
+    lines = 0
 
 
 @dataclass(frozen=True)
@@ -141,13 +145,29 @@ def _hf_data_files(directory: str) -> list[str] | None:
     return files
 
 
+def _walk(directory: str) -> list[str]:
+    """A directory's files (recursively, hidden ones skipped, sorted); a Hugging Face dataset
+    inside it gives its Arrow files, not its JSON bookkeeping."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        hf = _hf_data_files(root)
+        if hf is not None:
+            found += hf
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
+    if not found:
+        raise FileNotFoundError(f"input directory {directory!r} contains no files")
+    return found
+
+
 def resolve_corpus(specs: list[str]) -> list[InputFile]:
     """Files from files, directories, globs and Hugging Face ``save_to_disk`` directories, each with
     its checked format."""
     paths: list[str] = []
     for spec in map(os.fspath, specs):
-        hf = _hf_data_files(spec) if os.path.isdir(spec) else None
-        paths += hf if hf is not None else resolve_inputs([spec])
+        paths += _walk(spec) if os.path.isdir(spec) else resolve_inputs([spec])
     return [detect_format(path) for path in resolve_inputs(paths)] if paths else []
 
 
@@ -156,15 +176,21 @@ def estimated_text_bytes(item: InputFile) -> int:
     return int(os.path.getsize(item.path) * _EXPANSION.get(key, 1.0))
 
 
+def require_zstandard():
+    """The zstandard module, or a one-line error naming the extra."""
+    try:
+        import zstandard
+    except ImportError:
+        raise MissingExtra(MISSING_CORPORA_EXTRA.format(what="reading .zst files", package="zstandard")) from None
+    return zstandard
+
+
 class _ZstdReader:
     """``read1`` over a zstandard stream of one or more frames; a stream cut inside a frame raises
     EOFError (zstandard's own stream reader ends quietly there)."""
 
     def __init__(self, raw: BinaryIO):
-        try:
-            import zstandard
-        except ImportError:
-            raise MissingExtra(MISSING_CORPORA_EXTRA.format(what="reading .zst files", package="zstandard")) from None
+        zstandard = require_zstandard()
         self._raw, self._error = raw, zstandard.ZstdError
         self._context = zstandard.ZstdDecompressor()
         self._frame = None
@@ -172,7 +198,8 @@ class _ZstdReader:
 
     def read1(self, size: int) -> bytes:
         while True:
-            data, self._pending = self._pending or self._raw.read(size), b""
+            # Small reads: a damaged block then loses only itself, not the blocks read with it.
+            data, self._pending = self._pending or self._raw.read(min(size, 64 << 10)), b""
             if not data:
                 if self._frame is not None:
                     raise EOFError("compressed file ended before the end-of-frame marker was reached")
@@ -221,7 +248,7 @@ def read_blocks(item: InputFile | str, block_bytes: int = 8 << 20) -> Iterator[t
         try:
             carry = b""
             position = 0
-            truncated: EOFError | None = None
+            truncated: Exception | None = None  # EOFError: cut short; else the decompressor's error: damaged
             while True:
                 if stream is raw:
                     data = raw.read(block_bytes)
@@ -231,7 +258,7 @@ def read_blocks(item: InputFile | str, block_bytes: int = 8 << 20) -> Iterator[t
                         while size < block_bytes and (more := stream.read1(min(block_bytes - size, 1 << 20))):
                             parts.append(more)
                             size += len(more)
-                    except EOFError as e:
+                    except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:
                         truncated = e
                     data = b"".join(parts)
                 progress = raw.tell() - position
@@ -247,9 +274,11 @@ def read_blocks(item: InputFile | str, block_bytes: int = 8 << 20) -> Iterator[t
                     lines += data.count(b"\n", 0, cut)
                     yield data[:cut], progress
                 if truncated is not None:
-                    error = TruncatedInput(f"{path}: truncated: the {_NAMES[item.compression]} stream ends early "
-                                           f"({truncated}); the cut comes after {lines:,} complete lines")
-                    error.lines = lines
+                    cut = isinstance(truncated, EOFError)
+                    what = (f"truncated: the {_NAMES[item.compression]} stream ends early" if cut else
+                            f"cannot decompress: the {_NAMES[item.compression]} stream is damaged")
+                    error = TruncatedInput(f"{path}: {what} ({truncated}); after {lines:,} complete lines")
+                    error.lines, error.reason = lines, "truncated" if cut else "damaged"
                     raise error
                 # cut == 0: no line end in the block yet, a very long line: keep reading
         except (OSError, lzma.LZMAError, zlib.error) as e:  # zlib.error: a damaged gzip stream

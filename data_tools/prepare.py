@@ -43,9 +43,10 @@ from bilm.data.manifest import write_manifest
 from bilm.core.progress import progress_bar
 from bilm.core.text import library_versions
 from bilm.core.errors import BilmError
-from data_tools.inputs import InputFile, TruncatedInput, estimated_text_bytes, read_blocks, resolve_corpus
+from data_tools.inputs import (InputFile, TruncatedInput, estimated_text_bytes, read_blocks, require_zstandard,
+                               resolve_corpus)
 from data_tools.lines import BlockTask, LineOptions, LineStats, block_text, init_worker, process_block
-from data_tools.tables import BadRecord, BadRecords, read_arrow, read_parquet
+from data_tools.tables import BadRecord, BadRecords, read_arrow, read_parquet, require_pyarrow
 from data_tools.parallel import Workers
 from data_tools.sentencepiece_training import sample_lines, train_sentencepiece
 from data_tools.shuffle import BucketTask, ShardInfo, ShardWriter, shuffle_bucket
@@ -240,13 +241,10 @@ def prepare(args: argparse.Namespace) -> dict:
 
 
 def _check_libraries(args: argparse.Namespace, items: list[InputFile]) -> None:
-    from data_tools.tables import _import_pyarrow
-    from data_tools.inputs import _ZstdReader
-
     if any(i.format in ("parquet", "arrow") for i in items):
-        _import_pyarrow()
+        require_pyarrow()
     if any(i.compression == ".zst" for i in items):
-        _ZstdReader(None)
+        require_zstandard()
     if args.tokenizer == "moses" or args.split_sentences:
         _line_options(args, None, 1, 0).pipeline().check_libraries()
     if args.tokenizer == "moses":
@@ -452,9 +450,9 @@ def _read_tasks(items: list[InputFile], options: LineOptions, skip_bad: bool,
                 first_line += data.count(b"\n")
         except TruncatedInput as e:
             if not skip_bad:
-                raise PrepareError(f"{e}; pass --skip-bad to keep the lines before the cut (the file is counted "
+                raise PrepareError(f"{e}; pass --skip-bad to keep the lines before it (the file is counted "
                                    "as bad in the manifest)") from None
-            stats[file_index].add(LineStats(bad_records=1, bad={"truncated": 1}, first_bad=str(e)))
+            stats[file_index].add(LineStats(bad_records=1, bad={e.reason: 1}, first_bad=str(e)))
 
 
 def _split_into_buckets(workers: Workers, items: list[InputFile], options: LineOptions, skip_bad: bool,

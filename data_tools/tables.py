@@ -47,7 +47,8 @@ class TableBlock:
     progress: int  # bytes of the file done since the previous block (for the progress bar)
 
 
-def _import_pyarrow():
+def require_pyarrow():
+    """pyarrow (with its compute and parquet modules), or a one-line error naming the extra."""
     try:
         import pyarrow
         import pyarrow.compute  # noqa: F401
@@ -59,7 +60,7 @@ def _import_pyarrow():
 
 
 def _is_text(arrow_type) -> bool:
-    pa = _import_pyarrow()
+    pa = require_pyarrow()
     return (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
             or getattr(pa.types, "is_string_view", lambda t: False)(arrow_type))
 
@@ -68,7 +69,7 @@ class _TableReader:
     """Shared by both formats: column lookup, bad values, joining batches into blocks."""
 
     def __init__(self, item: InputFile, text_field: str, skip_bad: bool, bad: BadRecords):
-        self.pa = _import_pyarrow()
+        self.pa = require_pyarrow()
         self.item, self.path = item, item.path
         self.parts = text_field.split(".")
         self.text_field, self.skip_bad, self.bad = text_field, skip_bad, bad
@@ -98,6 +99,9 @@ class _TableReader:
     def text_of(self, column, where: Callable[[int], str]):
         """The column's non-null values as large strings; nulls are bad records (``where(i)``: row i's place)."""
         pc = self.pa.compute
+        # Full validation (offsets within bounds, valid UTF-8): a damaged file's arrays would otherwise
+        # be read out of bounds by the kernels below (a crash, not an error). ArrowInvalid: the caller's.
+        column.validate(full=True)
         for name in self.parts[1:]:
             column = pc.struct_field(column, name)
         if column.null_count:
@@ -143,7 +147,7 @@ def read_parquet(item: InputFile, text_field: str, skip_bad: bool, bad: BadRecor
         parquet = pa.parquet.ParquetFile(path)
         n_rows, n_groups = parquet.metadata.num_rows, parquet.num_row_groups
         schema = parquet.schema_arrow
-    except (pa.ArrowException, OSError) as e:
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, even UnicodeDecodeError for damaged metadata
         reader.report("unreadable_file", 1, f"{path}: not a readable Parquet file ({_reason(e)})")
         return
     problem = reader.column_error(schema)
@@ -163,7 +167,9 @@ def read_parquet(item: InputFile, text_field: str, skip_bad: bool, bad: BadRecor
                                             lambda i, g=group, r=read: f"{path}: row group {g}, row {r + i}")
                     read += batch.num_rows
                     yield values, batch.num_rows
-            except (pa.ArrowException, OSError) as e:
+            except BadRecord:
+                raise
+            except Exception as e:  # as above: whatever a damaged row group makes pyarrow raise
                 reader.report("unreadable_row_group", group_rows - read,
                               f"{path}: row group {group} cannot be read ({_reason(e)})")
                 yield pa.array([], pa.large_string()), group_rows - read
@@ -188,7 +194,7 @@ def read_arrow(item: InputFile, text_field: str, skip_bad: bool, bad: BadRecords
             is_file = f.read(6) == b"ARROW1"
         ipc = pa.ipc.open_file(source) if is_file else pa.ipc.open_stream(source)
         schema = ipc.schema
-    except (pa.ArrowException, OSError) as e:
+    except Exception as e:  # see read_parquet
         reader.report("unreadable_file", 1, f"{path}: not a readable Arrow file ({_reason(e)})")
         return
     problem = reader.column_error(schema)
@@ -211,19 +217,28 @@ def read_arrow(item: InputFile, text_field: str, skip_bad: bool, bad: BadRecords
                     batch = ipc.read_next_batch()
             except StopIteration:
                 return
-            except (pa.ArrowException, OSError) as e:
+            except Exception as e:  # see read_parquet
                 reader.report("unreadable_batch", 1, f"{path}: record batch {number} cannot be read ({_reason(e)}); "
                                                      "the rest of the file is skipped")
                 return
-            yield (reader.text_of(batch.column(index), lambda i, n=number: f"{path}: record batch {n}, row {i}"),
-                   batch.num_rows)
+            try:
+                values = reader.text_of(batch.column(index), lambda i, n=number: f"{path}: record batch {n}, row {i}")
+            except BadRecord:
+                raise
+            except Exception as e:  # see read_parquet
+                reader.report("unreadable_batch", batch.num_rows, f"{path}: record batch {number} cannot be read "
+                                                                  f"({_reason(e)})")
+                values = pa.array([], pa.large_string())
+            yield values, batch.num_rows
             number += 1
 
-    for block in reader.blocks(batches(), block_bytes):
-        position = min(reader.size, source.tell()) if hasattr(source, "tell") else reader.size
-        block.progress, reported = position - reported, position
-        yield block
-    source.close()
+    try:
+        for block in reader.blocks(batches(), block_bytes):
+            position = min(reader.size, source.tell())
+            block.progress, reported = position - reported, position
+            yield block
+    finally:
+        source.close()
 
 
 def _reason(error: Exception) -> str:

@@ -196,6 +196,21 @@ def test_compressed_inputs_cut_mid_stream(tmp_path, capsys, suffix, fmt):
     assert sorted(set(kept) - {"alpha beta", "gamma"}) == sorted(lines[:entry["lines"]])
     assert "skipped bad records" in stdout and "truncated" in stdout
 
+    # Damaged in the middle (bytes overwritten, not cut): the same choice. Most formats notice at the
+    # damaged block ("damaged"); gzip checks its CRC only at the end, so garbage lines may come first.
+    damaged = bytearray(data)
+    damaged[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    cut.write_bytes(bytes(damaged))
+    status, _, err = prepare(capsys, good, cut, "-o", tmp_path / "d1", "--workers", 1, "--heldout-fraction", 0)
+    assert status == 2 and f"cut.{fmt}{suffix}" in err and "--skip-bad" in err and "Traceback" not in err, err
+    status, _, err = prepare(capsys, good, cut, "-o", tmp_path / "d2", "--workers", 1, "--heldout-fraction", 0,
+                             "--skip-bad")
+    assert status == 0, err
+    entry = json.loads((tmp_path / "d2" / "manifest.json").read_text())["inputs"][1]
+    assert entry["bad_records"] >= 1 and entry["lines"] < 30000
+    if suffix != ".gz":
+        assert entry["bad"] == {"damaged": 1} and entry["lines"] > 1000  # the lines before the damage are kept
+
 
 def test_bad_json_records_stop_the_run_or_are_skipped_and_counted(tmp_path, capsys):
     records = ['{"text": "good one"}', "this is not json", '{"text": "good two"}', '["an", "array"]',
@@ -309,7 +324,9 @@ def test_dataset_dict_reads_every_split(tmp_path, capsys):
     (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
     (tmp_path / "plain.txt").write_text("\n".join(lines) + "\n")
     assert prepare(capsys, tmp_path / "plain.txt", "-o", tmp_path / "a", "--workers", 1)[0] == 0
-    assert prepare(capsys, root, "-o", tmp_path / "b", "--workers", 1)[0] == 0
+    (tmp_path / "corpora").mkdir()  # a directory holding the dataset directory: its Arrow files, not its JSON
+    os.rename(root, tmp_path / "corpora" / "dd")
+    assert prepare(capsys, tmp_path / "corpora", "-o", tmp_path / "b", "--workers", 1)[0] == 0
     a = json.loads((tmp_path / "a" / "manifest.json").read_text())
     b = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert {k: a[k] for k in COUNT_KEYS} == {k: b[k] for k in COUNT_KEYS}
