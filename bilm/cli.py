@@ -133,7 +133,7 @@ def _add_train(sub: argparse._SubParsersAction) -> Callable:
                         "of the data's")
     p.add_argument("--new-rows", choices=["unk", "char", "mean", "fresh"],
                    help="with a bilm-tf checkpoint: the softmax row of a word it does not know (default unk: the "
-                        "checkpoint's <UNK> row, its probability shared among the new words; see README)")
+                        "checkpoint's <UNK> row, its probability shared among the new words; see docs/continued-pretraining.md)")
     p.add_argument("--init-weights", help="start from published ELMo weights.hdf5 (continued pretraining)")
     p.add_argument("--init-options", help="the options.json that came with --init-weights (sets the architecture)")
     p.add_argument("--init-softmax", help="softmax.hdf5 from `bilm export --include-softmax` (else a fresh softmax)")
