@@ -29,10 +29,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 HELD_CLI = os.path.join(ROOT, "tests", "dist_scripts", "held_cli.py")
 
 
-def _train_args(out, *overrides):
+def _train_args(out, *overrides, fast: bool = True):
+    """``bilm train`` arguments of a tiny run into ``out``. ``fast``: with BILM_TEST_FAST_TRAINING's smaller
+    model (this file's own runs); other files pass False when they compare with a ``tiny_config`` run."""
     args = ["train", "--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--data", TRAIN_DATA, "--vocab",
             TRAIN_VOCAB, "--out", str(out), "--no-progress"]
-    for override in (*BILM_TF_TEST_MODEL, *FAST_TRAINING, *overrides):
+    for override in (*BILM_TF_TEST_MODEL, *(FAST_TRAINING if fast else ()), *overrides):
         args += ["--set", override]
     return args
 

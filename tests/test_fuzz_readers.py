@@ -207,7 +207,7 @@ def test_a_damaged_or_missing_shard_stops_training_with_one_line_and_the_checkpo
 
     def train_args(steps):
         argv = _train_args(run, f"train.max_steps={steps}", "train.checkpoint_every_steps=1",
-                           "train.keep_checkpoints=1000")  # > max_steps: none pruned
+                           "train.keep_checkpoints=1000", fast=False)  # > max_steps: none pruned
         i = argv.index("--vocab")
         del argv[i:i + 2]  # the manifest names it
         argv[argv.index("--data") + 1] = str(data / "manifest.json")

@@ -72,7 +72,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path, 
             pickle.dump({**payload, "x": _RunsShell(marker)}, f)
     commands = [["evaluate", "--checkpoint", run, "--data", TRAIN_DATA],
                 ["export", "--checkpoint", evil, "--out", tmp_path / "export"],
-                _train_args(run, "train.max_steps=3") + ["--resume"]]
+                _train_args(run, "train.max_steps=3", fast=False) + ["--resume"]]
     for argv in commands:
         assert bilm_main([str(a) for a in argv]) == 1
         line = _one_line(capsys)
@@ -99,20 +99,20 @@ def _as_format_1(path):
 def test_format_1_is_refused_with_the_command_that_converts_it_and_then_resumes_exactly(tmp_path, capsys):
     args = ("train.max_steps=6", "train.checkpoint_every_steps=3", "train.log_every_steps=1", "train.seed=7")
     full, part = tmp_path / "full", tmp_path / "part"
-    assert bilm_main(_train_args(full, *args)) == 0
-    assert bilm_main(_train_args(part, *args[1:], "train.max_steps=3")) == 0
+    assert bilm_main(_train_args(full, *args, fast=False)) == 0
+    assert bilm_main(_train_args(part, *args[1:], "train.max_steps=3", fast=False)) == 0
     newest = list_checkpoints(str(part / "checkpoints"))[-1]
     _as_format_1(newest)
     capsys.readouterr()
 
-    assert bilm_main(_train_args(part, *args) + ["--resume"]) == 1
+    assert bilm_main(_train_args(part, *args, fast=False) + ["--resume"]) == 1
     line = _one_line(capsys)
     assert newest in line and f"bilm convert-checkpoint {newest}" in line, line
     assert os.path.exists(newest)  # neither set aside nor replaced by an older one
 
     assert bilm_main(["convert-checkpoint", str(part)]) == 0
     assert load_checkpoint(newest)["format"] == FORMAT
-    assert bilm_main(_train_args(part, *args) + ["--resume"]) == 0
+    assert bilm_main(_train_args(part, *args, fast=False) + ["--resume"]) == 0
     _assert_same_run(full, part)
 
 
@@ -142,13 +142,13 @@ def test_resume_refuses_another_architecture_or_vocabulary(tmp_path, run2, capsy
     shutil.copytree(run2, run)
     before = {p: open(p, "rb").read() for p in list_checkpoints(str(run / "checkpoints"))}
     seed = ("train.seed=3", "train.max_steps=4")
-    assert bilm_main(_train_args(run, *seed, "model.lstm.dim=32") + ["--resume"]) == 1
+    assert bilm_main(_train_args(run, *seed, "model.lstm.dim=32", fast=False) + ["--resume"]) == 1
     line = _one_line(capsys)
     assert "cannot resume a different model" in line and "model.lstm.dim: checkpoint 16 vs this run 32" in line, line
 
     vocab = tmp_path / "vocab.txt"
     vocab.write_text(open(TRAIN_VOCAB).read() + "zebra\n")
-    argv = _train_args(run, *seed) + ["--resume"]
+    argv = _train_args(run, *seed, fast=False) + ["--resume"]
     argv[argv.index("--vocab") + 1] = str(vocab)
     assert bilm_main(argv) == 1
     line = _one_line(capsys)
@@ -165,7 +165,7 @@ def test_resume_accepts_changed_settings_and_logs_them_once(tmp_path, run2):
     logging.getLogger("bilm").addHandler(handler)
     try:
         assert bilm_main(_train_args(run, "train.seed=3", "train.max_steps=3", "optim.lr=0.1",
-                                     "train.keep_checkpoints=5") + ["--resume"]) == 0
+                                     "train.keep_checkpoints=5", fast=False) + ["--resume"]) == 0
     finally:
         logging.getLogger("bilm").removeHandler(handler)
     changed = [m for m in messages if m.startswith("settings changed since")]
