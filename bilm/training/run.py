@@ -14,6 +14,7 @@ import json
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
@@ -253,14 +254,16 @@ def _train(cfg, data, out_dir, resume, vocab_file, init, progress, env: DistEnv,
     return run.summary()
 
 
+@dataclass
 class _Due:
     """What this step must do besides training, as all ranks agree on it."""
-
-    def __init__(self, log: bool, save: bool, evaluate: bool, check: bool, signal_seen: bool, bad_step: int,
-                 high_step: int = 0, high_mean: Optional[list[float]] = None):
-        self.log, self.save, self.evaluate, self.check = log, save, evaluate, check
-        self.signal_seen, self.bad_step = signal_seen, bad_step
-        self.high_step, self.high_mean = high_step, high_mean  # the training-loss average past the bound
+    save: bool
+    evaluate: bool
+    check: bool
+    signal_seen: bool
+    bad_step: int
+    high_step: int = 0                          # the training-loss average past the bound: its step ...
+    high_mean: Optional[list[float]] = None     # ... and its values per direction
 
 
 class _Run:
@@ -428,7 +431,7 @@ class _Run:
         bad_step, high_step, high_mean = self.watch.read() if check_now else (0, 0, [0.0] * len(DIRECTIONS))
         signal_seen, time_due, bad_step, high_step, high_mean = self.checkpoints.agree(
             agree_now, signal_seen, time_due, bad_step, high_step, high_mean)
-        return _Due(log=log_now, save=by_steps or bool(time_due) or bool(signal_seen), evaluate=eval_by_steps,
+        return _Due(save=by_steps or bool(time_due) or bool(signal_seen), evaluate=eval_by_steps,
                     check=check_now, signal_seen=bool(signal_seen), bad_step=bad_step, high_step=high_step,
                     high_mean=high_mean)
 
