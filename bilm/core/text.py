@@ -152,18 +152,6 @@ def library_versions(tokenizer: str, split_sentences: Optional[str]) -> dict:
     return found
 
 
-def make_tokenizer(name: str, model_path: str | None = None, lang: str = "en") -> Tokenizer:
-    if name == "whitespace":
-        return WhitespaceTokenizer()
-    if name == "sentencepiece":
-        if model_path is None:
-            raise InputError("the sentencepiece tokenizer needs a model path")
-        return SentencePieceTokenizer(model_path)
-    if name == "moses":
-        return MosesTokenizer(lang)
-    raise InputError(f"unknown tokenizer {name!r} (expected one of {', '.join(TOKENIZERS)})")
-
-
 def split_long(tokens: list[str], max_tokens: int) -> list[list[str]]:
     """``tokens`` cut into pieces of at most ``max_tokens`` (0: no limit)."""
     if max_tokens <= 0 or len(tokens) <= max_tokens:
