@@ -419,6 +419,35 @@ def test_a_cache_file_serves_only_its_own_key(tmp_path):
     assert not file_vectors(model_b, data, cache, progress=False).from_cache
 
 
+@pytest.mark.parametrize("damage", ["cut", "flipped byte", "wrong shape", "compressed", "npy"])
+def test_a_damaged_cache_file_is_embedded_again_and_rewritten(tmp_path, model_dir, damage):
+    train, _ = separable_classification(tmp_path, 20, 5)
+    data = read_classification(train)
+    model = model_from_files(os.path.join(model_dir, "options.json"), os.path.join(model_dir, "weights.hdf5"))
+    cache = str(tmp_path / "cache")
+    first = file_vectors(model, data, cache, progress=False)
+    key = cache_key(model, data, False, "fp32")
+    path = cache_path(cache, key)
+    raw = open(path, "rb").read()
+    if damage == "cut":
+        open(path, "wb").write(raw[:len(raw) // 2])
+    elif damage == "flipped byte":  # inside the layers' data: zip's CRC no longer matches
+        damaged = bytearray(raw)
+        damaged[raw.index(first.layers.tobytes()[:64]) + 10] ^= 0xFF
+        open(path, "wb").write(bytes(damaged))
+    elif damage == "wrong shape":  # the right key over arrays that do not hold this file's sentences
+        np.savez(path, key=np.array(json.dumps(key, sort_keys=True)), layers=first.layers[1:],
+                 offsets=first.offsets, n_split=np.array(0))
+    elif damage == "compressed":  # not as bilm writes it: a deflated member could expand without bound
+        np.savez_compressed(path, key=np.array(json.dumps(key, sort_keys=True)), layers=first.layers,
+                            offsets=first.offsets, n_split=np.array(0))
+    else:
+        np.save(open(path, "wb"), first.layers)
+    again = file_vectors(model, data, cache, progress=False)
+    assert not again.from_cache and np.array_equal(again.layers, first.layers)
+    assert file_vectors(model, data, cache, progress=False).from_cache  # rewritten whole
+
+
 def test_settings_seeds_and_heads_share_one_embedding_pass(tmp_path, model_dir):
     model = model_from_files(os.path.join(model_dir, "options.json"), os.path.join(model_dir, "weights.hdf5"))
     train, test = separable_classification(tmp_path, 40, 10)

@@ -11,7 +11,8 @@ float16 (half the memory and disk; the heads read them as float32). They are cac
 made of everything they depend on: the model's identity (the sha256 of its weight or checkpoint
 file and of its options; for the random control, the options and the seed), the labelled file's
 sha256, the tokenizer, the precision and how tokens were read. The key is also stored inside the
-cache file and compared on reading, so a cache file can only serve the vectors it was made for.
+cache file and compared on reading, so a cache file can only serve the vectors it was made for; a
+file cut short, damaged or with arrays of other shapes is embedded again and rewritten.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import hashlib
 import json
 import os
 import sys
+import zipfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -219,15 +221,28 @@ def cache_path(cache_dir: str, key: dict) -> str:
     return os.path.join(cache_dir, f"{digest[:40]}.npz")
 
 
-def read_cache(path: str, key: dict) -> Optional[Vectors]:
-    """The cached vectors at ``path`` if it holds exactly ``key``'s, else None."""
+def read_cache(path: str, key: dict, n_sentences: int, dim: int) -> Optional[Vectors]:
+    """The cached vectors at ``path`` if it holds exactly ``key``'s, whole: ``n_sentences``
+    sentences of at least one token, each token (n_layers, ``dim``) float16. Else None (embed again):
+    no file, one cut short or damaged (zip's CRC), another kind of file, arrays that disagree.
+    Members must be stored uncompressed (as ``write_cache`` writes them), so what is read is bounded
+    by the file's own size."""
     try:
         with np.load(path, allow_pickle=False) as f:
+            if any(info.compress_type != zipfile.ZIP_STORED for info in f.zip.infolist()):
+                return None
             if json.loads(str(f["key"])) != json.loads(json.dumps(key)):
                 return None
-            return Vectors(f["layers"], f["offsets"], int(f["n_split"]), from_cache=True)
-    except (OSError, ValueError, KeyError, EOFError):  # missing, or not a whole cache file: embed again
+            layers, offsets, n_split = f["layers"], f["offsets"], f["n_split"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, MemoryError, TypeError, AttributeError):
+        # MemoryError: a header claiming more than memory (a smaller claim ends at the member's end: EOF);
+        # TypeError (AttributeError before Python 3.11): a .npy file, an array has no `with`.
         return None
+    whole = (layers.dtype == np.float16 and layers.shape[1:] == (key["n_layers"], dim)
+             and offsets.dtype.kind == "i" and offsets.shape == (n_sentences + 1,)
+             and offsets[0] == 0 and offsets[-1] == len(layers) and bool((np.diff(offsets) > 0).all())
+             and n_split.shape == () and n_split.dtype.kind == "i")
+    return Vectors(layers, offsets.astype(np.int64), int(n_split), from_cache=True) if whole else None
 
 
 def write_cache(path: str, key: dict, vectors: Vectors) -> None:
@@ -247,8 +262,8 @@ def file_vectors(model: ProbedModel, data: LabelledData, cache_dir: Optional[str
     if cache_dir:
         key = cache_key(model, data, pretokenized, precision)
         path = cache_path(cache_dir, key)
-        cached = read_cache(path, key)
-        if cached is not None and len(cached.offsets) == len(data) + 1:
+        cached = read_cache(path, key, len(data), model.bilm.options.output_dim)
+        if cached is not None:
             return cached
     inputs = model_inputs(data, model.pipeline, pretokenized)
     if model.pipeline is None and not pretokenized and data.task == "classify" and not model.told_whitespace:
