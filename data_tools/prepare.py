@@ -41,7 +41,7 @@ import bilm
 from bilm.core.atomic import atomic_path, fsync_path
 from bilm.data.manifest import write_manifest
 from bilm.core.progress import progress_bar
-from bilm.core.text import library_versions
+from bilm.core.text import library_versions, valid_lang
 from bilm.core.errors import BilmError
 from data_tools.inputs import (InputFile, TruncatedInput, estimated_text_bytes, read_blocks, require_zstandard,
                                resolve_corpus)
@@ -170,7 +170,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise PrepareError(f"--sp-model {args.sp_model!r}: no such file")
     if not args.text_field or any(not part for part in args.text_field.split(".")):
         raise PrepareError(f"--text-field {args.text_field!r}: give a field name, or a dotted path such as meta.body")
-    if not args.lang or not args.lang.replace("-", "").replace("_", "").isalnum():
+    if not valid_lang(args.lang):
         raise PrepareError(f"--lang {args.lang!r}: give a language code such as en, de, zh")
 
 

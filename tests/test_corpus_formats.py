@@ -399,6 +399,22 @@ def test_old_pipelines_load_as_they_behaved(tmp_path):
         TextPipeline.load(str(tmp_path))
 
 
+def test_pipeline_fields_of_a_handed_over_file_are_checked(tmp_path):
+    """tokenizer.json and manifest.json come from elsewhere: a field of the wrong type is one line
+    naming the file, not a TypeError later (a language sentencex cannot take, versions not a mapping)."""
+    spec = TextPipeline("moses", split_sentences="sentencex").describe()
+    for lang in (5, "", ["en"], "en us"):
+        (tmp_path / "tokenizer.json").write_text(json.dumps({**spec, "lang": lang}))
+        with pytest.raises(ValueError, match=r"tokenizer.json: language .*: give a language code"):
+            TextPipeline.load(str(tmp_path))
+    manifest = {"path": "m.json", "tokenizer": {"type": "moses", "lang": "de", "library_versions": "1.0"},
+                "sentence_splitter": {"type": "sentencex", "library_versions": ["x"]}}
+    pipeline = TextPipeline.from_manifest(manifest)
+    assert (pipeline.lang, pipeline.split_sentences, pipeline.library_versions) == ("de", "sentencex", None)
+    with pytest.raises(ValueError, match=r"m.json: language 7"):
+        TextPipeline.from_manifest({**manifest, "tokenizer": {"type": "moses", "lang": 7}})
+
+
 @pytest.fixture(scope="module")
 def moses_model(tmp_path_factory):
     from bilm.commands.export import export

@@ -138,6 +138,11 @@ class SentenceSplitter:
         return [sentence for sentence in self._segment(self.lang, line) if not sentence.isspace()]
 
 
+def valid_lang(lang) -> bool:
+    """A language code as ``--lang`` takes it: letters and digits, '-' and '_' (en, de, zh-hans, pt_BR)."""
+    return isinstance(lang, str) and bool(lang) and lang.replace("-", "").replace("_", "").isalnum()
+
+
 def library_versions(tokenizer: str, split_sentences: Optional[str]) -> dict:
     """The versions of the libraries a pipeline tokenizes with (recorded, so a later change can be traced)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -195,6 +200,8 @@ class TextPipeline:
             raise InputError("a sentencepiece pipeline needs its model")
         if self.lang is None and (self.tokenizer == "moses" or self.split_sentences):
             self.lang = "en"
+        elif self.lang is not None and not valid_lang(self.lang):  # read from a file: a string the libraries take
+            raise InputError(f"language {self.lang!r}: give a language code such as en, de, zh")
         self._impl: Optional[Tokenizer] = None
         self._splitter: Optional[SentenceSplitter] = None
         if self.tokenizer == "sentencepiece":  # parsed now: a damaged model fails where its file is known
@@ -320,7 +327,10 @@ class TextPipeline:
             except OSError as e:
                 raise FileNotFoundError(f"{source} names the SentencePiece model {model}, which cannot be read "
                                         f"({e.strerror or e})") from None
-        versions = {**(tokenizer.get("library_versions") or {}), **(splitter.get("library_versions") or {})}
+        versions = {}  # informational: only what is a mapping
+        for entry in (tokenizer, splitter):
+            if isinstance(entry.get("library_versions"), dict):
+                versions.update(entry["library_versions"])
         try:
             return cls(tokenizer.get("type", "whitespace"), bool(normalization.get("nfkc", False)),
                        int(normalization.get("max_tokens_per_line", 0)), proto,
