@@ -441,7 +441,7 @@ def replay_fixed_draws(trainer: TrainStep, run_dir: str, masks, unroll: int, aft
         for i, batch in enumerate(_batches(os.path.join(run_dir, "batches.npz"))):
             dropout.step = i
             result = trainer.step(batch)
-            curve.append([math.log(float(result.perplexity[d])) for d in ("forward", "backward")])
+            curve.append([float(result.mean_loss[d]) for d in ("forward", "backward")])
             if after_step is not None:
                 after_step(i, result)
     assert len(dropout.calls) == len(dropout.expect) * len(curve) and len(sampled) == 2 * len(curve)

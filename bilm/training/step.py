@@ -56,11 +56,6 @@ class StepResult:
     grad_norm: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def perplexity(self) -> dict[str, torch.Tensor]:
-        """exp of each direction's mean loss, on the device (``inf`` past float64's range)."""
-        return {d: torch.exp(m) for d, m in self.mean_loss.items()}
-
     def values(self) -> dict[str, float]:
         losses = {d: float(m) for d, m in self.mean_loss.items()}
         return {"loss": float(self.loss), "grad_norm": float(self.grad_norm),
