@@ -324,18 +324,25 @@ class Prober:
         bar = progress_bar(total=len(settings) * config.seeds, unit="head", desc=desc, disable=not self.progress)
         with bar:
             for setting in settings:
-                def split(layers: torch.Tensor, vectors: Vectors, ids: np.ndarray, y: torch.Tensor) -> Split:
-                    x, sequences, per_sentence = head_inputs(layers, vectors.offsets, setting, config.task, config.head)
+                def inputs(layers: torch.Tensor, vectors: Vectors) -> tuple[torch.Tensor, bool, bool]:
+                    return head_inputs(layers, vectors.offsets, setting, config.task, config.head)
+
+                def split(head_input: tuple, vectors: Vectors, ids: np.ndarray, y: torch.Tensor) -> Split:
+                    x, sequences, per_sentence = head_input
                     return Split(x, torch.from_numpy(vectors.offsets), ids, y, config.task, sequences, per_sentence)
 
-                train = split(train_layers, train_vectors, task.train_ids, self.y_train)
+                # The training file's inputs (a layer selected, or its sentences pooled) once: a dev
+                # split carved from it reads the same tensor.
+                train_inputs = inputs(train_layers, train_vectors)
+                train = split(train_inputs, train_vectors, task.train_ids, self.y_train)
                 if dev_vectors is not None:
-                    dev = split(dev_layers, dev_vectors, np.arange(len(task.dev_file)), self.y_dev)
+                    dev = split(inputs(dev_layers, dev_vectors), dev_vectors, np.arange(len(task.dev_file)),
+                                self.y_dev)
                     dev_data = task.dev_file
                 else:
-                    dev = split(train_layers, train_vectors, task.dev_ids, self.y_train)
+                    dev = split(train_inputs, train_vectors, task.dev_ids, self.y_train)
                     dev_data = task.train_all  # the split's ids index the training file
-                test = split(test_layers, test_vectors, np.arange(len(task.test)), self.y_test)
+                test = split(inputs(test_layers, test_vectors), test_vectors, np.arange(len(task.test)), self.y_test)
                 dev_gold = self._gold(dev, dev_data)
                 test_gold = self._gold(test, task.test)
                 runs: dict[str, list] = {"test": [], "dev": [], "epochs": [], "mix": []}
