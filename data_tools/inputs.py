@@ -15,14 +15,13 @@ from __future__ import annotations
 import bz2
 import codecs
 import gzip
-import json
 import lzma
 import os
 import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
-from bilm.core.errors import InputError, MissingExtra
+from bilm.core.errors import InputError, MissingExtra, read_json
 from bilm.data.inputs import resolve_inputs
 
 MISSING_CORPORA_EXTRA = "{what} needs the corpora extra: pip install 'bilm[corpora]' (or pip install {package})"
@@ -108,21 +107,20 @@ def detect_format(path: str) -> InputFile:
     return found
 
 
+def _plain_name(name) -> bool:
+    """A file or directory name inside the dataset's directory (no path: nothing outside it, not itself)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and os.path.basename(name) == name
+
+
 def _hf_data_files(directory: str) -> list[str] | None:
     """The Arrow files of a ``save_to_disk`` directory (a Dataset, or every split of a DatasetDict),
     in their order; None when ``directory`` is not one."""
-    def read(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, ValueError) as e:
-            raise InputError(f"{path}: not a readable Hugging Face dataset file ({e})") from None
-
     dict_file = os.path.join(directory, HF_DICT_FILE)
     if os.path.isfile(dict_file):
-        splits = read(dict_file).get("splits") if isinstance(read(dict_file), dict) else None
-        if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
-            raise InputError(f"{dict_file}: key 'splits' must list the splits' directories")
+        spec = read_json(dict_file)
+        splits = spec.get("splits") if isinstance(spec, dict) else None
+        if not isinstance(splits, list) or not all(_plain_name(s) for s in splits):
+            raise InputError(f"{dict_file}: key 'splits' must list the splits' directories (names inside it)")
         files = []
         for split in splits:
             found = _hf_data_files(os.path.join(directory, split))
@@ -133,11 +131,11 @@ def _hf_data_files(directory: str) -> list[str] | None:
     if not all(os.path.isfile(os.path.join(directory, name)) for name in HF_DATASET_FILES):
         return None
     state_file = os.path.join(directory, "state.json")
-    state = read(state_file)
+    state = read_json(state_file)
     entries = state.get("_data_files") if isinstance(state, dict) else None
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("filename"), str)
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and _plain_name(e.get("filename"))
                                                 for e in entries):
-        raise InputError(f"{state_file}: key '_data_files' must list the dataset's Arrow files")
+        raise InputError(f"{state_file}: key '_data_files' must list the dataset's Arrow files (names inside it)")
     files = [os.path.join(directory, e["filename"]) for e in entries]
     for path in files:
         if not os.path.isfile(path):

@@ -336,6 +336,28 @@ def test_dataset_dict_reads_every_split(tmp_path, capsys):
     assert (tmp_path / "a" / "vocab_counts.tsv").read_bytes() == (tmp_path / "b" / "vocab_counts.tsv").read_bytes()
 
 
+def test_dataset_files_that_point_elsewhere_are_refused(tmp_path, capsys):
+    """state.json and dataset_dict.json come with a downloaded dataset: they name files and splits
+    inside its directory, nothing else (a split "." read itself until Python's recursion limit)."""
+    write_hf_dataset(tmp_path / "hf", corpus_lines(60))
+    (tmp_path / "outside.arrow").write_bytes((tmp_path / "hf" / "data-00000-of-00002.arrow").read_bytes())
+    state = json.loads((tmp_path / "hf" / "state.json").read_text())
+    for name in ("../outside.arrow", str(tmp_path / "outside.arrow"), ".", 5):
+        (tmp_path / "hf" / "state.json").write_text(json.dumps({**state, "_data_files": [{"filename": name}]}))
+        status, _, err = prepare(capsys, tmp_path / "hf", "-o", tmp_path / "out", "--workers", 1)
+        assert status == 2 and "state.json: key '_data_files' must list" in err, err
+    root = tmp_path / "dd"
+    write_hf_dataset(root / "train", corpus_lines(60))
+    for splits in (["."], ["train", ""], ["../hf"], "train"):
+        (root / "dataset_dict.json").write_text(json.dumps({"splits": splits}))
+        status, _, err = prepare(capsys, root, "-o", tmp_path / "out", "--workers", 1)
+        assert status == 2 and "dataset_dict.json: key 'splits' must list" in err and "Traceback" not in err, err
+    (root / "dataset_dict.json").write_text('{"splits": ["train"')
+    status, _, err = prepare(capsys, root, "-o", tmp_path / "out", "--workers", 1)
+    assert status == 2 and "dataset_dict.json: not valid JSON" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------- raw text and the Moses tokenizer
 
 RAW = ["The bank of the river was steep, and Dr. Smith didn't climb it.",
