@@ -32,6 +32,7 @@ from bilm.data import LMDataset, load_manifest, resolve_shards
 from bilm.core.distributed import DistEnv
 from bilm.core.errors import InputError
 from bilm.scoring.evaluate import score, tokenize_files
+from bilm.scoring.perplexity import perplexity
 from bilm.modules.language_model import DIRECTIONS, LanguageModel
 from bilm.core.vocab import Vocabulary
 from bilm.core.text import TextPipeline
@@ -164,8 +165,8 @@ def unigram_perplexity(sentences: list[list[str]], vocab: Vocabulary, counts: li
     words = [int(i) for s in sentences for i in vocab.encode(s)] if sentences else []
     nll = -sum(log_p[i] for i in words)
     n = len(words) + len(sentences)
-    return {"forward": math.exp((nll - len(sentences) * log_p[vocab.eos_id]) / n),
-            "backward": math.exp((nll - len(sentences) * log_p[vocab.bos_id]) / n)}
+    return {"forward": perplexity((nll - len(sentences) * log_p[vocab.eos_id]) / n),
+            "backward": perplexity((nll - len(sentences) * log_p[vocab.bos_id]) / n)}
 
 
 def figures(result: dict) -> dict[str, float]:
