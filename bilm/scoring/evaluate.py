@@ -100,11 +100,10 @@ def evaluate(checkpoint: str, data: str, batch_size: Optional[int] = None, unrol
                                 max_characters_per_token=char_cnn.max_characters_per_token if char_cnn else 50)
             result = score(model, dataset, env, precision, progress)
         factor = cfg.train.divergence_loss_factor or DIVERGENCE_LOSS_FACTOR
-        result["diverged"] = diverged_directions({d: result[d]["mean_loss"] for d in DIRECTIONS}, len(vocab_tokens),
-                                                 factor)
-        result["diverged_note"] = diverged_line(result["diverged"], {d: result[d]["mean_loss"] for d in DIRECTIONS},
-                                                len(vocab_tokens), factor, non_finite_note(model)) \
-            if result["diverged"] else None
+        losses = {d: result[d]["mean_loss"] for d in DIRECTIONS}
+        result["diverged"] = diverged_directions(losses, len(vocab_tokens), factor)
+        result["diverged_note"] = diverged_line(result["diverged"], losses, len(vocab_tokens), factor,
+                                                non_finite_note(model)) if result["diverged"] else None
         result.update(checkpoint=found, data=data, batch_size=dataset.batch_size, unroll_steps=dataset.unroll_steps,
                       per_sentence=per_sentence, world_size=env.world_size, precision=precision,
                       tokenizer=None if pretokenized or data.endswith(".json") else
