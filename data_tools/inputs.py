@@ -230,15 +230,13 @@ def open_binary(item: InputFile, raw: BinaryIO):
     return raw
 
 
-def read_blocks(item: InputFile | str, block_bytes: int = 8 << 20) -> Iterator[tuple[bytes, int]]:
+def read_blocks(item: InputFile, block_bytes: int = 8 << 20) -> Iterator[tuple[bytes, int]]:
     """Yield ``(block, compressed_bytes_read_since_last_block)``; every block ends at a line end.
 
     The last line of a file may lack its newline; it is still yielded. A compressed stream cut
     short raises ``TruncatedInput`` after the blocks of its complete lines (its ``lines`` says how
     many); the cut line is dropped.
     """
-    if isinstance(item, str):
-        item = format_from_name(item)
     path = item.path
     lines = 0
     with open(path, "rb") as raw:
