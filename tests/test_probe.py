@@ -521,6 +521,25 @@ def test_every_checkpoint_probes_each_beside_its_logged_perplexity(small_run, tm
     assert (tmp_path / "run.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_logged_perplexity_of_a_diverged_or_damaged_log_and_its_json(tmp_path):
+    from bilm.evaluation.across_run import logged_perplexity
+    from bilm.evaluation.report import write_json
+
+    lines = ['{"step": 10, "heldout_perplexity/average": 300.5}',
+             '{"step": 20, "heldout_perplexity/average": "inf"}',  # a diverged heldout check (json_safe)
+             '{"step": 30, "heldout_perplexity/average": "lots"}', '{"step": null, "heldout_perplexity/average": 1}',
+             '{"step": 1e400, "heldout_perplexity/average": 1}', '[1, 2]', '{"event": "divergence"}',
+             '{"step": 40, "heldout_perplex']  # cut by a kill
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    assert logged_perplexity(str(tmp_path)) == {10: 300.5, 20: float("inf")}
+    write_json(str(tmp_path / "r.json"), {"checkpoints": [{"step": 20, "heldout_perplexity": float("inf")}]})
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    report = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)
+    assert report["checkpoints"][0]["heldout_perplexity"] == "inf"
+
+
 def test_checkpoint_and_best_of_a_run(small_run, tmp_path, capsys):
     from bilm.evaluation.vectors import model_from_checkpoint
     from bilm.runs.checkpoint import load_checkpoint

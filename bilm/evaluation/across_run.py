@@ -54,10 +54,10 @@ def logged_perplexity(run_root: str) -> dict[int, float]:
         for line in f:
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a killed run
-            if isinstance(record, dict) and "heldout_perplexity/average" in record and "step" in record:
-                found[int(record["step"])] = float(record["heldout_perplexity/average"])
+                if isinstance(record, dict) and "heldout_perplexity/average" in record and "step" in record:
+                    found[int(record["step"])] = float(record["heldout_perplexity/average"])  # "inf": inf
+            except (ValueError, TypeError, OverflowError):
+                continue  # a line cut by a killed run, or figures that are not numbers
     return found
 
 

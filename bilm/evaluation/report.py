@@ -7,6 +7,7 @@ from typing import Optional
 
 from bilm.core.atomic import atomic_open, atomic_path
 from bilm.core.errors import MissingExtra
+from bilm.scoring.perplexity import json_safe
 
 MISSING_PLOT = "--plot needs matplotlib, the plot extra: pip install 'bilm[plot]' (or pip install matplotlib)"
 
@@ -77,8 +78,10 @@ def _files(report: dict) -> str:
 
 
 def write_json(path: str, report: dict) -> None:
+    """The report as JSON; a non-finite figure (a diverged checkpoint's logged perplexity) as the
+    string ``"inf"`` or ``"nan"``, as bilm writes them everywhere (``Infinity`` is not JSON)."""
     with atomic_open(path) as f:
-        json.dump(report, f, indent=2)
+        json.dump(json_safe(report), f, indent=2)
         f.write("\n")
 
 
