@@ -76,12 +76,10 @@ def prepare(args) -> None:
 
 
 def train(args) -> None:
+    from bilm.runs.run_dir import checkpoint_step, list_checkpoints
+
     run = os.path.join(args.work, args.recipe, "run")
-    done = 0
-    checkpoints = os.path.join(run, "checkpoints")
-    if os.path.isdir(checkpoints):
-        steps = [int(n[5:13]) for n in os.listdir(checkpoints) if n.startswith("step-") and n.endswith(".pt")]
-        done = max(steps, default=0)
+    done = max(map(checkpoint_step, list_checkpoints(os.path.join(run, "checkpoints"))), default=0)
     if done >= args.steps:
         print(f"{run}: {done} steps done")
         return
