@@ -39,7 +39,7 @@ demo: $(VENV)/.installed
 	$(BILM) embed --options $(DEMO_OUT)/export/options.json --weights $(DEMO_OUT)/export/weights.hdf5 --input data/sample/demo_sentences.txt --out $(DEMO_OUT)/sentences.hdf5 --force
 	$(PY) examples/nearest_neighbours.py --input data/sample/demo_sentences.txt --embeddings $(DEMO_OUT)/sentences.hdf5 --word bank
 
-# What the demo model's vectors are worth (about 3 minutes on 2 cores once make demo is done; make
+# What the demo model's vectors are worth (about 3.5 minutes on 2 cores once make demo is done; make
 # demo runs first when its export is missing): bilm probe on sentence polarity (MR) and on
 # part-of-speech tags (UD English-EWT) from PROBE_DATA, layers 0, 1, 2 and the learned mix against
 # a random biLM of the same shape, 3 seeds each; tables on stdout, JSON and PNG into DEMO_OUT.
