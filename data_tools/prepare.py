@@ -29,6 +29,7 @@ temporary buckets on disk, so memory stays bounded whatever the corpus size.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import shutil
@@ -41,7 +42,7 @@ import bilm
 from bilm.core.atomic import atomic_path, fsync_path
 from bilm.data.manifest import write_manifest
 from bilm.core.progress import progress_bar
-from bilm.core.text import library_versions, valid_lang
+from bilm.core.text import TextPipeline, library_versions, valid_lang
 from bilm.core.errors import BilmError
 from data_tools.inputs import (InputFile, TruncatedInput, estimated_text_bytes, read_blocks, require_zstandard,
                                resolve_corpus)
@@ -246,13 +247,21 @@ def _check_libraries(args: argparse.Namespace, items: list[InputFile]) -> None:
     if any(i.compression == ".zst" for i in items):
         require_zstandard()
     if args.tokenizer == "moses" or args.split_sentences:
-        _line_options(args, None, 1, 0).pipeline().check_libraries()
+        _pipeline_without_model(_line_options(args, None, 1, 0)).check_libraries()
     if args.tokenizer == "moses":
         from bilm.core.text import moses_languages
 
         if args.lang not in moses_languages():
             print(f"note: Moses has no non-breaking prefixes for --lang {args.lang}; it uses the English ones",
                   file=sys.stderr)
+
+
+def _pipeline_without_model(options: LineOptions) -> TextPipeline:
+    """The options' pipeline with a SentencePiece tokenizer taken for whitespace: before the model is
+    there, what checks the libraries and splits the model's training sample into sentences."""
+    if options.tokenizer == "sentencepiece":
+        options = dataclasses.replace(options, tokenizer="whitespace", sp_model=None)
+    return options.pipeline()
 
 
 def _line_options(args: argparse.Namespace, sp_model: str | None, n_train_buckets: int,
@@ -409,7 +418,7 @@ def _set_up_tokenizer(args: argparse.Namespace, items: list[InputFile], out: str
         texts = ((block_text(task, options, scratch[task.file_index]), read)
                  for task, read in _read_tasks(items, options, args.skip_bad, scratch))
         sample, seen = sample_lines(texts, args.sp_sample_lines, args.seed, args.nfkc, bar.update,
-                                    options.pipeline().split_cleaned if options.split_sentences else None)
+                                    _pipeline_without_model(options).split_cleaned if options.split_sentences else None)
     print(f"training SentencePiece ({args.sp_model_type}, vocab {args.sp_vocab_size}) on "
           f"{len(sample):,} of {seen:,} lines", file=sys.stderr)
     train_sentencepiece(sample, os.path.join(out, "sentencepiece"), args.sp_vocab_size, args.sp_model_type,

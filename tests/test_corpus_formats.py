@@ -403,6 +403,22 @@ def test_moses_and_sentence_splitting_in_prepare(tmp_path, capsys):
     assert json.loads((tmp_path / "nosplit" / "manifest.json").read_text())["sentence_splitter"] is None
 
 
+def test_sentencepiece_with_sentence_splitting(tmp_path, capsys):
+    """A SentencePiece model trained by prepare on sentences (its sample split as the data is), and
+    the pipeline that travels with the data splits and tokenizes raw text as the shards hold it."""
+    lines = _raw_corpus(120) + RAW
+    (tmp_path / "raw.txt").write_text("\n".join(lines) + "\n")
+    status, _, err = prepare(capsys, tmp_path / "raw.txt", "-o", tmp_path / "out", "--tokenizer", "sentencepiece",
+                             "--sp-vocab-size", 150, "--split-sentences", "--heldout-fraction", 0, "--workers", 1)
+    assert status == 0, err
+    manifest = load_manifest(str(tmp_path / "out" / "manifest.json"))
+    pipeline = TextPipeline.from_manifest(manifest)
+    assert (pipeline.tokenizer, pipeline.split_sentences) == ("sentencepiece", "sentencex")
+    assert manifest["inputs"][0]["extra_from_sentences"] > 0
+    shards = (tmp_path / "out" / "train" / "shard-00000.txt").read_text(encoding="utf-8").splitlines()
+    assert sorted(shards) == sorted(" ".join(s) for s in pipeline.sentences(lines))
+
+
 def test_old_pipelines_load_as_they_behaved(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"format": "bilm-tokenizer", "format_version": 1,
                                                          "tokenizer": "whitespace", "nfkc": True,
