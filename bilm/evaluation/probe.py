@@ -70,10 +70,7 @@ class Task:
             self.dev_ids = None
         else:
             self.dev_file = None
-            train, dev = dev_split(self.train_all, config.dev_fraction, config.split_seed)
-            position = {line: i for i, line in enumerate(self.train_all.lines)}
-            self.train_ids = np.array([position[line] for line in train.lines])
-            self.dev_ids = np.array([position[line] for line in dev.lines])
+            self.train_ids, self.dev_ids = dev_split(self.train_all, config.dev_fraction, config.split_seed)
         self.labels = self.train_all.label_set()
         if len(self.labels) < 2:
             raise InputError(f"{train_path}: one {'label' if config.task == 'classify' else 'tag'} only "

@@ -165,8 +165,9 @@ def subsample(data: LabelledData, limit: Optional[int], seed: int) -> LabelledDa
     return data.subset(keep.tolist())
 
 
-def dev_split(data: LabelledData, fraction: float, seed: int) -> tuple[LabelledData, LabelledData]:
-    """(train, dev): ``fraction`` of the sentences, drawn with ``seed``, held out for choosing epochs."""
+def dev_split(data: LabelledData, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, dev) sentence indices of ``data``, each in file order: ``fraction`` of the sentences,
+    drawn with ``seed``, held out for choosing epochs."""
     if not 0 < fraction < 1:
         raise InputError(f"--dev-fraction must be between 0 and 1, got {fraction}")
     n = len(data)
@@ -175,7 +176,7 @@ def dev_split(data: LabelledData, fraction: float, seed: int) -> tuple[LabelledD
         raise InputError(f"{data.path}: {n} example{'s' if n != 1 else ''} cannot be split into training and dev "
                          f"sets with --dev-fraction {fraction}")
     order = np.random.RandomState(seed).permutation(n)
-    return data.subset(np.sort(order[n_dev:]).tolist()), data.subset(np.sort(order[:n_dev]).tolist())
+    return np.sort(order[n_dev:]), np.sort(order[:n_dev])
 
 
 def unseen_labels(test: LabelledData, train_labels: list[str], train_path: str) -> Optional[str]:
