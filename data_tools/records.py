@@ -61,14 +61,15 @@ def json_lines_text(text: str, path: tuple[str, ...], first_line: int) -> JsonTe
             if not isinstance(value, dict) or key not in value:
                 where = "" if depth == 0 else f" in {'.'.join(path[:depth])!r}"
                 bad(number, "no_field", f"no field {key!r}{where} (--text-field {name})")
-                value = None
                 break
             value = value[key]
         else:
             if not isinstance(value, str):
                 bad(number, "not_string", f"field {name!r} holds {_describe(value)}, not a string")
                 continue
-            if _SURROGATE.search(value):
+            # A lone surrogate can only come from a \uD800-\uDFFF escape (the text was decoded from UTF-8):
+            # a substring test of the line spares most records the regular expression.
+            if ("\\ud" in line or "\\uD" in line) and _SURROGATE.search(value):
                 value, replaced = _SURROGATE.subn("\ufffd", value)
                 out.surrogates += replaced
             out.lines.extend(value.split("\n"))
