@@ -251,6 +251,58 @@ def test_score_export_and_embed_on_the_diverged_checkpoint(diverged, capsys, tmp
             assert re.search(r"line 1: .*(NaN or inf|exceeds float16's range)", line)
 
 
+@pytest.fixture(scope="module")
+def non_finite_weights(tmp_path_factory, corpus):
+    """A blow-up that reaches the weights: at learning rate 1e30 the step-2 update overflows float32,
+    and the state the stop saved holds NaN/inf (at 5000 the clipped Adagrad steps keep them finite)."""
+    run = tmp_path_factory.mktemp("nan-weights") / "run"
+    argv = ["train", "--config", TINY, "--data", corpus, "--out", str(run), "--no-progress"]
+    for override in (*QUICK, "optim.lr=1e30", "train.max_steps=30", "train.on_divergence=stop",
+                     "train.eval_every_steps=0"):
+        argv += ["--set", override]
+    assert bilm_main(argv) == EXIT_DIVERGED
+    diverged = os.path.join(run, "checkpoints", "diverged-step-00000005.pt")
+    assert not all(bool(np.isfinite(v.numpy()).all()) for v in load_checkpoint(diverged)["model"].values())
+    return diverged
+
+
+def test_weights_holding_nan_or_inf_are_named_by_export_evaluate_score_and_refused_by_embed(
+        non_finite_weights, capsys, tmp_path):
+    """What each command says of a real diverged state whose weights are not finite: export writes
+    it and warns (``--strict`` refuses), evaluate and score print their figures and name the tensors,
+    embed and dump-token-embeddings write nothing and say why in one line."""
+    named = re.compile(r"NaN or inf in \d+ tensors? \(\S")
+    text = tmp_path / "text.txt"
+    text.write_text("The game began in 1998 .\nA second line .\n", encoding="utf-8")
+    export = tmp_path / "export"
+    code, out, err = bilm(capsys, "export", "--checkpoint", non_finite_weights, "--out", export, "--strict")
+    assert code == 1 and not export.exists() and "--strict" in err and named.search(err)
+    code, out, err = bilm(capsys, "export", "--checkpoint", non_finite_weights, "--out", export, "--include-softmax")
+    (warning,) = err.splitlines()
+    assert code == 0 and warning.startswith("warning: the weights hold NaN or inf") and named.search(warning)
+    code, out, err = bilm(capsys, "evaluate", "--checkpoint", non_finite_weights, "--data", text, "--device", "cpu",
+                          "--json")
+    result = strict_json(out)
+    assert code == 0 and result["diverged"] == ["forward", "backward"]
+    assert result["forward"]["mean_loss"] == "nan" and result["forward"]["perplexity"] == "nan"
+    assert "its weights hold NaN or inf" in _says_diverged(err)
+    code, out, err = bilm(capsys, "score", "--model", export, "--input", text, "--no-progress")
+    assert code == 0 and [strict_json(line)["forward"]["perplexity"] for line in out.splitlines()] == ["nan", "nan"]
+    assert "its weights hold NaN or inf" in _says_diverged(err)
+    for dtype in ("float32", "float16"):
+        vectors = tmp_path / f"vectors-{dtype}.hdf5"
+        code, out, err = bilm(capsys, "embed", "--model", export, "--input", text, "--out", vectors, "--dtype", dtype)
+        (line,) = [x for x in err.strip().splitlines() if not x.startswith(("embed:", "note:"))]
+        assert code == 1 and not vectors.exists()
+        assert line.startswith(f"bilm embed: error: {text}, line 1: the model gives vectors holding NaN or inf "
+                               "(its weights hold NaN or inf in ") and line.endswith("; nothing written")
+    tokens = tmp_path / "tokens.hdf5"
+    code, out, err = bilm(capsys, "dump-token-embeddings", "--model", export, "--vocab", export / "vocab.txt",
+                          "--out", tokens)
+    (line,) = [x for x in err.strip().splitlines() if not x.startswith("tokens:")]  # not the progress bar
+    assert code == 1 and not tokens.exists() and "hold NaN or inf (the weights hold NaN or inf in " in line
+
+
 # ----- no false alarm
 
 def test_no_false_alarm_in_the_first_100_steps_of_the_tiny_preset(tmp_path, corpus, capsys):
