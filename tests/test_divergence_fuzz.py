@@ -168,7 +168,6 @@ def _damaged_copy(source, target, file_name: str, dataset: str, value: float, wh
 @FILES
 @given(st.data(), st.sampled_from([math.nan, math.inf, -math.inf]))
 def test_weights_holding_nan_or_inf_are_said_or_refused(export_dir, capsys, data, value):
-    weights = os.path.join(export_dir, "export", "weights.hdf5")
     file_name = data.draw(st.sampled_from(["weights.hdf5", "softmax.hdf5"]))
     dataset = data.draw(st.sampled_from(_datasets(os.path.join(export_dir, "export", file_name))))
     damaged = export_dir / "damaged"
@@ -197,7 +196,6 @@ def test_weights_holding_nan_or_inf_are_said_or_refused(export_dir, capsys, data
     warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1, err  # the value went into the weights: always said
     assert "NaN or inf" in warnings[0] or "diverged" in warnings[0]
-    del weights
 
 
 def test_float16_vectors_past_float16s_range_are_refused(export_dir, capsys):
