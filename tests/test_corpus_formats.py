@@ -131,15 +131,16 @@ def test_every_format_gives_the_same_shards_vocab_and_counts(tmp_path, capsys):
 def test_values_with_newlines_are_lines_and_the_json_is_decoded(tmp_path, capsys):
     records = [{"text": "first line\nsecond line"}, {"text": "caf\u00e9 \\ \"quoted\""}, {"text": "\ud83d lone"},
                {"text": "\U0001f600 emoji"}]
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + "\n   \n")
+    upper = '{"text": "\\uDE00 upper"}\n'  # an escape in capitals: a lone surrogate too
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + "\n   \n" + upper)
     status, _, err = prepare(capsys, tmp_path / "a.jsonl", "-o", tmp_path / "out", "--heldout-fraction", 0,
                              "--workers", 1)
     assert status == 0, err
     lines = (tmp_path / "out" / "train" / "shard-00000.txt").read_text(encoding="utf-8").splitlines()
     assert sorted(lines) == sorted(["first line", "second line", 'café \\ "quoted"', "\ufffd lone",
-                                    "\U0001f600 emoji"])
+                                    "\U0001f600 emoji", "\ufffd upper"])
     entry = json.loads((tmp_path / "out" / "manifest.json").read_text())["inputs"][0]
-    assert (entry["records"], entry["lines"], entry["invalid_utf8"]) == (4, 5, 1)  # blank lines are no records
+    assert (entry["records"], entry["lines"], entry["invalid_utf8"]) == (5, 6, 2)  # blank lines are no records
 
 
 def test_nested_field_paths(tmp_path, capsys):
