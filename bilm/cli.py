@@ -420,6 +420,8 @@ def _add_probe(sub: argparse._SubParsersAction) -> Callable:
             require_matplotlib()  # before any work: a missing extra is one line, not a lost run
         if args.cache_dir and args.no_cache:
             raise InputError("give --cache-dir or --no-cache, not both")
+        if args.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
         cache = None if args.no_cache else args.cache_dir or default_cache_dir()
         config = ProbeConfig(args.task, args.head, args.seeds, args.epochs, args.patience, args.lr, args.dev_fraction,
                              args.split_seed, args.max_train, args.tag_column)

@@ -186,6 +186,13 @@ def test_tag_column_out_of_range(tmp_path, capsys, model_dir):
     assert "train.txt, line 1: --tag-column 3 is out of range (the line has 2 columns)" in err
 
 
+def test_batch_size_below_one(tmp_path, capsys, model_dir):
+    train, test = separable_classification(tmp_path, 20, 5)
+    rc, _, err = run_cli("--model", model_dir, "--task", "classify", "--train", train, "--test", test,
+                         "--batch-size", "0", "--no-cache", capsys=capsys)
+    assert rc == 1 and err.count("\n") == 1 and "--batch-size must be at least 1, got 0" in err
+
+
 def test_model_files_that_disagree(tmp_path, capsys):
     bigger = json.loads(json.dumps(OPTIONS))
     bigger["lstm"]["n_layers"] = 1
