@@ -277,3 +277,17 @@ def test_recipe_errors_name_the_file_that_set_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"list\.yaml: expected a mapping"):
         (tmp_path / "list.yaml").write_text("- 1\n")
         load_config([CONFIGS / "elmo_small.yaml", tmp_path / "list.yaml"])
+
+
+@pytest.mark.parametrize("value, message", [("1e39", "must be at most 3.403e+38 (the weights are float32), got 1e+39"),
+                                            ("inf", "must be finite, got inf"), ("nan", "must be > 0, got nan"),
+                                            ("0", "must be > 0, got 0.0")])
+def test_a_learning_rate_the_optimizer_cannot_use_is_refused_naming_the_key(tmp_path, capsys, value, message):
+    """lr 1e39 used to end in a traceback inside Adagrad (float32 overflow): the config refuses it first."""
+    from bilm.cli import main as bilm_main
+    code = bilm_main(["train", "--config", str(CONFIGS / "tiny.yaml"), "--data", str(tmp_path / "none.txt"), "--vocab", str(tmp_path / "v"),
+                      "--out", str(tmp_path / "run"), "--set", f"optim.lr={value}"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "optim.lr" in err and message in err, err
+    assert not (tmp_path / "run").exists()  # refused before anything is written

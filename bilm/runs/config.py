@@ -22,6 +22,7 @@ plain form saved with every checkpoint; the round trip is exact.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,20 +125,29 @@ class OptimConfig:
             _positive(self, key)
         for key in ("adam_eps", "warmup_steps", "weight_decay", "initial_accumulator_value"):
             _non_negative(self, key)
+        if self.lr > FLOAT32_MAX:  # the optimizer multiplies float32 tensors by it: it would not convert
+            raise FieldError("lr", f"must be at most {FLOAT32_MAX:.4g} (the weights are float32), got {self.lr:g}")
         if not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise FieldError("adam_betas", f"must be in [0, 1), got {list(self.adam_betas)}")
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _positive(section, key: str) -> None:
     value = getattr(section, key)
-    if value is not None and value <= 0:
+    if value is not None and not value > 0:  # NaN compares false: refused too
         raise FieldError(key, f"must be > 0, got {value}")
+    if value is not None and not math.isfinite(value):
+        raise FieldError(key, f"must be finite, got {value}")
 
 
 def _non_negative(section, key: str) -> None:
     value = getattr(section, key)
-    if value < 0:
+    if not value >= 0:
         raise FieldError(key, f"must be >= 0, got {value}")
+    if not math.isfinite(value):
+        raise FieldError(key, f"must be finite, got {value}")
 
 
 @dataclass
