@@ -456,6 +456,30 @@ def test_pipeline_fields_of_a_handed_over_file_are_checked(tmp_path):
         TextPipeline.from_manifest({**manifest, "tokenizer": {"type": "moses", "lang": 7}})
 
 
+def test_resume_compares_the_language_and_the_sentence_splitter():
+    from bilm.runs.checkpoint import CheckpointError
+    from bilm.runs.config import config_to_dict
+    from bilm.runs.resume import check_resume
+    from train_helpers import tiny_config
+
+    config = config_to_dict(tiny_config())
+    saved = TextPipeline("moses", split_sentences="sentencex").to_state()
+    payload = {"config": config, "vocab": ["<S>", "</S>", "<UNK>"], "text_pipeline": saved}
+
+    def resume(pipeline):
+        return check_resume(payload, "ck.pt", config, payload["vocab"], "v.txt", pipeline.to_state())
+
+    assert resume(TextPipeline("moses", lang="en", split_sentences="sentencex")) == []
+    with pytest.raises(CheckpointError, match="text_pipeline.split_sentences: checkpoint 'sentencex' vs this run None"):
+        resume(TextPipeline("moses"))
+    with pytest.raises(CheckpointError, match="text_pipeline.lang: checkpoint 'en' vs this run 'de'"):
+        resume(TextPipeline("moses", lang="de", split_sentences="sentencex"))
+    # A pipeline saved before these fields (no lang, no split_sentences) is what a whitespace run is.
+    payload["text_pipeline"] = {"format": "bilm-tokenizer", "format_version": 1, "tokenizer": "whitespace",
+                                "nfkc": False, "max_tokens_per_line": 0, "sp_model_proto": None}
+    assert resume(TextPipeline()) == []
+
+
 @pytest.fixture(scope="module")
 def moses_model(tmp_path_factory):
     from bilm.commands.export import export
