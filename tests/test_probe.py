@@ -484,6 +484,20 @@ def test_random_control_is_the_initialization_of_a_training_run(model_dir):
         assert torch.equal(value, start[name]), name
 
 
+def test_random_control_is_keyed_by_its_weights(model_dir):
+    """The control's cache key holds the sha256 of the weights built, not only the seed: the same
+    seed under another torch or bilm may build other weights, whose vectors differ."""
+    from bilm.evaluation.vectors import weights_sha256
+
+    model = model_from_files(os.path.join(model_dir, "options.json"), os.path.join(model_dir, "weights.hdf5"))
+    control = random_control(model)
+    assert random_control(model).identity == control.identity  # built again: the same key, a cache hit
+    assert control.identity["weights_sha256"] == weights_sha256(control.bilm)
+    with torch.no_grad():
+        next(control.bilm.parameters()).view(-1)[0] += 1e-3
+    assert weights_sha256(control.bilm) != control.identity["weights_sha256"]
+
+
 # ----------------------------------------------------------------------------- across a run
 
 @pytest.fixture(scope="module")

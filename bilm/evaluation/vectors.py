@@ -9,8 +9,8 @@ depend on the others in the file or on their order.
 The vectors of a file are every token's layers (n_tokens, n_layers, 2 * projection_dim), kept as
 float16 (half the memory and disk; the heads read them as float32). They are cached under a key
 made of everything they depend on: the model's identity (the sha256 of its weight or checkpoint
-file and of its options; for the random control, the options and the seed), the labelled file's
-sha256, the tokenizer, the precision and how tokens were read. The key is also stored inside the
+file and of its options; for the random control, the options, the seed and the sha256 of the
+weights built), the labelled file's sha256, the tokenizer, the precision and how tokens were read. The key is also stored inside the
 cache file and compared on reading, so a cache file can only serve the vectors it was made for; a
 file cut short, damaged or with arrays of other shapes is embedded again and rewritten.
 """
@@ -95,13 +95,25 @@ def model_from_checkpoint(path: str, best: bool = False) -> ProbedModel:
     return ProbedModel(bilm, trained.text_pipeline, identity, trained.path, random_seed=trained.config.train.seed)
 
 
+def weights_sha256(module: torch.nn.Module) -> str:
+    """The sha256 of a module's state (names and bytes, in order)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def random_control(model: ProbedModel) -> ProbedModel:
     """A biLM of ``model``'s options with the weights a training run with its seed starts from."""
     options = copy.deepcopy(model.bilm.options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(model.random_seed)  # as bilm train: seed_everything(train.seed), then the modules
         bilm = BidirectionalLM(options)
-    identity = {"random_init_seed": model.random_seed, "options": options.to_dict()}
+    # The weights themselves, not only the seed: another torch or another bilm may build other
+    # initial weights from the same seed, and must not be served the vectors of these.
+    identity = {"random_init_seed": model.random_seed, "options": options.to_dict(),
+                "weights_sha256": weights_sha256(bilm)}
     return ProbedModel(bilm.eval(), model.pipeline, identity, f"random weights (seed {model.random_seed})",
                        model.random_seed, told_whitespace=True)
 
