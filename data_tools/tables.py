@@ -203,23 +203,27 @@ def read_arrow(item: InputFile, text_field: str, skip_bad: bool, bad: BadRecords
         reader.report("no_text_column", 1, f"{path}: {problem}")
         return
     index = schema.get_field_index(reader.parts[0])
-    reported = 0
+    reported, read, over = 0, 0, False  # bytes reported; batches read; whether the reading is over
 
     def batches() -> Iterator[tuple[object, int]]:
+        nonlocal read, over
         number = 0
         while True:
             try:
                 if is_file:
                     if number >= ipc.num_record_batches:
+                        over = True
                         return
                     batch = ipc.get_batch(number)
                 else:
                     batch = ipc.read_next_batch()
             except StopIteration:
+                over = True
                 return
             except Exception as e:  # see read_parquet
                 reader.report("unreadable_batch", 1, f"{path}: record batch {number} cannot be read ({_reason(e)}); "
                                                      "the rest of the file is skipped")
+                over = True
                 return
             try:
                 values = reader.text_of(batch.column(index), lambda i, n=number: f"{path}: record batch {n}, row {i}")
@@ -229,12 +233,15 @@ def read_arrow(item: InputFile, text_field: str, skip_bad: bool, bad: BadRecords
                 reader.report("unreadable_batch", batch.num_rows, f"{path}: record batch {number} cannot be read "
                                                                   f"({_reason(e)})")
                 values = pa.array([], pa.large_string())
+            read = number + 1
             yield values, batch.num_rows
             number += 1
 
     try:
         for block in reader.blocks(batches(), block_bytes):
-            position = min(reader.size, source.tell())
+            # A stream is read front to back; a file's batches are read at their offsets (tell() stays put).
+            position = (reader.size if over else reader.size * read // max(ipc.num_record_batches, 1) if is_file
+                        else min(reader.size, source.tell()))
             block.progress, reported = position - reported, position
             yield block
     finally:

@@ -318,6 +318,21 @@ def test_parquet_is_read_in_bounded_batches(tmp_path, monkeypatch):
     assert sum(b.progress for b in blocks) == os.path.getsize(path)
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_arrow_progress_follows_the_batches(tmp_path, stream):
+    """The progress bar of an Arrow file moves with its record batches and ends at the file's size
+    (an IPC file's batches are read at their offsets: the memory map's position never moved)."""
+    from data_tools.tables import read_arrow
+
+    lines = corpus_lines(400, seed=2)
+    write_hf_dataset(tmp_path / "hf", lines, batch_rows=16, stream=stream)
+    path = tmp_path / "hf" / "data-00000-of-00002.arrow"
+    blocks = list(read_arrow(InputFile(str(path), "arrow"), "text", False, BadRecords(), block_bytes=256))
+    assert b"".join(b.data for b in blocks).decode().split("\n")[:-1] == lines[:201]
+    assert len(blocks) > 5 and all(b.progress > 0 for b in blocks)
+    assert os.path.getsize(path) - 16 <= sum(b.progress for b in blocks) <= os.path.getsize(path)
+
+
 def test_dataset_dict_reads_every_split(tmp_path, capsys):
     lines = corpus_lines(100, seed=5)
     root = tmp_path / "dd"
