@@ -24,6 +24,15 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> str:
+    """``lscpu``'s flags (avx512_bf16, amx_tile, ...: what decides bf16 and matrix speed), or "unknown"."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        return re.search(r"Flags:\s*(.*)", text).group(1).strip()
+    except Exception:
+        return "unknown"
+
+
 def machine_line() -> str:
     """CPU model, cores and memory in one line."""
     memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30

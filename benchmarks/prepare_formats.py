@@ -37,7 +37,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from machine import machine_line  # noqa: E402
+from machine import cpu_flags, cpu_model, machine_line  # noqa: E402
 
 WIKITEXT = os.path.join(ROOT, "shared", "corpora", "wikitext-2")
 if not os.path.isdir(WIKITEXT):
@@ -128,13 +128,6 @@ def run_job(argv: list[str], lock: str | None) -> tuple[float, int, str]:
     return time.perf_counter() - (started or time.perf_counter()), peak, stdout
 
 
-def lscpu() -> tuple[str, str]:
-    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = re.search(r"Model name:\s*(.*)", text)
-    flags = re.search(r"Flags:\s*(.*)", text)
-    return (model.group(1).strip() if model else "unknown"), (flags.group(1).strip() if flags else "unknown")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="directory for the corpus files and the outputs")
@@ -181,7 +174,7 @@ def main() -> None:
               f"peak {row['peak_mb']:,.0f} MiB", flush=True)
         shutil.rmtree(out, ignore_errors=True)
 
-    model, flags = lscpu()
+    model, flags = cpu_model(), cpu_flags()
     plain = next((r for r in rows if r["job"] == "plain text"), None)
     table = ["| input | seconds (median; all runs) | lines/s | vs plain text | MB/s (text) | MB/s (file) | file MB | sentences | "
              "tokens | peak memory |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

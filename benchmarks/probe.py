@@ -37,7 +37,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from machine import machine_line  # noqa: E402
+from machine import cpu_flags, machine_line  # noqa: E402
 
 CORPORA = os.path.join(os.path.dirname(ROOT), "shared", "corpora")
 DEMO_SIZE = ["model.lstm.dim=256", "model.lstm.projection_dim=64"]  # as make demo trains
@@ -52,14 +52,6 @@ def bilm(*args: str) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "bilm.cli", *args], check=True, cwd=ROOT)
     return time.perf_counter() - start
-
-
-def lscpu_flags() -> str:
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        return next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Flags"))
-    except Exception:
-        return "unknown"
 
 
 def model_dir(work: str, model: str) -> str:
@@ -174,7 +166,7 @@ def report(args) -> None:
               if any(os.path.exists(os.path.join(args.work, f"probe-{m}-{t}.json")) for t in TASKS)]
     columns = [*SETTINGS.split(","), "random:mix"]
     lines = [f"# bilm probe: what the vectors are worth ({datetime.date.today().isoformat()})", "",
-             f"Machine: {machine_line()}; `lscpu` flags: {lscpu_flags()}", "",
+             f"Machine: {machine_line()}; `lscpu` flags: {cpu_flags()}", "",
              "Made by `benchmarks/probe.py` (its docstring lists the stages). Test scores in percent, mean ± "
              "standard deviation over 3 seeds of a linear head (Adam, early stopping on a dev split of 10% of the "
              "training file); `random:mix` is the mix of a biLM of the same shape with the initial weights of a "

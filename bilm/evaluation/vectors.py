@@ -30,6 +30,7 @@ import torch
 
 from bilm.core.atomic import atomic_path
 from bilm.core.chars import CharIdMapper
+from bilm.core.digest import sha256_file
 from bilm.core.errors import InputError
 from bilm.core.precision import autocast, check_precision
 from bilm.core.progress import progress_bar
@@ -45,14 +46,6 @@ def default_cache_dir() -> str:
     """``$BILM_CACHE/probe`` (``~/.cache/bilm/probe``), beside the published models."""
     from bilm.modules.published import cache_dir
     return os.path.join(cache_dir(), "probe")
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -27,12 +27,13 @@ from torch import nn
 
 from bilm.core.version import __version__
 from bilm.core.atomic import atomic_path
+from bilm.core.digest import sha256_file
 from bilm.core.errors import InputError, MissingExtra
 from bilm.core.files import ONNX_FILE, OPTIONS_FILE, SERVING_FILES
 from bilm.modules.bidirectional import BidirectionalLM, reverse_padded
 from bilm.modules.lstm.cell import GATES, plus_forget_bias
 from bilm.inference.onnx_runtime import (INPUT_NAME, META_FORMAT, META_OPTIONS, META_VERSION, META_WEIGHTS_SHA256,
-                                         MISSING_EXTRA, ONNX_FORMAT, OUTPUT_NAME, canonical_options, sha256_of)
+                                         MISSING_EXTRA, ONNX_FORMAT, OUTPUT_NAME, canonical_options)
 from bilm.modules.weight_file import load_bilm
 
 OPSET = 17
@@ -153,7 +154,7 @@ def write_onnx(options_file: str, weight_file: str, output_file: str, force: boo
         model = onnx.load(tmp)
         metadata = {META_FORMAT: str(ONNX_FORMAT), META_VERSION: __version__,
                     META_OPTIONS: json.dumps(canonical_options(bilm.options.to_dict()), sort_keys=True),
-                    META_WEIGHTS_SHA256: sha256_of(weight_file)}
+                    META_WEIGHTS_SHA256: sha256_file(weight_file)}
         onnx.helper.set_model_props(model, metadata)
         model.doc_string = ("bilm stateless biLM: char_ids int32 (batch, steps, chars) with <S> </S> around each "
                             "sentence, 0 = padding -> layers float32 (batch, n_layers, steps, 2 * projection_dim)")

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from bilm.core.digest import sha256_file
 from bilm.core.errors import InputError, MissingExtra
 from bilm.core.files import ONNX_FILE, OPTIONS_FILE, WEIGHTS_FILE
 
@@ -85,7 +86,7 @@ class OnnxBiLM:
             raise OnnxModelError(f"{path} was built from other options than {options_file}; rebuild it with "
                                  f"`bilm export-onnx` for this model")
         if weight_file is not None and weights_sha256 is None:
-            weights_sha256 = sha256_of(weight_file)
+            weights_sha256 = sha256_file(weight_file)
         if weights_sha256 is not None and meta.get(META_WEIGHTS_SHA256) != weights_sha256:
             raise OnnxModelError(f"{path} was built from other weights than {weight_file or 'the given weights'}; "
                                  "rebuild it with `bilm export-onnx` for this model")
@@ -99,14 +100,6 @@ class OnnxBiLM:
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(char_ids, dtype=np.int32)})[0]
 
 
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def onnx_model_path(options_file: str, weight_file: Optional[str], build: Optional[Callable[[str, str, str], object]] = None,
                     progress: bool = True) -> tuple[str, Optional[str]]:
     """The ONNX file for a model and the SHA-256 of its weights (None without weights): the
@@ -115,7 +108,7 @@ def onnx_model_path(options_file: str, weight_file: Optional[str], build: Option
     needs PyTorch: the caller passes it, so this module imports no exporter; once per model, one
     builder at a time)."""
     beside = os.path.join(os.path.dirname(os.path.abspath(options_file)), ONNX_FILE)
-    weights_sha = sha256_of(weight_file) if weight_file is not None and os.path.isfile(weight_file) else None
+    weights_sha = sha256_file(weight_file) if weight_file is not None and os.path.isfile(weight_file) else None
     if os.path.isfile(beside):
         return beside, weights_sha
     if weight_file is None:
