@@ -63,3 +63,13 @@ def test_bytes_that_are_not_utf8_are_named_by_line_far_into_a_file(tmp_path):
     options.write_bytes(b'{\n"a": "\xc3"\n}\n')
     with pytest.raises(ValueError, match=r"options\.json, line 2: not UTF-8 text \(byte 7 of the line"):
         read_json(str(options))
+
+
+def test_json_nested_deeper_than_the_parser_recurses_is_one_error_naming_the_file(tmp_path):
+    """tokenizer.json, options.json, a manifest: files people hand each other, read by read_json."""
+    from bilm.core.errors import InputError, read_json
+
+    path = tmp_path / "tokenizer.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InputError, match=r"tokenizer\.json: not valid JSON \(nested too deeply\)"):
+        read_json(str(path))

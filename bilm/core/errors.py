@@ -56,3 +56,5 @@ def read_json(path: str, error: type[Exception] = InputError):
         raise error(f"{path}: not valid JSON ({e})") from None
     except UnicodeDecodeError:
         raise error(not_utf8(path)) from None
+    except RecursionError:  # a hand-made file nested deeper than the parser recurses
+        raise error(f"{path}: not valid JSON (nested too deeply)") from None
