@@ -359,13 +359,20 @@ def _add_probe(sub: argparse._SubParsersAction) -> Callable:
                    help="with a run directory as --checkpoint: probe every kept checkpoint and best.pt, one table "
                         "(and JSON, PNG) of the score against the step beside the heldout perplexity the run logged")
     p.add_argument("--task", required=True, choices=["classify", "tag"],
-                   help="classify: each line label<TAB>text; tag: CoNLL-U or whitespace-separated columns (token "
-                        "first, tag in --tag-column), a blank line after each sentence")
+                   help="classify: each line label<TAB>text (other layouts: --label-column, --text-column; a "
+                        "header line such as label<TAB>sentence is skipped); tag: CoNLL-U or whitespace-separated "
+                        "columns (token first, tag in --tag-column), a blank line after each sentence")
     p.add_argument("--train", required=True, help="labelled training file (a dev split is carved from it)")
     p.add_argument("--test", required=True, help="labelled test file (scored once per head; never chooses anything)")
     p.add_argument("--dev", help="a labelled dev file instead of the split carved from --train")
     p.add_argument("--tag-column", type=int,
                    help="tag: the tag's column, counted from 1 (default: UPOS, 4, for CoNLL-U; else the last column)")
+    p.add_argument("--label-column", type=int,
+                   help="classify: the label's tab-separated column, counted from 1 (default 1: label<TAB>text; 2 "
+                        "for text<TAB>label files such as GLUE's)")
+    p.add_argument("--text-column", type=int,
+                   help="classify: the text's column, counted from 1 (default: the last column other than the "
+                        "label's)")
     p.add_argument("--pretokenized", action="store_true",
                    help="split texts (and read tagged tokens) as they are, instead of with the model's tokenizer")
     p.add_argument("--layers", default="mix,0",
@@ -424,7 +431,7 @@ def _add_probe(sub: argparse._SubParsersAction) -> Callable:
             raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
         cache = None if args.no_cache else args.cache_dir or default_cache_dir()
         config = ProbeConfig(args.task, args.head, args.seeds, args.epochs, args.patience, args.lr, args.dev_fraction,
-                             args.split_seed, args.max_train, args.tag_column)
+                             args.split_seed, args.max_train, args.tag_column, args.label_column, args.text_column)
         task = Task(args.train, args.test, config, args.dev)  # the files are checked before a model is loaded
         for warning in task.warnings:
             print(f"warning: {warning}", file=sys.stderr)

@@ -178,6 +178,91 @@ def test_bad_files_get_one_line_naming_file_and_line(tmp_path, capsys, model_dir
     assert expected in err, err
 
 
+def mr_like(n: int, layout: str, header: bool = False) -> list[str]:
+    """``n`` lines of a two-class task written as a spreadsheet would: label<TAB>text, or text<TAB>label
+    (GLUE's SST-2 layout), with or without a header line."""
+    words = {"pos": ["good", "fine", "great"], "neg": ["bad", "dull", "awful"]}
+    rows = [("pos" if i % 2 else "neg", f"a {words['pos' if i % 2 else 'neg'][i % 3]} film number {i}")
+            for i in range(n)]
+    if layout == "label_text":
+        return (["label\tsentence"] if header else []) + [f"{label}\t{text}" for label, text in rows]
+    return (["sentence\tlabel"] if header else []) + [f"{text}\t{label}" for label, text in rows]
+
+
+def test_classification_header_is_skipped_and_columns_can_be_chosen(tmp_path):
+    data = read_classification(write(tmp_path / "a.tsv", mr_like(12, "label_text", header=True)))
+    assert data.header_line == 1 and data.lines[0] == 2 and len(data) == 12
+    assert data.label_set() == ["neg", "pos"] and data.texts[0] == "a bad film number 0"
+    glue = read_classification(write(tmp_path / "b.tsv", mr_like(12, "text_label", header=True)), label_column=2)
+    assert glue.header_line == 1 and glue.labels == data.labels and glue.texts == data.texts
+    assert glue.reader == "tsv:label=2,text=last" and data.reader == "tsv"
+    # CoLA's layout: source, label, original label, sentence
+    cola = read_classification(write(tmp_path / "c.tsv", ["gj04\t1\t\tOur friends won't buy this analysis.",
+                                                           "gj04\t0\t*\tThey drank the pub."]), label_column=2)
+    assert cola.labels == ["1", "0"] and cola.texts[1] == "They drank the pub." and cola.header_line is None
+    assert read_classification(str(tmp_path / "c.tsv"), label_column=2, text_column=1).texts == ["gj04", "gj04"]
+    # a label that merely looks like a header word is kept when other lines have it too
+    kept = read_classification(write(tmp_path / "d.tsv", ["class\tx y", "class\tz", "other\tw"]))
+    assert kept.header_line is None and kept.labels == ["class", "class", "other"]
+
+
+@pytest.mark.parametrize("train_layout, test_layout, argv, expected", [
+    # a GLUE file read as label<TAB>text: every "label" is a sentence
+    ("text_label", "text_label", [], "train.tsv: 30 of 30 lines have a label no other line has (line 1: "
+                                     "'a bad film number 0'): column 1 looks like text, not a label; for "
+                                     "text<TAB>label give --label-column 2"),
+    # the right columns for the training file, the wrong ones for the test file
+    ("text_label", "label_text", ["--label-column", "2"], "test.tsv: 20 of 20 lines have a label no other line "
+                                                          "has (line 1: 'a bad film number 0'): column 2 looks like "
+                                                          "text, not a label; --label-column and --text-column apply"
+                                                          " to --train, --dev and --test alike"),
+    ("label_text", "label_text", ["--label-column", "3"], "train.tsv, line 1: 2 tab-separated columns, too few for "
+                                                          "--label-column 3"),
+    ("label_text", "label_text", ["--label-column", "1", "--text-column", "1"], "--label-column and --text-column "
+                                                                                "are both 1"),
+    ("label_text", "label_text", ["--text-column", "0"], "--text-column counts from 1, got 0"),
+    ("label_text", "label_text", ["--tag-column", "2"], "--tag-column is for --task tag"),
+])
+def test_misread_columns_are_one_error_before_any_work(tmp_path, capsys, model_dir, train_layout, test_layout,
+                                                       argv, expected):
+    train = write(tmp_path / "train.tsv", mr_like(30, train_layout))
+    test = write(tmp_path / "test.tsv", mr_like(20, test_layout))
+    rc, out, err = run_cli("--model", model_dir, "--task", "classify", "--train", train, "--test", test, *argv,
+                           "--cache-dir", str(tmp_path / "cache"), capsys=capsys)
+    assert rc == 1 and out == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert expected in err, err
+    assert not os.path.exists(tmp_path / "cache")  # refused before the model ran
+
+
+def test_test_labels_none_of_which_training_has_are_an_error(tmp_path, capsys, model_dir):
+    train = write(tmp_path / "train.tsv", mr_like(30, "label_text"))
+    test = write(tmp_path / "test.tsv", [line.replace("pos", "1").replace("neg", "0")
+                                         for line in mr_like(8, "label_text")])
+    rc, _, err = run_cli("--model", model_dir, "--task", "classify", "--train", train, "--test", test,
+                         "--no-cache", capsys=capsys)
+    assert rc == 1 and err.count("\n") == 1
+    assert ("test.tsv: none of its labels appears in " in err and "(line 1: '0';" in err
+            and "has 2, e.g. 'neg'" in err), err
+    tags = write(tmp_path / "tags.txt", ["He PRP", "ran VBD", "", "She PRP", "sat VBD", ""] * 3)
+    other = write(tmp_path / "other.txt", ["He NN", "ran VB", ""])
+    rc, _, err = run_cli("--model", model_dir, "--task", "tag", "--train", tags, "--test", other, "--no-cache",
+                         capsys=capsys)
+    assert rc == 1 and "other.txt: none of its tags appears in" in err and "--tag-column applies to both" in err
+
+
+def test_glue_layout_probe_end_to_end_says_it_skipped_the_headers(tmp_path, capsys, model_dir):
+    train = write(tmp_path / "train.tsv", mr_like(40, "text_label", header=True))
+    test = write(tmp_path / "test.tsv", mr_like(10, "text_label", header=True))
+    rc, out, err = run_cli("--model", model_dir, "--task", "classify", "--train", train, "--test", test,
+                           "--label-column", "2", "--layers", "0", "--seeds", "1", "--no-cache", "--json",
+                           str(tmp_path / "r.json"), capsys=capsys)
+    assert rc == 0, err
+    assert "train.tsv, line 1: read as a header and skipped" in err and "test.tsv, line 1: read as a header" in err
+    assert "train.tsv: 36 sentences" in out and "test.tsv: 10 sentences" in out
+    report = json.load(open(tmp_path / "r.json"))
+    assert report["labels"] == ["neg", "pos"] and report["reader"] == "tsv:label=2,text=last"
+
+
 def test_tag_column_out_of_range(tmp_path, capsys, model_dir):
     train = write(tmp_path / "train.txt", ["He B-NP", "ran B-VP", ""])
     rc, _, err = run_cli("--model", model_dir, "--task", "tag", "--train", train, "--test", train,

@@ -42,6 +42,8 @@ class ProbeConfig:
     split_seed: int = 0             # draws the dev split and the --max-train subsample
     max_train: Optional[int] = None
     tag_column: Optional[int] = None
+    label_column: Optional[int] = None  # classify: the label's and the text's columns (default label<TAB>text)
+    text_column: Optional[int] = None
 
     def check(self) -> None:
         if self.seeds < 1:
@@ -60,12 +62,13 @@ class Task:
     def __init__(self, train_path: str, test_path: str, config: ProbeConfig, dev_path: Optional[str] = None):
         config.check()
         self.config = config
-        full = read_task_file(train_path, config.task, config.tag_column)
+        columns = (config.tag_column, config.label_column, config.text_column)
+        full = read_task_file(train_path, config.task, *columns)
         self.train_file_size = len(full)
         self.train_all = subsample(full, config.max_train, config.split_seed)
-        self.test = read_task_file(test_path, config.task, config.tag_column)
+        self.test = read_task_file(test_path, config.task, *columns)
         if dev_path is not None:
-            self.dev_file: Optional[LabelledData] = read_task_file(dev_path, config.task, config.tag_column)
+            self.dev_file: Optional[LabelledData] = read_task_file(dev_path, config.task, *columns)
             self.train_ids = np.arange(len(self.train_all))
             self.dev_ids = None
         else:
@@ -78,8 +81,11 @@ class Task:
         self.label_id = {label: i for i, label in enumerate(self.labels)}
         self.bio = config.task == "tag" and is_bio(self.labels)
         self.metric = "f1" if self.bio else "accuracy"
-        self.warnings = [w for w in (unseen_labels(self.test, self.labels, train_path),
-                                     self.dev_file and unseen_labels(self.dev_file, self.labels, train_path)) if w]
+        files = [full, self.test] + ([self.dev_file] if self.dev_file is not None else [])
+        self.warnings = [f"{data.path}, line {data.header_line}: read as a header and skipped" for data in files
+                         if data.header_line is not None]
+        self.warnings += [w for w in (unseen_labels(self.test, self.labels, train_path),
+                                      self.dev_file and unseen_labels(self.dev_file, self.labels, train_path)) if w]
 
     @property
     def n_train(self) -> int:
@@ -98,7 +104,7 @@ class Task:
                 "dev": ({"file": self.dev_file.path} if self.dev_file is not None
                         else {"fraction": c.dev_fraction, "seed": c.split_seed, "from": self.train_all.path}),
                 "train_examples": self.n_train, "dev_examples": self.n_dev, "test_examples": len(self.test),
-                "labels": self.labels, "bio": self.bio}
+                "reader": self.test.reader, "labels": self.labels, "bio": self.bio}
 
     def label_ids(self, data: LabelledData) -> np.ndarray:
         """One id per sentence (classify) or per token (tag); -1 for a label training never has."""

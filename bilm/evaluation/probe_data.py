@@ -7,6 +7,7 @@ column 1 and the tag in ``tag_column`` (1-based; default the last), a blank line
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -32,7 +33,8 @@ class LabelledData:
     texts: list[str] = field(default_factory=list)
     tokens: list[list[str]] = field(default_factory=list)
     token_lines: list[list[int]] = field(default_factory=list)
-    reader: str = "tsv"  # tsv, conllu or columns
+    reader: str = "tsv"  # tsv (or tsv:label=N,text=M), conllu or columns
+    header_line: Optional[int] = None  # the line skipped as a header
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -41,7 +43,7 @@ class LabelledData:
         """The examples at ``index`` (sentence indices), in that order."""
         pick = lambda xs: [xs[i] for i in index] if xs else []  # noqa: E731
         return LabelledData(self.path, self.task, pick(self.labels), pick(self.lines), pick(self.texts),
-                            pick(self.tokens), pick(self.token_lines), self.reader)
+                            pick(self.tokens), pick(self.token_lines), self.reader, self.header_line)
 
     def label_set(self) -> list[str]:
         flat = self.labels if self.task == "classify" else [t for tags in self.labels for t in tags]
@@ -58,15 +60,56 @@ def _read_lines(path: str) -> list[str]:
         raise InputError(f"{path}: a directory, expected a file") from None
 
 
-def read_classification(path: str) -> LabelledData:
-    """``label<TAB>text`` lines; blank lines are skipped."""
-    data = LabelledData(path, "classify", [], [])
+# A first line whose label field is one of these, and whose label no other line has, is the header a
+# spreadsheet or pandas writes (GLUE's SST-2 starts "sentence<TAB>label"): skipped, and said so.
+HEADER_LABELS = {"label", "labels", "class", "category", "target", "sentiment", "y", "gold", "tag"}
+# More than this share of lines with a label no other line has, in a file of at least
+# MIN_LINES_TO_JUDGE lines, means the label column holds text: every probe of it would score 0.
+UNIQUE_LABEL_SHARE = 0.5
+MIN_LINES_TO_JUDGE = 10
+
+
+def _layout(label_column: Optional[int], text_column: Optional[int]) -> str:
+    """How a classification file's columns are read, as the report and the vector cache name it."""
+    if label_column is None and text_column is None:
+        return "tsv"
+    return f"tsv:label={label_column or 1},text={text_column or 'last'}"
+
+
+def _classification_fields(path: str, number: int, line: str, label_column: Optional[int],
+                           text_column: Optional[int]) -> tuple[str, str]:
+    if label_column is None and text_column is None:  # label<TAB>text, the text may hold tabs
+        if "\t" not in line:
+            raise InputError(f"{path}, line {number}: no tab (each line is label<TAB>text; for text<TAB>label "
+                             f"give --label-column 2)")
+        label, text = line.split("\t", 1)
+        return label, text
+    fields = line.split("\t")
+    label_at = label_column or 1
+    others = [i for i in range(1, len(fields) + 1) if i != label_at]
+    text_at = text_column or (others[-1] if others else None)
+    for name, at in (("--label-column", label_at), ("--text-column", text_at)):
+        if at is None or at > len(fields):
+            raise InputError(f"{path}, line {number}: {len(fields)} tab-separated column"
+                             f"{'s' if len(fields) != 1 else ''}, too few for {name} {at or label_at + 1}")
+    return fields[label_at - 1], fields[text_at - 1]
+
+
+def read_classification(path: str, label_column: Optional[int] = None,
+                        text_column: Optional[int] = None) -> LabelledData:
+    """``label<TAB>text`` lines (or the label and text in the columns given, counted from 1; the text
+    is then the last column other than the label's unless ``text_column`` says); blank lines are
+    skipped, and so is a header line (see ``HEADER_LABELS``)."""
+    for name, at in (("--label-column", label_column), ("--text-column", text_column)):
+        if at is not None and at < 1:
+            raise InputError(f"{name} counts from 1, got {at}")
+    if label_column is not None and label_column == text_column:
+        raise InputError(f"--label-column and --text-column are both {label_column}")
+    data = LabelledData(path, "classify", [], [], reader=_layout(label_column, text_column))
     for number, line in enumerate(_read_lines(path), 1):
         if not line.strip():
             continue
-        if "\t" not in line:
-            raise InputError(f"{path}, line {number}: no tab (each line is label<TAB>text)")
-        label, text = line.split("\t", 1)
+        label, text = _classification_fields(path, number, line, label_column, text_column)
         if not label.strip():
             raise InputError(f"{path}, line {number}: empty label (each line is label<TAB>text)")
         if not text.strip():
@@ -76,7 +119,28 @@ def read_classification(path: str) -> LabelledData:
         data.lines.append(number)
     if not data.lines:
         raise InputError(f"{path}: no examples (empty file; each line is label<TAB>text)")
+    counts = Counter(data.labels)
+    if data.labels[0].lower() in HEADER_LABELS and counts[data.labels[0]] == 1 and len(data) > 1:
+        header = data.lines[0]
+        data = data.subset(range(1, len(data)))
+        data.header_line = header
+        counts = Counter(data.labels)
+    _check_labels_are_labels(data, counts, label_column)
     return data
+
+
+def _check_labels_are_labels(data: LabelledData, counts: Counter, label_column: Optional[int]) -> None:
+    """A file read with its columns swapped has a different "label" on nearly every line."""
+    unique = [i for i, label in enumerate(data.labels) if counts[label] == 1]
+    if len(data) < MIN_LINES_TO_JUDGE or len(unique) <= UNIQUE_LABEL_SHARE * len(data):
+        return
+    first = unique[0]
+    column = label_column or 1
+    hint = ("for text<TAB>label give --label-column 2" if label_column is None
+            else "--label-column and --text-column apply to --train, --dev and --test alike")
+    raise InputError(f"{data.path}: {len(unique)} of {len(data)} lines have a label no other line has (line "
+                     f"{data.lines[first]}: {data.labels[first][:60]!r}): column {column} looks like text, not a "
+                     f"label; {hint}")
 
 
 def is_conllu(lines: list[str]) -> bool:
@@ -149,9 +213,16 @@ def read_tagging(path: str, tag_column: Optional[int] = None) -> LabelledData:
     return data
 
 
-def read_task_file(path: str, task: str, tag_column: Optional[int] = None) -> LabelledData:
+def read_task_file(path: str, task: str, tag_column: Optional[int] = None, label_column: Optional[int] = None,
+                   text_column: Optional[int] = None) -> LabelledData:
     if task == "classify":
-        return read_classification(path)
+        if tag_column is not None:
+            raise InputError("--tag-column is for --task tag; a classification file's columns are --label-column "
+                             "and --text-column")
+        return read_classification(path, label_column, text_column)
+    if label_column is not None or text_column is not None:
+        raise InputError("--label-column and --text-column are for --task classify; a tagging file's tag column "
+                         "is --tag-column")
     if task == "tag":
         return read_tagging(path, tag_column)
     raise InputError(f"--task must be classify or tag, got {task!r}")
@@ -180,22 +251,31 @@ def dev_split(data: LabelledData, fraction: float, seed: int) -> tuple[np.ndarra
 
 
 def unseen_labels(test: LabelledData, train_labels: list[str], train_path: str) -> Optional[str]:
-    """A warning naming the first test label (or tag) the training file never has, and how many."""
+    """A warning naming the first test label (or tag) the training file never has, and how many; an
+    error when the training file has none of them (a column swapped or misplaced in one of the files:
+    every score would be 0)."""
     known = set(train_labels)
-    first, count = None, 0
+    first, count, total = None, 0, 0
     if test.task == "classify":
         for label, line in zip(test.labels, test.lines):
+            total += 1
             if label not in known:
                 count += 1
                 first = first or (line, label)
     else:
         for tags, lines in zip(test.labels, test.token_lines):
             for tag, line in zip(tags, lines):
+                total += 1
                 if tag not in known:
                     count += 1
                     first = first or (line, tag)
     if first is None:
         return None
     what = "label" if test.task == "classify" else "tag"
+    if count == total:
+        column = ("--label-column" if test.task == "classify" else "--tag-column")
+        raise InputError(f"{test.path}: none of its {what}s appears in {train_path} (line {first[0]}: "
+                         f"{first[1][:60]!r}; {train_path} has {len(known)}, e.g. {sorted(known)[0][:60]!r}): "
+                         f"are the two files' columns the same? ({column} applies to both)")
     return (f"{test.path}, line {first[0]}: {what} {first[1]!r} never appears in {train_path}; scored as wrong "
             f"({count} such {'line' if test.task == 'classify' else 'token'}{'s' if count > 1 else ''})")
