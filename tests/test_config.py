@@ -136,6 +136,25 @@ def test_unknown_key_in_model_section(tmp_path):
         load_config(write(tmp_path, MINIMAL + "trian: {}\n"))
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("train.lr=0.1", "unknown key 'train.lr' (did you mean 'optim.lr'?)"),
+    # an exact name in another section beats a near one in this section ('warmup_steps')
+    ("optim.max_steps=5", "unknown key 'optim.max_steps' (did you mean 'train.max_steps'?)"),
+    ("train.cell_clip=3", "unknown key 'train.cell_clip' (did you mean 'model.lstm.cell_clip'?)"),
+    ("train.projection_dim=8", "unknown key 'train.projection_dim' (did you mean 'model.lstm.projection_dim'?)"),
+])
+def test_a_key_given_in_the_wrong_section_names_the_right_one(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "tiny.yaml", [override])
+    assert str(e.value).endswith(expected), str(e.value)
+
+
+def test_an_unknown_key_like_nothing_gets_no_suggestion():
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "tiny.yaml", ["train.zzz=1"])
+    assert str(e.value).endswith("unknown key 'train.zzz'")
+
+
 def test_wrong_type_names_key_expected_and_got(tmp_path):
     path = write(tmp_path, MINIMAL.replace("batch_size: 4", "batch_size: four"))
     with pytest.raises(ConfigError) as e:

@@ -22,8 +22,10 @@ plain form saved with every checkpoint; the round trip is exact.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -279,7 +281,25 @@ def _build_section(name: str, raw: Any, source: _Source):
     try:
         return load(cls, raw, root=name, style=style, numeric_strings=True)
     except SchemaError as e:
-        raise ConfigError(f"{source.where(e.key)}: {e}") from None
+        message = str(e)
+        if message.startswith("unknown key"):  # a key of another section given here: name where it is
+            elsewhere = [key for key in _all_keys() if key.rsplit(".", 1)[-1] == e.key.rsplit(".", 1)[-1]]
+            if elsewhere:
+                message = f"unknown key '{e.key}' (did you mean {' or '.join(repr(k) for k in elsewhere)}?)"
+        raise ConfigError(f"{source.where(e.key)}: {message}") from None
+
+
+def _all_keys() -> list[str]:
+    """Every dotted key of every section (``optim.lr``, ``model.lstm.dim``, ...): where a key given
+    in the wrong section belongs."""
+    def keys(cls: type, prefix: str) -> list[str]:
+        out = []
+        for f in dataclasses.fields(cls):
+            inner = typing.get_type_hints(cls).get(f.name)
+            inner = next((a for a in typing.get_args(inner) if dataclasses.is_dataclass(a)), inner)
+            out += keys(inner, f"{prefix}.{f.name}") if dataclasses.is_dataclass(inner) else [f"{prefix}.{f.name}"]
+        return out
+    return [key for name, (cls, _) in _SECTIONS.items() for key in keys(cls, name)]
 
 
 # ----- overrides and source lines -----
