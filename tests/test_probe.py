@@ -189,6 +189,14 @@ def mr_like(n: int, layout: str, header: bool = False) -> list[str]:
     return (["sentence\tlabel"] if header else []) + [f"{text}\t{label}" for label, text in rows]
 
 
+def test_conll2003_document_markers_are_not_sentences(tmp_path):
+    path = write(tmp_path / "ner.txt", ["-DOCSTART- -X- -X- O", "", "EU NNP B-NP B-ORG", "rejects VBZ B-VP O", "",
+                                        "-DOCSTART- -X- -X- O", "Peter NNP B-NP B-PER", "", ""])
+    data = read_tagging(path)
+    assert data.tokens == [["EU", "rejects"], ["Peter"]] and data.labels == [["B-ORG", "O"], ["B-PER"]]
+    assert data.lines == [3, 7]
+
+
 def test_classification_header_is_skipped_and_columns_can_be_chosen(tmp_path):
     data = read_classification(write(tmp_path / "a.tsv", mr_like(12, "label_text", header=True)))
     assert data.header_line == 1 and data.lines[0] == 2 and len(data) == 12

@@ -2,7 +2,8 @@
 
 Classification: ``label<TAB>text`` a line. Tagging: CoNLL-U (FORM and, by default, UPOS; comment
 lines, multi-word ranges and empty nodes skipped) or whitespace-separated columns, the token in
-column 1 and the tag in ``tag_column`` (1-based; default the last), a blank line after each sentence.
+column 1 and the tag in ``tag_column`` (1-based; default the last), a blank line after each sentence;
+CoNLL-2003's ``-DOCSTART-`` lines are document boundaries, not tokens.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from bilm.core.errors import InputError, not_utf8
 
 CONLLU_COLUMNS = 10
 CONLLU_FORM, CONLLU_UPOS = 2, 4  # 1-based, as --tag-column counts
+DOCUMENT_MARKER = "-DOCSTART-"  # CoNLL-2000/2003 column files: a line that starts a document
 _CONLLU_ID = re.compile(r"^\d+(-\d+|\.\d+)?$")
 
 
@@ -182,6 +184,8 @@ def read_tagging(path: str, tag_column: Optional[int] = None) -> LabelledData:
         if conllu and line.startswith("#"):
             continue
         fields = line.split("\t") if conllu else line.split()
+        if not conllu and fields[0] == DOCUMENT_MARKER:
+            continue  # CoNLL-2003's document boundary: no token (a sentence of it would be scored as "O")
         if conllu and not _CONLLU_ID.match(fields[0]):
             raise InputError(f"{path}, line {number}: {fields[0]!r} is not a CoNLL-U token ID")
         if width == 0:
