@@ -7,13 +7,14 @@ The corpus is raw (untokenized) English: WikiText-2's validation and test splits
 (``shared/corpora/wikitext-2``, CC BY-SA 3.0), detokenized with the Moses detokenizer (its
 ``@-@``-style escapes undone first) and repeated until it holds ``--tokens`` whitespace tokens; one
 paragraph per line, headings and empty lines dropped. The same lines are written as plain text,
-``.jsonl.gz``, ``.jsonl.zst`` and Parquet (``{"text": ...}``, 10,000-row row groups).
+``.jsonl.gz``, ``.jsonl.zst``, Parquet (``{"text": ...}``, 10,000-row row groups) and CSV
+(``id,text`` with a header row, written by Python's ``csv`` module; plain and ``.csv.gz``).
 
 Jobs, each a separate ``bilm prepare`` process (``--workers`` the same for all), run one at a time,
 each under ``flock --lock`` when given (so that other work on a shared machine does not run beside a
 timed job):
 
-- the four formats with ``--tokenizer whitespace`` (reading, decoding, splitting, shuffling: the
+- the six formats with ``--tokenizer whitespace`` (reading, decoding, splitting, shuffling: the
   format's own cost shows here);
 - plain text with ``--tokenizer moses``, and with ``--tokenizer moses --split-sentences``.
 
@@ -24,8 +25,10 @@ Prints a Markdown table and writes it with the machine (``lscpu`` model and flag
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import gzip
+import io
 import json
 import os
 import re
@@ -43,6 +46,8 @@ WIKITEXT = os.path.join(ROOT, "shared", "corpora", "wikitext-2")
 if not os.path.isdir(WIKITEXT):
     WIKITEXT = "/work/shared/corpora/wikitext-2"
 ROW_GROUP = 10_000
+FILES = {"plain text": "corpus.txt", ".jsonl.gz": "corpus.jsonl.gz", ".jsonl.zst": "corpus.jsonl.zst",
+         "Parquet": "corpus.parquet", "CSV": "corpus.csv", ".csv.gz": "corpus.csv.gz"}
 
 
 def raw_paragraphs() -> list[str]:
@@ -63,12 +68,12 @@ def raw_paragraphs() -> list[str]:
 
 
 def write_corpus(work: str, tokens: int) -> dict:
-    """The corpus in four formats under ``work`` (reused when already there); returns its facts."""
+    """The corpus in six formats under ``work`` (reused when already there); returns its facts."""
     facts_path = os.path.join(work, "corpus.json")
     if os.path.exists(facts_path):
         with open(facts_path) as f:
             facts = json.load(f)
-        if facts["target_tokens"] == tokens:
+        if facts["target_tokens"] == tokens and set(facts["files"]) == set(FILES):
             return facts
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -86,8 +91,7 @@ def write_corpus(work: str, tokens: int) -> dict:
     text = ("\n".join(lines) + "\n").encode("utf-8")
     jsonl = "".join(json.dumps({"id": i, "text": line}, ensure_ascii=False) + "\n"
                     for i, line in enumerate(lines)).encode("utf-8")
-    files = {"plain text": "corpus.txt", ".jsonl.gz": "corpus.jsonl.gz", ".jsonl.zst": "corpus.jsonl.zst",
-             "Parquet": "corpus.parquet"}
+    files = FILES
     with open(os.path.join(work, files["plain text"]), "wb") as f:
         f.write(text)
     with open(os.path.join(work, files[".jsonl.gz"]), "wb") as f:
@@ -96,6 +100,15 @@ def write_corpus(work: str, tokens: int) -> dict:
         f.write(zstandard.ZstdCompressor(level=3).compress(jsonl))
     pq.write_table(pa.table({"id": list(range(len(lines))), "text": lines}), os.path.join(work, files["Parquet"]),
                    row_group_size=ROW_GROUP)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["id", "text"])
+    writer.writerows(enumerate(lines))
+    table = table.getvalue().encode("utf-8")
+    with open(os.path.join(work, files["CSV"]), "wb") as f:
+        f.write(table)
+    with open(os.path.join(work, files[".csv.gz"]), "wb") as f:
+        f.write(gzip.compress(table, compresslevel=6))
     facts = {"target_tokens": tokens, "lines": len(lines), "whitespace_tokens": n, "text_bytes": len(text),
              "files": files, "file_bytes": {k: os.path.getsize(os.path.join(work, v)) for k, v in files.items()}}
     with open(facts_path, "w") as f:

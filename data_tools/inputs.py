@@ -1,20 +1,24 @@
 """Finding, recognizing, opening and reading the raw input files.
 
-A file's format comes from its name (``.txt``, ``.jsonl`` / ``.json`` / ``.ndjson``, ``.parquet``,
-``.arrow``, each text format possibly ``.gz`` / ``.bz2`` / ``.xz`` / ``.zst``) and is checked
-against its first bytes (compression magic numbers, Parquet's ``PAR1``), so a misnamed file is
-refused in one line instead of read as garbage. A directory that Hugging Face ``datasets``'
-``save_to_disk`` wrote is read through its Arrow files (``data_tools.tables``).
+A file's format comes from its name (``.txt``, ``.jsonl`` / ``.json`` / ``.ndjson``, ``.csv``,
+``.tsv``, ``.parquet``, ``.arrow``; text, JSON lines, CSV and TSV possibly ``.gz`` / ``.bz2`` /
+``.xz`` / ``.zst``) and is checked against its first bytes (compression magic numbers, Parquet's
+``PAR1``), so a misnamed file is refused in one line instead of read as garbage. A directory that
+Hugging Face ``datasets``' ``save_to_disk`` wrote is read through its Arrow files
+(``data_tools.tables``).
 
 Text and JSON lines files are read as bytes in blocks of whole lines (cut after the last newline)
 so that the main process does no per-line work; decoding (and JSON parsing) happens in the
-workers, where invalid UTF-8 is replaced and counted (``decode_counting``).
+workers, where invalid UTF-8 is replaced and counted (``decode_counting``). CSV and TSV files are
+tables (a header row names the columns) that pyarrow's CSV reader parses (``data_tools.tables``),
+decompressed by ``open_binary`` as the text formats are (``ReadableStream``).
 """
 from __future__ import annotations
 
 import bz2
 import codecs
 import gzip
+import io
 import lzma
 import os
 import zlib
@@ -31,6 +35,7 @@ _NAMES = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstandard"}
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 ARROW_SUFFIXES = (".arrow",)
+CSV_SUFFIXES = {".csv": "csv", ".tsv": "tsv"}  # suffix -> format; tables with a header row
 PARQUET_MAGIC = b"PAR1"
 ARROW_FILE_MAGIC = b"ARROW1"
 # Rough uncompressed text / file size ratios, only used to size the shuffle buckets.
@@ -50,7 +55,7 @@ class TruncatedInput(InputError):
 
 @dataclass(frozen=True)
 class InputFile:
-    """One input: its path, format ("text", "jsonl", "parquet" or "arrow") and compression
+    """One input: its path, format ("text", "jsonl", "csv", "tsv", "parquet" or "arrow") and compression
     (a suffix of ``COMPRESSIONS``, or "")."""
     path: str
     format: str
@@ -75,6 +80,8 @@ def format_from_name(path: str) -> InputFile:
         if compression:
             raise InputError(f"{path}: a {suffix} file is compressed inside; decompress the {compression} around it")
         return InputFile(path, "parquet" if suffix in PARQUET_SUFFIXES else "arrow")
+    if suffix in CSV_SUFFIXES:
+        return InputFile(path, CSV_SUFFIXES[suffix], compression)
     return InputFile(path, "jsonl" if suffix in JSON_SUFFIXES else "text", compression)
 
 
@@ -230,6 +237,39 @@ def open_binary(item: InputFile, raw: BinaryIO):
     return raw
 
 
+DECOMPRESSION_ERRORS = (EOFError, OSError, lzma.LZMAError, zlib.error)  # zlib.error: a damaged gzip stream
+
+
+def decompression_failure(item: InputFile, error: Exception) -> tuple[str, str]:
+    """("truncated" or "damaged", what happened) for an error of one of ``DECOMPRESSION_ERRORS``
+    met reading ``item``'s stream (EOFError: it ends early)."""
+    if isinstance(error, EOFError):
+        return "truncated", f"truncated: the {_NAMES[item.compression]} stream ends early ({error})"
+    return "damaged", f"cannot decompress: the {_NAMES[item.compression]} stream is damaged ({error})"
+
+
+class ReadableStream(io.RawIOBase):
+    """An ``open_binary`` stream as a file object (``read``, ``readinto``) for readers that want one
+    (pyarrow's CSV reader, the csv module); the decompression error it raised, if any, is kept in
+    ``error``, so that it can be told from the reader's own errors."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self._stream, self.error = stream, None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            data = self._stream.read1(len(buffer))
+        except DECOMPRESSION_ERRORS as e:
+            self.error = e
+            raise
+        buffer[:len(data)] = data
+        return len(data)
+
+
 def read_blocks(item: InputFile, block_bytes: int = 8 << 20) -> Iterator[tuple[bytes, int]]:
     """Yield ``(block, compressed_bytes_read_since_last_block)``; every block ends at a line end.
 
@@ -270,11 +310,9 @@ def read_blocks(item: InputFile, block_bytes: int = 8 << 20) -> Iterator[tuple[b
                     lines += data.count(b"\n", 0, cut)
                     yield data[:cut], progress
                 if truncated is not None:
-                    cut = isinstance(truncated, EOFError)
-                    what = (f"truncated: the {_NAMES[item.compression]} stream ends early" if cut else
-                            f"cannot decompress: the {_NAMES[item.compression]} stream is damaged")
-                    error = TruncatedInput(f"{path}: {what} ({truncated}); after {lines:,} complete lines")
-                    error.lines, error.reason = lines, "truncated" if cut else "damaged"
+                    reason, what = decompression_failure(item, truncated)
+                    error = TruncatedInput(f"{path}: {what}; after {lines:,} complete lines")
+                    error.lines, error.reason = lines, reason
                     raise error
                 # cut == 0: no line end in the block yet, a very long line: keep reading
         except (OSError, lzma.LZMAError, zlib.error) as e:  # zlib.error: a damaged gzip stream

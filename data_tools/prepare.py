@@ -4,10 +4,13 @@
     bilm prepare zh.txt.xz --out zh/ --tokenizer sentencepiece --sp-vocab-size 32000 --nfkc
     bilm prepare dump/*.jsonl.zst --text-field text --tokenizer moses --split-sentences --out web/
     bilm prepare hf_dataset_dir/ data/*.parquet --text-field body --skip-bad --out mixed/
+    bilm prepare reviews.csv.gz labels.tsv --text-field review --out reviews/
 
 Inputs: plain text (one sentence or document per line), JSON lines (``--text-field``, a dotted path
-for a nested field), each possibly .gz, .bz2, .xz or .zst; Parquet files (``--text-field`` names the
-column) and directories a Hugging Face ``save_to_disk`` wrote (their Arrow files; pyarrow only).
+for a nested field), CSV and TSV files with a header row (``--text-field`` names the column; quoted
+values may hold commas, tabs and newlines), each possibly .gz, .bz2, .xz or .zst; Parquet files
+(``--text-field`` names the column) and directories a Hugging Face ``save_to_disk`` wrote (their
+Arrow files). CSV, TSV, Parquet and Arrow need pyarrow (the corpora extra).
 
 Output (``--out DIR``)::
 
@@ -21,10 +24,11 @@ Output (``--out DIR``)::
 Input lines are decoded as UTF-8 (invalid bytes replaced and reported), optionally NFKC
 normalized, stripped of control characters, optionally split into sentences, tokenized, cut into
 pieces of at most ``--max-tokens-per-line`` tokens; empty lines are dropped. A bad record (a line
-that is not JSON, a record without the text field, a truncated compressed file, an unreadable
-Parquet row group) stops the run, unless ``--skip-bad`` skips and counts it. A hash of each line decides
-train or heldout (the same split on every run). Lines are shuffled across shards through
-temporary buckets on disk, so memory stays bounded whatever the corpus size.
+that is not JSON, a record without the text field, a CSV row with more or fewer fields than its
+header, a truncated compressed file, an unreadable Parquet row group) stops the run, unless
+``--skip-bad`` skips and counts it. A hash of each line decides train or heldout (the same split on
+every run). Lines are shuffled across shards through temporary buckets on disk, so memory stays
+bounded whatever the corpus size.
 """
 from __future__ import annotations
 
@@ -47,7 +51,8 @@ from bilm.core.errors import BilmError
 from data_tools.inputs import (InputFile, TruncatedInput, estimated_text_bytes, read_blocks, require_zstandard,
                                resolve_corpus)
 from data_tools.lines import BlockTask, LineOptions, LineStats, block_text, init_worker, process_block
-from data_tools.tables import BadRecord, BadRecords, read_arrow, read_parquet, require_pyarrow
+from data_tools.tables import (CSV_DELIMITERS, BadRecord, BadRecords, read_arrow, read_csv, read_parquet,
+                               require_pyarrow)
 from data_tools.parallel import Workers
 from data_tools.sentencepiece_training import sample_lines, train_sentencepiece
 from data_tools.shuffle import BucketTask, ShardInfo, ShardWriter, shuffle_bucket
@@ -73,20 +78,21 @@ class PrepareError(BilmError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="files, directories or globs: plain text (one sentence or document per line), "
-                             "JSON lines (.jsonl, .json), each maybe .gz, .bz2, .xz or .zst; Parquet files; "
-                             "Hugging Face save_to_disk directories")
+                             "JSON lines (.jsonl, .json), CSV (.csv) and TSV (.tsv) with a header row, each maybe "
+                             ".gz, .bz2, .xz or .zst; Parquet files; Hugging Face save_to_disk directories")
     parser.add_argument("-o", "--out", "--output", dest="output", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--force", action="store_true",
                         help="replace the outputs of a previous run in DIR (other files are kept)")
-    records = parser.add_argument_group("JSON lines, Parquet and Arrow inputs")
+    records = parser.add_argument_group("JSON lines, CSV, TSV, Parquet and Arrow inputs")
     records.add_argument("--text-field", default="text", metavar="NAME",
-                         help="the field (JSON) or column (Parquet, Arrow) holding the text; a dotted path for a "
-                              "nested one, e.g. meta.body (default: text)")
+                         help="the field (JSON) or column (CSV, TSV, Parquet, Arrow) holding the text; a dotted path "
+                              "for a nested one, e.g. meta.body, except in CSV and TSV (default: text)")
     records.add_argument("--skip-bad", action="store_true",
                          help="skip bad records (a line that is not JSON, a record without the text field or with "
-                              "a non-string value, an unreadable Parquet file or row group, a truncated compressed "
-                              "file) and count them per file in the manifest; default: stop at the first, naming "
-                              "its file and line (or row group), and write nothing")
+                              "a non-string value, a CSV row whose field count is not the header's, an unreadable "
+                              "Parquet file or row group, a truncated compressed file) and count them per file in "
+                              "the manifest; default: stop at the first, naming its file and line (or row group), "
+                              "and write nothing")
     text = parser.add_argument_group("text")
     text.add_argument("--nfkc", action="store_true", help="Unicode NFKC normalization")
     text.add_argument("--max-tokens-per-line", type=int, default=400, metavar="N",
@@ -242,7 +248,7 @@ def prepare(args: argparse.Namespace) -> dict:
 
 
 def _check_libraries(args: argparse.Namespace, items: list[InputFile]) -> None:
-    if any(i.format in ("parquet", "arrow") for i in items):
+    if any(i.format in ("parquet", "arrow", *CSV_DELIMITERS) for i in items):
         require_pyarrow()
     if any(i.compression == ".zst" for i in items):
         require_zstandard()
@@ -439,9 +445,9 @@ def _read_tasks(items: list[InputFile], options: LineOptions, skip_bad: bool,
     text_field = ".".join(options.text_field)
     for file_index, item in enumerate(items):
         first_line = 0
-        if item.format in ("parquet", "arrow"):
+        if item.format in ("parquet", "arrow", *CSV_DELIMITERS):
             bad = BadRecords()
-            read = read_parquet if item.format == "parquet" else read_arrow
+            read = {"parquet": read_parquet, "arrow": read_arrow}.get(item.format, read_csv)
             try:
                 for block_index, block in enumerate(read(item, text_field, skip_bad, bad)):
                     stats[file_index].records += block.rows

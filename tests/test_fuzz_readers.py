@@ -127,7 +127,7 @@ def seeds(tmp_path_factory):
             "manifest": _read_bytes(str(d / "manifest.json")), "tokenizer": _read_bytes(str(d / TOKENIZER_FILE)),
             "sp_model": _read_bytes(str(d / SP_MODEL_FILE)), "options": _read_bytes(OPTIONS),
             "weights": _read_bytes(WEIGHTS), "vocab": _read_bytes(TRAIN_VOCAB), "shard": _read_bytes(TRAIN_DATA),
-            "config": _read_bytes(TINY), "cfg": cfg, "vocab_tokens": vocab.tokens})
+            "config": _read_bytes(TINY), "cfg": cfg, "vocab_tokens": vocab.tokens, "csv": CSV_SEED})
 
 
 class _Seeds(dict):
@@ -158,6 +158,23 @@ def _sp_model_reader(seeds, tmp_path):
     return lambda path: TextPipeline.load(os.path.dirname(path)).tokenize("the cat sat on the mat")
 
 
+# A CSV corpus as bilm prepare reads it: quoted delimiters, quotes and newlines, a blank line, non-ASCII.
+CSV_SEED = ('id,text,label\r\n1,"Hello, world. ""Quoted"".",a\r\n2,"two\nlines",b\r\n\r\n3,007,c\r\n'
+            '4,naïve café 日本,d\r\n5,,e\r\n').encode("utf-8")
+
+
+def _csv_reader(seeds, tmp_path):
+    """bilm prepare's CSV reader (pyarrow's), skipping bad rows and stopping at the first."""
+    pytest.importorskip("pyarrow")
+    from data_tools.inputs import detect_format
+    from data_tools.tables import BadRecords, read_csv
+
+    def read(path):
+        for skip_bad in (True, False):
+            list(read_csv(detect_format(path), "text", skip_bad, BadRecords()))
+    return read
+
+
 # seed -> (the file's name, a reader of such a file given the seeds and a directory)
 READERS = {
     "options": ("options.json", lambda seeds, tmp_path: BiLMOptions.from_file),
@@ -173,6 +190,7 @@ READERS = {
         OPTIONS, WEIGHTS, token_embedding_file=path, vocab_file=TRAIN_VOCAB)),
     "config": ("config.yaml", lambda seeds, tmp_path: load_config),
     "checkpoint": ("step-00000001.pt", lambda seeds, tmp_path: model_from_checkpoint),  # what evaluate and export read
+    "csv": ("corpus.csv", _csv_reader),
 }
 
 
