@@ -615,19 +615,20 @@ def _seed_files(tmp_path):
             ".arrow": (tmp_path / "seed_hf" / "data-00000-of-00002.arrow").read_bytes()}
 
 
-@pytest.mark.parametrize("suffix", [".jsonl.zst", ".jsonl.gz", ".jsonl", ".parquet", ".arrow"])
-def test_damaged_inputs_end_in_a_result_or_one_line(tmp_path, capsys, suffix):
+def damaged_copies_end_in_a_result_or_one_line(tmp_path, capsys, seed: bytes, suffix: str, byte_values) -> None:
+    """Cut and overwritten copies of ``seed`` (a file named ``input{suffix}``; ``byte_values``: the
+    hypothesis strategy of the bytes written) end in a prepared corpus, or in exit 2 with one line
+    naming the file and nothing written."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    seed = _seed_files(tmp_path)[suffix]
     cases = iter(range(10 ** 6))
 
     @settings(max_examples=25, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                      HealthCheck.data_too_large])
-    @given(cut=st.integers(0, len(seed) - 1), edits=st.lists(st.tuples(st.integers(0, len(seed) - 1),
-                                                                      st.integers(0, 255)), max_size=6),
+    @given(cut=st.integers(0, len(seed) - 1),
+           edits=st.lists(st.tuples(st.integers(0, len(seed) - 1), byte_values), max_size=6),
            skip_bad=st.booleans())
     def check(cut, edits, skip_bad):
         data = bytearray(seed)
@@ -645,6 +646,14 @@ def test_damaged_inputs_end_in_a_result_or_one_line(tmp_path, capsys, suffix):
             assert not (case / "out").exists()
 
     check()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".jsonl.gz", ".jsonl", ".parquet", ".arrow"])
+def test_damaged_inputs_end_in_a_result_or_one_line(tmp_path, capsys, suffix):
+    from hypothesis import strategies as st
+
+    damaged_copies_end_in_a_result_or_one_line(tmp_path, capsys, _seed_files(tmp_path)[suffix], suffix,
+                                               st.integers(0, 255))
 
 
 def test_sentencepiece_trains_on_the_text_field_not_the_json(tmp_path, capsys):
