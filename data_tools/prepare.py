@@ -56,8 +56,8 @@ from data_tools.tables import (CSV_DELIMITERS, BadRecord, BadRecords, read_arrow
 from data_tools.parallel import Workers
 from data_tools.sentencepiece_training import sample_lines, train_sentencepiece
 from data_tools.shuffle import BucketTask, ShardInfo, ShardWriter, shuffle_bucket
-from data_tools.vocab_builder import (TokenCounts, build_vocab, long_tokens, oov_rate, write_counts,
-                                      write_vocab)
+from data_tools.vocab_builder import (UNTOKENIZED_SHARE, TokenCounts, attached_punctuation, build_vocab,
+                                      long_tokens, oov_rate, write_counts, write_vocab)
 
 SUMMARY = "raw text -> shards, vocab.txt and manifest.json for training"
 SP_MODEL_NAME = "sentencepiece.model"
@@ -322,6 +322,7 @@ def _prepare_into(args: argparse.Namespace, out: str, items: list[InputFile], re
     vocab_tokens = {token for token, _ in vocab.entries}
     max_bytes = args.max_characters_per_token - 2
     long_types, long_occurrences, long_examples = long_tokens(counts, max_bytes)
+    attached = attached_punctuation(counts) if tokenizer["type"] == "whitespace" else None
     seconds = time.perf_counter() - started
     total = LineStats()
     for stats in file_stats:
@@ -360,6 +361,8 @@ def _prepare_into(args: argparse.Namespace, out: str, items: list[InputFile], re
         "max_characters_per_token": args.max_characters_per_token,
         "long_tokens": {"max_bytes": max_bytes, "types": long_types, "occurrences": long_occurrences,
                         "examples": long_examples},
+        "attached_punctuation": ({"share": round(attached[0], 6), "examples": attached[1]}
+                                 if attached is not None else None),
         "duplicates_removed": duplicates,
         "inputs": [{"path": os.path.abspath(i.path), "format": i.kind, **vars(s)} for i, s in zip(items, file_stats)],
         "seconds": round(seconds, 3),
@@ -564,6 +567,12 @@ def _print_summary(manifest: dict, total: LineStats, removed: list[str], skipped
         lines.append(f"warning: {long['types']:,} token types ({long['occurrences']:,} occurrences) are longer "
                      f"than {long['max_bytes']} bytes (max_characters_per_token - 2) and lose their ends in "
                      f"the char ids, e.g. {', '.join(repr(t[:60]) for t in long['examples'][:3])}")
+    attached = m["attached_punctuation"]
+    if attached and attached["share"] > UNTOKENIZED_SHARE:
+        lines.append(f"warning: {attached['share']:.1%} of the training tokens end in punctuation attached to a word "
+                     f"(e.g. {', '.join(repr(t) for t in attached['examples'][:3])}): the text looks untokenized, "
+                     f"and the whitespace tokenizer keeps 'word,' apart from 'word'; --tokenizer moses (or "
+                     f"sentencepiece) splits them")
     if m["max_vocab"] is not None and eligible_tokens + 3 < m["max_vocab"]:
         lines.append(f"note: --max-vocab {m['max_vocab']:,} is more than the data has: "
                      f"{eligible_tokens:,} tokens with count >= {m['min_count']} (+3 specials)")

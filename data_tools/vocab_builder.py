@@ -1,6 +1,7 @@
 """``vocab.txt`` and ``vocab_counts.tsv`` from token counts of the training split."""
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from itertools import count
@@ -104,3 +105,21 @@ def long_tokens(counts: Mapping[str, int], max_bytes: int) -> tuple[int, int, li
     long = [(t, c) for t, c in counts.items() if len(t) * 4 > max_bytes and len(t.encode("utf-8")) > max_bytes]
     long.sort(key=lambda item: (-item[1], item[0]))
     return len(long), sum(c for _, c in long), [t for t, _ in long[:5]]
+
+
+# A token that ends in punctuation after a word character ("However,", "time.") is what splitting
+# raw text at whitespace leaves; tokenized text has few, most of them abbreviations ("U.S.", "No."),
+# which the bare-word condition below leaves out: 0.15% of WikiText-2's tokens, 7.9% of the same
+# text detokenized (benchmarks/prepare_formats.py's raw_paragraphs).
+ATTACHED_PUNCTUATION = re.compile(r"\w[.,;:!?]+$")
+UNTOKENIZED_SHARE = 0.02
+
+
+def attached_punctuation(counts: Mapping[str, int]) -> tuple[float, list[str]]:
+    """(share of token occurrences that are a word with punctuation attached, the word also occurring
+    bare, e.g. "time," beside "time"; the most frequent few). Abbreviations ("U.S.") do not count."""
+    total = sum(counts.values())
+    found = [(t, c) for t, c in counts.items() if t[-1:] in ".,;:!?" and ATTACHED_PUNCTUATION.search(t)
+             and t.rstrip(".,;:!?") in counts]
+    found.sort(key=lambda item: (-item[1], item[0]))
+    return (sum(c for _, c in found) / total if total else 0.0), [t for t, _ in found[:5]]

@@ -143,6 +143,32 @@ def test_sentencepiece_on_chinese_end_to_end(tmp_path, capsys):
     assert Counter(shard_lines(again, "train")) == Counter(train)
 
 
+def test_raw_text_split_at_whitespace_is_flagged_as_untokenized(tmp_path, capsys):
+    raw = ["However, the river rose in the night.", "The river, they said, rose fast.",
+           "It rose again the next night; nobody slept.", "In the U.S. the rain fell, and the river rose."] * 5
+    tokenized = [" ".join(line.replace(",", " ,").replace(".", " .").replace(";", " ;").split()).replace("U .S .", "U.S.")
+                 for line in raw]
+    for name, lines in (("raw", raw), ("tokenized", tokenized)):
+        (tmp_path / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    status, stdout, _ = prepare(capsys, tmp_path / "raw.txt", "-o", tmp_path / "raw", "--heldout-fraction", 0,
+                                "--workers", 1)
+    assert status == 0
+    attached = json.loads((tmp_path / "raw" / "manifest.json").read_text())["attached_punctuation"]
+    # "river," beside "river", "rose." beside "rose" (5 each of 155 tokens); "night.", "said," (no bare
+    # "night", "said") and "U.S." (an abbreviation) are not counted
+    assert attached["examples"] == ["river,", "rose."]
+    assert attached["share"] == pytest.approx(10 / 155, abs=1e-6) and "the text looks untokenized" in stdout and "--tokenizer moses" in stdout
+    status, stdout, _ = prepare(capsys, tmp_path / "tokenized.txt", "-o", tmp_path / "tok", "--heldout-fraction",
+                                0, "--workers", 1)
+    assert status == 0 and "untokenized" not in stdout
+    assert json.loads((tmp_path / "tok" / "manifest.json").read_text())["attached_punctuation"]["share"] == 0
+    pytest.importorskip("sacremoses")
+    status, stdout, _ = prepare(capsys, tmp_path / "raw.txt", "-o", tmp_path / "moses", "--heldout-fraction", 0,
+                                "--workers", 1, "--tokenizer", "moses")
+    assert status == 0 and "untokenized" not in stdout
+    assert json.loads((tmp_path / "moses" / "manifest.json").read_text())["attached_punctuation"] is None
+
+
 def test_cleaning_dedup_long_lines_and_vocab_limits(tmp_path, capsys):
     corpus = tmp_path / "c.txt"
     text = ("a b\n" * 3 + "ｂ c\x07 d\n" + "\ufeffc\td\n" + "a a a a a a a\n" + "\x00\n" + "x" * 60 + "\n")
