@@ -220,7 +220,8 @@ def test_classification_header_is_skipped_and_columns_can_be_chosen(tmp_path):
                                      "'a bad film number 0'): column 1 looks like text, not a label; for "
                                      "text<TAB>label give --label-column 2"),
     # the right columns for the training file, the wrong ones for the test file
-    ("text_label", "label_text", ["--label-column", "2"], "test.tsv: 20 of 20 lines have a label no other line "
+    ("text_label", "label_text", ["--label-column", "2"], "test.tsv: none of its labels appears in "),
+    ("label_text", "text_label", ["--label-column", "2"], "train.tsv: 30 of 30 lines have a label no other line "
                                                           "has (line 1: 'a bad film number 0'): column 2 looks like "
                                                           "text, not a label; --label-column and --text-column apply"
                                                           " to --train, --dev and --test alike"),
@@ -256,6 +257,14 @@ def test_test_labels_none_of_which_training_has_are_an_error(tmp_path, capsys, m
     rc, _, err = run_cli("--model", model_dir, "--task", "tag", "--train", tags, "--test", other, "--no-cache",
                          capsys=capsys)
     assert rc == 1 and "other.txt: none of its tags appears in" in err and "--tag-column applies to both" in err
+
+
+def test_a_small_test_file_of_a_task_with_many_classes_is_not_taken_for_text(tmp_path, capsys, model_dir):
+    # 40 intents, 3 training examples each; the test file has 12 lines, each intent once
+    train = write(tmp_path / "train.tsv", [f"intent{i % 40}\tplease do thing {i % 40} now {i}" for i in range(120)])
+    test = write(tmp_path / "test.tsv", [f"intent{i}\tplease do thing {i}" for i in range(12)])
+    task = Task(train, test, ProbeConfig("classify"))
+    assert len(task.labels) == 40 and len(task.test) == 12 and task.warnings == []
 
 
 def test_glue_layout_probe_end_to_end_says_it_skipped_the_headers(tmp_path, capsys, model_dir):

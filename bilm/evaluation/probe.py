@@ -66,9 +66,9 @@ class Task:
         full = read_task_file(train_path, config.task, *columns)
         self.train_file_size = len(full)
         self.train_all = subsample(full, config.max_train, config.split_seed)
-        self.test = read_task_file(test_path, config.task, *columns)
+        self.test = read_task_file(test_path, config.task, *columns, training=False)
         if dev_path is not None:
-            self.dev_file: Optional[LabelledData] = read_task_file(dev_path, config.task, *columns)
+            self.dev_file: Optional[LabelledData] = read_task_file(dev_path, config.task, *columns, training=False)
             self.train_ids = np.arange(len(self.train_all))
             self.dev_ids = None
         else:

@@ -97,11 +97,13 @@ def _classification_fields(path: str, number: int, line: str, label_column: Opti
     return fields[label_at - 1], fields[text_at - 1]
 
 
-def read_classification(path: str, label_column: Optional[int] = None,
-                        text_column: Optional[int] = None) -> LabelledData:
+def read_classification(path: str, label_column: Optional[int] = None, text_column: Optional[int] = None,
+                        training: bool = True) -> LabelledData:
     """``label<TAB>text`` lines (or the label and text in the columns given, counted from 1; the text
     is then the last column other than the label's unless ``text_column`` says); blank lines are
-    skipped, and so is a header line (see ``HEADER_LABELS``)."""
+    skipped, and so is a header line (see ``HEADER_LABELS``). A training file's labels are checked to
+    be labels; a test or dev file's are checked against the training file's (``unseen_labels``), as
+    a small test file of a task with many classes has most of its labels once."""
     for name, at in (("--label-column", label_column), ("--text-column", text_column)):
         if at is not None and at < 1:
             raise InputError(f"{name} counts from 1, got {at}")
@@ -127,7 +129,8 @@ def read_classification(path: str, label_column: Optional[int] = None,
         data = data.subset(range(1, len(data)))
         data.header_line = header
         counts = Counter(data.labels)
-    _check_labels_are_labels(data, counts, label_column)
+    if training:
+        _check_labels_are_labels(data, counts, label_column)
     return data
 
 
@@ -218,12 +221,12 @@ def read_tagging(path: str, tag_column: Optional[int] = None) -> LabelledData:
 
 
 def read_task_file(path: str, task: str, tag_column: Optional[int] = None, label_column: Optional[int] = None,
-                   text_column: Optional[int] = None) -> LabelledData:
+                   text_column: Optional[int] = None, training: bool = True) -> LabelledData:
     if task == "classify":
         if tag_column is not None:
             raise InputError("--tag-column is for --task tag; a classification file's columns are --label-column "
                              "and --text-column")
-        return read_classification(path, label_column, text_column)
+        return read_classification(path, label_column, text_column, training)
     if label_column is not None or text_column is not None:
         raise InputError("--label-column and --text-column are for --task classify; a tagging file's tag column "
                          "is --tag-column")
