@@ -111,7 +111,33 @@ def detect_format(path: str) -> InputFile:
                              f"to end in {seen}")
         if head.startswith(PARQUET_MAGIC):
             raise InputError(f"{path}: a Parquet file; rename it to end in .parquet")
+    if found.format == "jsonl":
+        _refuse_json_document(found)
     return found
+
+
+def _refuse_json_document(item: InputFile) -> None:
+    """A ``.json`` file that holds one JSON document (an array of records, or an object printed over
+    several lines) rather than JSON lines: one error saying how to convert it, instead of a "not
+    JSON" bad record at line 1. Neither can be JSON lines: a line "[..." or "{" alone is no object."""
+    try:
+        with open(item.path, "rb") as raw:
+            head = open_binary(item, raw).read1(1 << 16)
+    except DECOMPRESSION_ERRORS:
+        return  # a damaged stream is reported where it is read, with the lines before it
+    start = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    first_line = start.split(b"\n", 1)[0].strip()
+    if start.startswith(b"["):
+        what, pick, key = "an array", "'.[]'", ""
+    elif first_line == b"{":
+        what, pick, key = "an object printed over several lines", "'.KEY[]'", ", KEY the key that holds the records"
+    else:
+        return
+    stem = os.path.basename(item.path).split(".")[0]
+    decompress = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd"}.get(item.compression)
+    command = f"{decompress} -dc {item.path} | jq -c {pick}" if decompress else f"jq -c {pick} {item.path}"
+    raise InputError(f"{item.path}: one JSON document ({what}), not JSON lines (one object a line); convert it, "
+                     f"e.g. {command} > {stem}.jsonl{key}")
 
 
 def _plain_name(name) -> bool:

@@ -240,9 +240,32 @@ def test_bad_json_records_stop_the_run_or_are_skipped_and_counted(tmp_path, caps
         ["clean a", "clean b", "good four", "good one", "good two"]
     assert f"skipped bad records: {bad_file}" in stdout and "3 not string" in stdout
 
-    (tmp_path / "array.json").write_text('[{"text": "a"}]\n')  # one JSON document, not JSON lines
-    status, _, err = prepare(capsys, tmp_path / "array.json", "-o", tmp_path / "o2", "--workers", 1)
-    assert status == 2 and "array.json:1: an array, not a JSON object" in err
+
+def test_a_json_document_is_refused_with_the_command_that_converts_it(tmp_path, capsys):
+    records = [{"text": f"line {i}"} for i in range(3)]
+    documents = {"array.json": json.dumps(records, indent=2), "compact.json": json.dumps(records),
+                 "object.json": json.dumps({"data": records}, indent=1)}
+    for name, text in documents.items():
+        (tmp_path / name).write_text(text + "\n")
+    (tmp_path / "array.json.gz").write_bytes(gzip.compress(documents["array.json"].encode()))
+    expected = {"array.json": "(an array), not JSON lines (one object a line); convert it, e.g. "
+                              f"jq -c '.[]' {tmp_path / 'array.json'} > array.jsonl",
+                "compact.json": "(an array), not JSON lines", "array.json.gz": "e.g. gzip -dc "
+                f"{tmp_path / 'array.json.gz'} | jq -c '.[]' > array.jsonl",
+                "object.json": "(an object printed over several lines), not JSON lines (one object a line); "
+                               f"convert it, e.g. jq -c '.KEY[]' {tmp_path / 'object.json'} > object.jsonl, KEY the "
+                               "key that holds the records"}
+    for name, message in expected.items():
+        for skip_bad in ([], ["--skip-bad"]):  # a whole file is not a bad record to skip
+            status, _, err = prepare(capsys, tmp_path / name, "-o", tmp_path / "out", "--workers", 1, *skip_bad)
+            assert status == 2 and err.count("\n") == 1 and f"{tmp_path / name}: one JSON document " in err, err
+            assert message in err, err
+            assert not (tmp_path / "out").exists()
+    # the same records as JSON lines are read
+    (tmp_path / "lines.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    status, _, err = prepare(capsys, tmp_path / "lines.jsonl", "-o", tmp_path / "out", "--workers", 1,
+                             "--heldout-fraction", 0)
+    assert status == 0, err
 
 
 def test_bad_table_rows_and_files(tmp_path, capsys):
