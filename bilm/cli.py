@@ -63,6 +63,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> Callable:
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
                    help="onnx: the stateless ONNX model under onnxruntime (CPU; the directory's model.onnx, else "
                         "built once into the cache; implies --stateless; needs the onnx extra)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args: argparse.Namespace) -> int:
         from bilm.inference.embedder import ElmoEmbedder
@@ -80,7 +81,8 @@ def _add_embed(sub: argparse._SubParsersAction) -> Callable:
                                 token_embedding_file=args.token_embeddings,
                                 vocab_file=args.vocab, precision=args.precision, runtime=args.runtime)
         n = embedder.embed_file(args.input, args.output, output_format=args.layers, batch_size=args.batch_size,
-                                pretokenized=args.pretokenized, force=args.force, dtype=args.dtype)
+                                pretokenized=args.pretokenized, force=args.force, dtype=args.dtype,
+                                progress=not args.no_progress)
         print(f"embedded {n} sentences -> {args.output}")
         return 0
     return run
@@ -97,11 +99,13 @@ def _add_dump_token_embeddings(sub: argparse._SubParsersAction) -> Callable:
     p.add_argument("--out", required=True, help="HDF5 file to write")
     p.add_argument("--batch-size", type=int, default=512, help="tokens per batch (default 512)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args: argparse.Namespace) -> int:
         from bilm.inference.embedder import dump_token_embeddings
         options, weights = _model_files(args)
-        n = dump_token_embeddings(args.vocab, options, weights, args.out, args.batch_size, args.device)
+        n = dump_token_embeddings(args.vocab, options, weights, args.out, args.batch_size, args.device,
+                                  progress=not args.no_progress)
         print(f"wrote {n} token vectors -> {args.out}")
         return 0
     return run
@@ -209,6 +213,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Callable:
                    help="fp32, or bf16 autocast (faster where there are bf16 units; the softmax runs in fp32)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (nor the line saying how raw --data was tokenized)")
 
     def run(args: argparse.Namespace) -> int:
         import json
@@ -216,7 +222,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> Callable:
         from bilm.scoring.evaluate import evaluate
         from bilm.scoring.perplexity import figure, json_safe
         result = evaluate(args.checkpoint, args.data, args.batch_size, args.unroll, args.per_sentence, args.device,
-                          pretokenized=args.pretokenized, precision=args.precision)
+                          pretokenized=args.pretokenized, precision=args.precision, progress=not args.no_progress)
         if int(os.environ.get("RANK", 0)) != 0:
             return 0
         if args.json:

@@ -108,3 +108,29 @@ def test_every_user_facing_error_derives_from_bilm_error():
                 InputError, MissingExtra, RunDirectoryLocked, OnnxModelError, OptionsError, ModelUnavailable,
                 FieldError, SchemaError, VocabularyError, WeightFileError, PrepareError):
         assert issubclass(cls, BilmError), cls
+
+
+# Every subcommand that draws a progress bar can be told not to (logs, scripts, CI).
+WITH_PROGRESS_BARS = ["prepare", "train", "evaluate", "embed", "dump-token-embeddings", "score", "probe"]
+
+
+@pytest.mark.parametrize("name", WITH_PROGRESS_BARS)
+def test_commands_with_a_progress_bar_take_no_progress(name):
+    assert any("--no-progress" in action.option_strings for action in subcommands()[name]._actions), name
+
+
+def test_no_progress_silences_the_embed_and_dump_bars(tmp_path, capsys):
+    import os
+
+    model = os.path.join(os.path.dirname(__file__), "fixtures", "bilm-tf", "model")
+    files = ["--options", os.path.join(model, "options.json"), "--weights", os.path.join(model, "lm_weights.hdf5")]
+    (tmp_path / "in.txt").write_text("The cat sat .\nA dog ran .\n")
+    (tmp_path / "vocab.txt").write_text("<S>\n</S>\n<UNK>\nThe\ncat\n")
+    for quiet in (False, True):
+        flag = ["--no-progress"] if quiet else []
+        assert main(["embed", *files, "--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "e.h5"),
+                     "--force", *flag]) == 0
+        assert main(["dump-token-embeddings", *files, "--vocab", str(tmp_path / "vocab.txt"), "--out",
+                     str(tmp_path / f"t{quiet}.h5"), *flag]) == 0
+        err = capsys.readouterr().err
+        assert [bar in err for bar in ("embed:", "tokens:")] == [not quiet, not quiet], err
