@@ -83,7 +83,7 @@ def _add_embed(sub: argparse._SubParsersAction) -> Callable:
         n = embedder.embed_file(args.input, args.output, output_format=args.layers, batch_size=args.batch_size,
                                 pretokenized=args.pretokenized, force=args.force, dtype=args.dtype,
                                 progress=not args.no_progress)
-        print(f"embedded {n} sentences -> {args.output}")
+        print(f"embedded {n:,} sentence{'' if n == 1 else 's'} -> {args.output}")
         return 0
     return run
 
