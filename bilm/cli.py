@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Callable, Optional
 
 from bilm.core.errors import BilmError, InputError
@@ -567,6 +568,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     from bilm.core.logs import setup_logging
     setup_logging()
+    warnings.formatwarning = _format_warning
     # Not evaluate: its tensors vary in size from batch to batch (the last softmax chunk, the
     # distinct tokens of the char CNN), and a heap that is never trimmed fragments, for no speed
     # (docs/measurements.md, "malloc").
@@ -580,6 +582,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         # Anything else (a plain ValueError, KeyError, ...) is a bug in bilm: it keeps its traceback.
         print(f"bilm {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
+
+
+_PYTHON_FORMAT_WARNING = warnings.formatwarning
+_BILM_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """bilm's own warnings as the CLI's other messages ("warning: ..."): the source line that Python
+    prints with them means nothing to a user. Other libraries' keep Python's format."""
+    if os.path.abspath(filename).startswith(_BILM_DIR):
+        return f"warning: {message}\n"
+    return _PYTHON_FORMAT_WARNING(message, category, filename, lineno, line)
 
 
 def _one_line(error: Exception) -> str:

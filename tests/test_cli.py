@@ -55,7 +55,7 @@ def _run_with_failing_command(error: str):
     import subprocess
     import sys
 
-    code = ("import sys, bilm.cli as cli, bilm.core.errors\n"
+    code = ("import sys, warnings, bilm.cli as cli, bilm.core.errors\n"
             "build = cli.build_parser\n"
             "def build_parser():\n"
             "    parser, handlers = build()\n"
@@ -134,3 +134,15 @@ def test_no_progress_silences_the_embed_and_dump_bars(tmp_path, capsys):
                      str(tmp_path / f"t{quiet}.h5"), *flag]) == 0
         err = capsys.readouterr().err
         assert [bar in err for bar in ("embed:", "tokens:")] == [not quiet, not quiet], err
+
+
+def test_bilm_warnings_read_as_the_cli_s_other_messages():
+    """Under the CLI, a warning of bilm's own prints as "warning: ...", without Python's file:line and
+    source line; another library's keeps Python's format."""
+    status, err = _run_with_failing_command(
+        "(warnings.warn_explicit('ours', UserWarning, __import__('bilm.training.checkpointer').training."
+        "checkpointer.__file__, 1), warnings.warn_explicit('theirs', UserWarning, '/elsewhere/lib.py', 7), "
+        "bilm.core.errors.InputError('stop'))[-1]")
+    assert status == 1
+    assert err.splitlines() == ["warning: ours", "/elsewhere/lib.py:7: UserWarning: theirs",
+                                "bilm export: error: stop"], err

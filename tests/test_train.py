@@ -59,6 +59,30 @@ def test_resume_is_exact(tmp_path):
         assert part_losses[step] == pytest.approx(full_losses[step], abs=1e-6), step
 
 
+def test_resume_with_another_batch_size_or_unroll_restarts_the_data_not_the_model(tmp_path):
+    """--resume after changing train.batch_size (a bigger GPU) or unroll_steps: the saved data positions
+    and LSTM states belong to another reader and shape; the model and optimizer resume, the data and
+    states start afresh, and the run says so (it used to stop on "state_dict key 'config.batch_size'")."""
+    overrides = ("train.checkpoint_every_steps=3", "train.seed=2", "train.log_every_steps=1")
+    train(tiny_config(*overrides, "train.max_steps=3"), TRAIN_DATA, str(tmp_path), vocab_file=TRAIN_VOCAB,
+          progress=False)
+    before = _params(tmp_path)
+    batch = tiny_config().train.batch_size
+    with pytest.warns(UserWarning, match=rf"the data reader changed \(batch_size {batch} -> {batch * 2}\): model "
+                                         "and optimizer resume, data order and LSTM states start afresh"):
+        summary = train(tiny_config(*overrides, "train.max_steps=5", f"train.batch_size={batch * 2}"), TRAIN_DATA,
+                        str(tmp_path), resume=True, vocab_file=TRAIN_VOCAB, progress=False)
+    assert summary["step"] == 5
+    steps = [r["step"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5]
+    resumed = load_checkpoint(list_checkpoints(str(tmp_path / "checkpoints"))[0])["model"]
+    assert all(torch.equal(before[k], resumed[k]) for k in before)  # step 3 kept; 4 and 5 trained on
+    assert not all(torch.equal(before[k], v) for k, v in _params(tmp_path).items())
+    with pytest.warns(UserWarning, match=r"unroll_steps .* -> 7"):
+        train(tiny_config(*overrides, "train.max_steps=6", f"train.batch_size={batch * 2}", "train.unroll_steps=7"),
+              TRAIN_DATA, str(tmp_path), resume=True, vocab_file=TRAIN_VOCAB, progress=False)
+
+
 @pytest.mark.parametrize("optimizer", ["adagrad", "adam"])  # adam + sparse softmax: two optimizers
 def test_resume_keeps_neither_a_copy_nor_a_mapping_of_the_checkpoint(tmp_path, monkeypatch, optimizer):
     """Resuming maps the checkpoint file; once restored, the run holds neither the payload's weights

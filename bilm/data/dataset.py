@@ -155,6 +155,13 @@ class LMDataset(IterableDataset):
             self._live.close()
             self._live = None
 
+    def state_differs(self, state: dict) -> list[str]:
+        """The reader settings (``batch_size``, ``unroll_steps``, shards, ...) in which ``state`` differs
+        from this reader's, as ``key old -> new``: a state that only another reader can continue."""
+        saved = state.get("config", {}) if isinstance(state, dict) else {}
+        return [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in self._config().items()
+                if saved.get(key) != value]
+
     def count_targets(self) -> int:
         """Tokens each direction predicts in one pass of this rank's part (its words and one
         sentence boundary per sentence), counted from the text: a progress bar's total."""

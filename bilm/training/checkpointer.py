@@ -208,7 +208,15 @@ class Checkpointer:
             # e.g. imported from bilm-tf, whose restart also starts them afresh
             log.info(f"{path} holds no data positions or LSTM states: they start afresh")
         elif payload["world_size"] == env.world_size:
-            trainer.load_rank_state(payload["rank_states"][env.rank], dataset)
+            rank_state = payload["rank_states"][env.rank]
+            # A batch size or unroll changed on --resume: the saved positions and LSTM states are
+            # another reader's (and another shape); the same rank on every rank, so all agree.
+            differs = dataset.state_differs(rank_state["data"]) if rank_state.get("data") is not None else []
+            if not differs:
+                trainer.load_rank_state(rank_state, dataset)
+            elif env.is_main:
+                warnings.warn(f"{path}: the data reader changed ({'; '.join(differs)}): model and optimizer "
+                              "resume, data order and LSTM states start afresh")
         elif env.is_main:
             warnings.warn(f"{path} was written by {payload['world_size']} ranks, this run has {env.world_size}: "
                           "model and optimizer resume, data order and LSTM states start afresh")
