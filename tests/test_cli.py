@@ -146,3 +146,15 @@ def test_bilm_warnings_read_as_the_cli_s_other_messages():
     assert status == 1
     assert err.splitlines() == ["warning: ours", "/elsewhere/lib.py:7: UserWarning: theirs",
                                 "bilm export: error: stop"], err
+
+
+def test_train_on_raw_text_says_to_prepare_it_first(tmp_path, capsys):
+    import os
+
+    text = tmp_path / "notes.txt"
+    text.write_text("Some raw text, as a user has it.\n")
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
+    assert main(["train", "--config", config, "--data", str(text), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--data {text}: no manifest.json, so no vocabulary: prepare the text first " \
+        f"(bilm prepare {text} --out DIR, then --data DIR/manifest.json)" in err, err

@@ -279,7 +279,9 @@ class _Run:
         manifest = load_manifest(data) if data.endswith(".json") else None
         self.vocab_path = vocab_file or (manifest or {}).get("vocab")
         if self.vocab_path is None:
-            raise InputError("--vocab is required when --data is a shard glob (a manifest.json names its vocab)")
+            raise InputError(f"--data {data}: no manifest.json, so no vocabulary: prepare the text first (bilm "
+                             f"prepare {data} --out DIR, then --data DIR/manifest.json), or give --vocab for "
+                             "shards you tokenized yourself")
         self.vocab = Vocabulary.from_file(self.vocab_path)
         # How raw text became these tokens: saved in every checkpoint, exported beside the weights.
         text_pipeline = TextPipeline.from_manifest(manifest) if manifest else None
