@@ -158,3 +158,21 @@ def test_train_on_raw_text_says_to_prepare_it_first(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--data {text}: no manifest.json, so no vocabulary: prepare the text first " \
         f"(bilm prepare {text} --out DIR, then --data DIR/manifest.json)" in err, err
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+def test_train_on_a_manifest_without_its_vocab_key_is_one_error(tmp_path, capsys):
+    import json
+    import os
+
+    (tmp_path / "c.txt").write_text("a b c .\nb c d .\n" * 20)
+    assert main(["prepare", str(tmp_path / "c.txt"), "--out", str(tmp_path / "data"), "--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    del manifest["vocab"]
+    (tmp_path / "data" / "manifest.json").write_text(json.dumps(manifest))
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
+    capsys.readouterr()
+    assert main(["train", "--config", config, "--data", str(tmp_path / "data" / "manifest.json"), "--out",
+                 str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "manifest.json: key 'vocab' must name the vocabulary file (or give --vocab)" in err

@@ -182,6 +182,10 @@ def train(cfg: Config, data: str, out_dir: str, resume: bool = False, vocab_file
     """Train and checkpoint into ``out_dir``; returns a summary (rank 0's view). ``eval_data``: the
     heldout data to watch (a manifest.json or raw text; default: the manifest's heldout split)."""
     check_config(cfg)  # before anything is written
+    if vocab_file is None and not data.endswith(".json"):
+        raise InputError(f"--data {data}: no manifest.json, so no vocabulary: prepare the text first (bilm "
+                         f"prepare {data} --out DIR, then --data DIR/manifest.json), or give --vocab for "
+                         "shards you tokenized yourself")
     env = init_distributed(cfg.train.device)
     # Rank 0 holds the run directory for the whole run, before anything is written into it.
     lock = RunLock(out_dir).acquire() if env.is_main else None
@@ -278,10 +282,8 @@ class _Run:
         t = cfg.train
         manifest = load_manifest(data) if data.endswith(".json") else None
         self.vocab_path = vocab_file or (manifest or {}).get("vocab")
-        if self.vocab_path is None:
-            raise InputError(f"--data {data}: no manifest.json, so no vocabulary: prepare the text first (bilm "
-                             f"prepare {data} --out DIR, then --data DIR/manifest.json), or give --vocab for "
-                             "shards you tokenized yourself")
+        if not isinstance(self.vocab_path, str):
+            raise InputError(f"{data}: key 'vocab' must name the vocabulary file (or give --vocab)")
         self.vocab = Vocabulary.from_file(self.vocab_path)
         # How raw text became these tokens: saved in every checkpoint, exported beside the weights.
         text_pipeline = TextPipeline.from_manifest(manifest) if manifest else None
