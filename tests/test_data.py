@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from bilm.core.errors import InputError
 from bilm.core.chars import token_to_char_ids
 from bilm.data import MANIFEST_FORMAT, MANIFEST_VERSION, LMDataset, encode_shard, load_manifest, write_manifest
 from bilm.data.order import SentenceStream
@@ -405,6 +406,16 @@ def test_manifest_written_with_its_format_version_and_read_back(tmp_path):
 def test_manifest_without_a_version_is_read_as_version_1(tmp_path):
     write(tmp_path / "manifest.json", json.dumps({"train": {"shards": ["t.txt"]}, "heldout": {"shards": []}}))
     assert load_manifest(tmp_path / "manifest.json")["train"]["shards"] == [str(tmp_path / "t.txt")]
+
+
+@pytest.mark.parametrize("value", ["abc", -1, 2.5, True])
+def test_manifest_counts_must_be_counts(tmp_path, value):
+    """train divides by n_train_tokens: a hand-edited manifest's string would be a TypeError deep inside."""
+    write(tmp_path / "manifest.json", json.dumps({"train": {"shards": ["t.txt"]}, "heldout": {"shards": []},
+                                                  "n_train_tokens": value}))
+    with pytest.raises(InputError, match=re.escape(f"manifest.json: key 'n_train_tokens' must be a count (an integer "
+                                                   f">= 0), got {value!r}")):
+        load_manifest(tmp_path / "manifest.json")
 
 
 def test_manifest_from_a_newer_version_is_refused(tmp_path, tiny):

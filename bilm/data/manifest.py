@@ -61,6 +61,10 @@ def load_manifest(path: str | os.PathLike) -> dict:
         if not isinstance(shards, list) or not all(isinstance(s, str) for s in shards):
             raise InputError(f"{path}: key '{split}.shards' must be a list of paths")
         section["shards"] = [os.path.join(base, s) for s in shards]
+    for key in ("n_train_tokens", "n_train_sentences", "n_heldout_tokens", "n_heldout_sentences"):
+        value = manifest.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise InputError(f"{path}: key '{key}' must be a count (an integer >= 0), got {value!r}")
     for key in ("vocab", "vocab_counts"):
         if isinstance(manifest.get(key), str):
             manifest[key] = os.path.join(base, manifest[key])
