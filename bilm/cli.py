@@ -345,6 +345,9 @@ def _add_score(sub: argparse._SubParsersAction) -> Callable:
                   f"{summary['unk_targets']} <UNK> targets): perplexity forward "
                   f"{figure(summary['forward']['perplexity'])}, backward {figure(summary['backward']['perplexity'])}, "
                   f"average {figure(summary['average_perplexity'])}", file=sys.stderr)
+        else:
+            print(f"scored {summary['lines']} line{'' if summary['lines'] == 1 else 's'}: no tokens in "
+                  f"{args.input} (empty, or blank lines only)", file=sys.stderr)
         warning = scorer.health_line(summary)
         if warning:  # the scores stand; the line says what they mean
             print(f"warning: {warning}", file=sys.stderr)

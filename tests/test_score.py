@@ -102,3 +102,12 @@ def test_command_writes_json_lines_and_never_overwrites(run, lines, tmp_path, ca
     before = out.read_bytes()
     assert bilm_main(["score", "--model", run, "--input", str(text), "--out", str(out), "--no-progress"]) == 1
     assert "--force" in capsys.readouterr().err and out.read_bytes() == before
+
+
+def test_a_file_without_tokens_is_scored_and_said_so(run, tmp_path, capsys):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n", encoding="utf-8")
+    assert bilm_main(["score", "--model", run, "--input", str(blank), "--out", str(tmp_path / "s.jsonl"),
+                      "--no-progress"]) == 0
+    assert [json.loads(line)["predictions"] for line in open(tmp_path / "s.jsonl")] == [0, 0]
+    assert capsys.readouterr().err == f"scored 2 lines: no tokens in {blank} (empty, or blank lines only)\n"

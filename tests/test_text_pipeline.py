@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import re
 
 import h5py
 import pytest
 
 from bilm import ElmoEmbedder
 from bilm.cli import main as bilm_main
+from bilm.core.errors import InputError
 from bilm.data import load_manifest
 from bilm.scoring.evaluate import evaluate
 from bilm.commands.export import export
@@ -90,6 +92,16 @@ def test_raw_heldout_evaluates_as_the_manifest(tmp_path, case):
     for d in ("forward", "backward"):
         assert from_raw[d]["tokens"] == from_manifest[d]["tokens"] > 0
         assert from_raw[d]["perplexity"] == pytest.approx(from_manifest[d]["perplexity"], rel=1e-9)
+    if case == "whitespace":  # an empty file among them is skipped and named; empty files alone are an error
+        (tmp_path / "mix").mkdir()
+        (tmp_path / "mix" / "a.txt").write_text(heldout_raw.read_text(encoding="utf-8"), encoding="utf-8")
+        (tmp_path / "mix" / "b.txt").write_text("\n \n", encoding="utf-8")
+        with pytest.warns(UserWarning, match=re.escape(f"{tmp_path / 'mix' / 'b.txt'}: no tokens (empty, or blank "
+                                                       "lines only); skipped")):
+            with_empty = evaluate(run, str(tmp_path / "mix" / "*.txt"), progress=False, device="cpu")
+        assert with_empty["forward"]["tokens"] == from_raw["forward"]["tokens"]
+        with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'mix' / 'b.txt'}: no tokens to evaluate")):
+            evaluate(run, str(tmp_path / "mix" / "b.txt"), progress=False, device="cpu")
     if case.endswith("nfkc"):  # lines NFKC changes read differently without the pipeline
         nfkc_raw = tmp_path / "nfkc.txt"
         nfkc_raw.write_text("\n".join(NFKC_LINES) + "\n", encoding="utf-8")

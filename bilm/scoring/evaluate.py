@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import warnings
 from typing import Optional
 
 import torch
 
+from bilm.core.errors import InputError
 from bilm.data import LMDataset, resolve_shards
 from bilm.core.distributed import DistEnv, all_reduce_sum, init_distributed, shutdown, to_device
 from bilm.core.precision import autocast, check_precision
@@ -121,6 +123,7 @@ def tokenize_files(paths: list[str], pipeline: Optional[TextPipeline], directory
     recorded = pipeline is not None
     pipeline = pipeline or TextPipeline()
     out_paths, n_lines, n_sentences, n_tokens = [], 0, 0, 0
+    empty: list[str] = []
     for k, path in enumerate(paths):
         with open(path, encoding="utf-8", errors="replace") as f:
             lines = f.read().split("\n")
@@ -129,6 +132,10 @@ def tokenize_files(paths: list[str], pipeline: Optional[TextPipeline], directory
         per_line = pipeline.line_sentences(lines)  # split into sentences and cut as prepare did
         warn_suspicious_lines(pipeline, ((i + 1, [t for s in sentences for t in s]) for i, sentences in
                                          enumerate(per_line)), path, max_characters)
+        n_lines += len(lines)
+        if not any(sentences for sentences in per_line):
+            empty.append(path)  # named as the user gave it (the reader would name the temporary token file)
+            continue
         out_path = os.path.join(directory, f"{k:05d}-{os.path.basename(path)}")
         with open(out_path, "w", encoding="utf-8") as f:
             for sentences in per_line:
@@ -136,8 +143,11 @@ def tokenize_files(paths: list[str], pipeline: Optional[TextPipeline], directory
                     f.write(" ".join(sentence) + "\n")
                     n_sentences += 1
                     n_tokens += len(sentence)
-        n_lines += len(lines)
         out_paths.append(out_path)
+    if not out_paths:
+        raise InputError(f"{', '.join(paths)}: no tokens to evaluate (empty, or blank lines only)")
+    for path in empty:
+        warnings.warn(f"{path}: no tokens (empty, or blank lines only); skipped")
     how = (f"the model's {pipeline.tokenizer} pipeline" + (" with NFKC" if pipeline.nfkc else "")
            + (f", split into sentences ({pipeline.split_sentences})" if pipeline.split_sentences else "")) if recorded else \
         "whitespace (the checkpoint records no tokenizer)"
