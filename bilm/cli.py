@@ -370,7 +370,7 @@ def _add_probe(sub: argparse._SubParsersAction) -> Callable:
                         "(and JSON, PNG) of the score against the step beside the heldout perplexity the run logged")
     p.add_argument("--task", required=True, choices=["classify", "tag"],
                    help="classify: each line label<TAB>text (other layouts: --label-column, --text-column; a "
-                        "header line such as label<TAB>sentence is skipped); tag: CoNLL-U or whitespace-separated "
+                        ".csv file is read as CSV; a header line such as label<TAB>sentence is skipped); tag: CoNLL-U or whitespace-separated "
                         "columns (token first, tag in --tag-column), a blank line after each sentence")
     p.add_argument("--train", required=True, help="labelled training file (a dev split is carved from it)")
     p.add_argument("--test", required=True, help="labelled test file (scored once per head; never chooses anything)")

@@ -214,6 +214,29 @@ def test_classification_header_is_skipped_and_columns_can_be_chosen(tmp_path):
     assert kept.header_line is None and kept.labels == ["class", "class", "other"]
 
 
+def test_csv_files_are_read_as_csv(tmp_path):
+    import csv
+
+    rows = [("pos", 'a "great", moving film'), ("neg", "dull,\nlong and flat"), ("pos", "fine")]
+    with open(tmp_path / "reviews.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["review", "sentiment"])  # a header, text first: as Kaggle files come
+        writer.writerows([(text, label) for label, text in rows])
+        writer.writerow([])
+        writer.writerow(["last one", "neg"])
+    data = read_classification(str(tmp_path / "reviews.csv"), label_column=2)
+    assert data.header_line == 1 and data.reader == "csv:label=2,text=last"
+    assert data.labels == ["pos", "neg", "pos", "neg"]
+    assert data.texts == ['a "great", moving film', "dull,\nlong and flat", "fine", "last one"]
+    assert data.lines == [2, 3, 5, 7]  # a row's first line; the quoted newline makes row 3 two lines
+    with open(tmp_path / "label_first.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    assert read_classification(str(tmp_path / "label_first.csv")).texts[0] == 'a "great", moving film'
+    with pytest.raises(InputError, match=r"reviews\.csv, line 1: 2 comma-separated columns, too few for "
+                                         r"--label-column 3"):
+        read_classification(str(tmp_path / "reviews.csv"), label_column=3)
+
+
 @pytest.mark.parametrize("train_layout, test_layout, argv, expected", [
     # a GLUE file read as label<TAB>text: every "label" is a sentence
     ("text_label", "text_label", [], "train.tsv: 30 of 30 lines have a label no other line has (line 1: "

@@ -1,6 +1,7 @@
 """The labelled files ``bilm probe`` reads, checked line by line (errors name the file and the line).
 
-Classification: ``label<TAB>text`` a line. Tagging: CoNLL-U (FORM and, by default, UPOS; comment
+Classification: ``label<TAB>text`` a line, other columns on request; a ``.csv`` file is read as CSV
+(Python's csv module: quoted values may hold commas and newlines). Tagging: CoNLL-U (FORM and, by default, UPOS; comment
 lines, multi-word ranges and empty nodes skipped) or whitespace-separated columns, the token in
 column 1 and the tag in ``tag_column`` (1-based; default the last), a blank line after each sentence;
 CoNLL-2003's ``-DOCSTART-`` lines are document boundaries, not tokens.
@@ -8,9 +9,10 @@ CoNLL-2003's ``-DOCSTART-`` lines are document boundaries, not tokens.
 from __future__ import annotations
 
 import re
+import csv
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -71,29 +73,58 @@ UNIQUE_LABEL_SHARE = 0.5
 MIN_LINES_TO_JUDGE = 10
 
 
-def _layout(label_column: Optional[int], text_column: Optional[int]) -> str:
+def _is_csv(path: str) -> bool:
+    return path.lower().endswith(".csv")
+
+
+def _layout(path: str, label_column: Optional[int], text_column: Optional[int]) -> str:
     """How a classification file's columns are read, as the report and the vector cache name it."""
-    if label_column is None and text_column is None:
+    if label_column is None and text_column is None and not _is_csv(path):
         return "tsv"
-    return f"tsv:label={label_column or 1},text={text_column or 'last'}"
+    return f"{'csv' if _is_csv(path) else 'tsv'}:label={label_column or 1},text={text_column or 'last'}"
 
 
-def _classification_fields(path: str, number: int, line: str, label_column: Optional[int],
+def _classification_rows(path: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each non-blank row: tab-separated lines, or for a ``.csv`` file the rows
+    of Python's csv reader (quoted values may hold commas and newlines; the row's first line)."""
+    if not _is_csv(path):
+        for number, line in enumerate(_read_lines(path), 1):
+            if line.strip():
+                yield number, [line]  # split by the caller: label<TAB>text keeps the text's tabs
+        return
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = csv.reader(f)
+            start = 1
+            for fields in rows:
+                if any(field.strip() for field in fields):
+                    yield start, fields
+                start = rows.line_num + 1
+    except UnicodeDecodeError:
+        raise InputError(not_utf8(path)) from None
+    except csv.Error as e:
+        raise InputError(f"{path}, line {rows.line_num}: not a readable CSV row ({e})") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: a directory, expected a file") from None
+
+
+def _classification_fields(path: str, number: int, fields: list[str], label_column: Optional[int],
                            text_column: Optional[int]) -> tuple[str, str]:
-    if label_column is None and text_column is None:  # label<TAB>text, the text may hold tabs
+    if label_column is None and text_column is None and not _is_csv(path):  # label<TAB>text, the text may hold tabs
+        line = fields[0]
         if "\t" not in line:
             raise InputError(f"{path}, line {number}: no tab (each line is label<TAB>text; for text<TAB>label "
-                             f"give --label-column 2)")
+                             f"give --label-column 2; a comma-separated file must be named .csv)")
         label, text = line.split("\t", 1)
         return label, text
-    fields = line.split("\t")
+    fields = fields[0].split("\t") if not _is_csv(path) else fields
     label_at = label_column or 1
     others = [i for i in range(1, len(fields) + 1) if i != label_at]
     text_at = text_column or (others[-1] if others else None)
     for name, at in (("--label-column", label_at), ("--text-column", text_at)):
         if at is None or at > len(fields):
-            raise InputError(f"{path}, line {number}: {len(fields)} tab-separated column"
-                             f"{'s' if len(fields) != 1 else ''}, too few for {name} {at or label_at + 1}")
+            raise InputError(f"{path}, line {number}: {len(fields)} {'comma' if _is_csv(path) else 'tab'}-separated "
+                             f"column{'s' if len(fields) != 1 else ''}, too few for {name} {at or label_at + 1}")
     return fields[label_at - 1], fields[text_at - 1]
 
 
@@ -109,11 +140,9 @@ def read_classification(path: str, label_column: Optional[int] = None, text_colu
             raise InputError(f"{name} counts from 1, got {at}")
     if label_column is not None and label_column == text_column:
         raise InputError(f"--label-column and --text-column are both {label_column}")
-    data = LabelledData(path, "classify", [], [], reader=_layout(label_column, text_column))
-    for number, line in enumerate(_read_lines(path), 1):
-        if not line.strip():
-            continue
-        label, text = _classification_fields(path, number, line, label_column, text_column)
+    data = LabelledData(path, "classify", [], [], reader=_layout(path, label_column, text_column))
+    for number, fields in _classification_rows(path):
+        label, text = _classification_fields(path, number, fields, label_column, text_column)
         if not label.strip():
             raise InputError(f"{path}, line {number}: empty label (each line is label<TAB>text)")
         if not text.strip():
@@ -141,7 +170,7 @@ def _check_labels_are_labels(data: LabelledData, counts: Counter, label_column: 
         return
     first = unique[0]
     column = label_column or 1
-    hint = ("for text<TAB>label give --label-column 2" if label_column is None
+    hint = (f"for text{',' if _is_csv(data.path) else '<TAB>'}label give --label-column 2" if label_column is None
             else "--label-column and --text-column apply to --train, --dev and --test alike")
     raise InputError(f"{data.path}: {len(unique)} of {len(data)} lines have a label no other line has (line "
                      f"{data.lines[first]}: {data.labels[first][:60]!r}): column {column} looks like text, not a "
