@@ -188,7 +188,7 @@ def _add_train(sub: argparse._SubParsersAction) -> Callable:
                       f"{summary['checkpoint']}; continue with --resume", file=sys.stderr)
             return EXIT_STOPPED_BY_SIGNAL
         if summary["is_main"]:
-            print(f"trained {summary['step']} steps -> {summary['checkpoint']}")
+            print(f"trained {summary['step']} step{'' if summary['step'] == 1 else 's'} -> {summary['checkpoint']}")
         return 0
     return run
 

@@ -481,3 +481,17 @@ def test_a_rollback_under_deepspeed_reloads_its_optimizer_state(tmp_path, corpus
     final_a, final_b = (load_checkpoint(str(tmp_path / r / "checkpoints" / "step-00000010.pt")) for r in "ab")
     for key in final_a["model"]:
         assert torch.equal(final_a["model"][key], final_b["model"][key]), key
+
+
+@pytest.mark.parametrize("manifest, expected_why, expected_fix", [
+    ({"heldout_fraction": 0.01}, "the manifest's heldout split is empty: --heldout-fraction 0.01 of a corpus this "
+                                 "small held out no line", "a larger --heldout-fraction, or more text"),
+    ({"heldout_fraction": 0}, "the manifest has no heldout split", "bilm prepare --heldout-fraction 0.01"),
+    (None, "--data is not a manifest.json", "bilm prepare --heldout-fraction 0.01"),
+])
+def test_no_heldout_says_why_and_what_to_do(manifest, expected_why, expected_fix):
+    from bilm.training.heldout import no_heldout_message
+
+    message = no_heldout_message(manifest, eval_tokens=1000, loss_factor=3)
+    assert message.startswith(f"no heldout evaluation ({expected_why}): ")
+    assert message.endswith(f"--eval-data FILE|manifest.json (or {expected_fix})")

@@ -81,12 +81,17 @@ def heldout_sources(manifest: Optional[dict], eval_data: Optional[str]) -> tuple
 
 def no_heldout_message(manifest: Optional[dict], eval_tokens: int, eval_every_steps: int = 1,
                        loss_factor: Optional[float] = None) -> str:
+    fraction = (manifest or {}).get("heldout_fraction")
+    held_none = isinstance(fraction, (int, float)) and fraction > 0  # prepared with a split, too small to fill it
     why = ("train.eval_every_steps is 0" if eval_every_steps == 0 else "train.eval_tokens is 0" if eval_tokens == 0 else
+           f"the manifest's heldout split is empty: --heldout-fraction {fraction:g} of a corpus this small held out "
+           "no line" if manifest is not None and held_none else
            "the manifest has no heldout split" if manifest is not None else "--data is not a manifest.json")
     guard = (f"watches the training loss only (not finite, or averaged above {loss_factor:g} x log(vocabulary size))"
              if loss_factor else "sees only non-finite training losses (train.divergence_loss_factor is null)")
+    prepare = "a larger --heldout-fraction, or more text" if held_none else "bilm prepare --heldout-fraction 0.01"
     return (f"no heldout evaluation ({why}): this run cannot watch its heldout perplexity, and the divergence guard "
-            f"{guard}; give it data with --eval-data FILE|manifest.json (or bilm prepare --heldout-fraction 0.01)")
+            f"{guard}; give it data with --eval-data FILE|manifest.json (or {prepare})")
 
 
 def prepare_heldout(cfg: Config, manifest: Optional[dict], eval_data: Optional[str], out_dir: str,
