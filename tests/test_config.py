@@ -142,6 +142,8 @@ def test_unknown_key_in_model_section(tmp_path):
     ("optim.max_steps=5", "unknown key 'optim.max_steps' (did you mean 'train.max_steps'?)"),
     ("train.cell_clip=3", "unknown key 'train.cell_clip' (did you mean 'model.lstm.cell_clip'?)"),
     ("train.projection_dim=8", "unknown key 'train.projection_dim' (did you mean 'model.lstm.projection_dim'?)"),
+    # keys as the file spells them (the char CNN's embedding_dim field is the key embedding.dim)
+    ("train.dim=8", "unknown key 'train.dim' (did you mean 'model.lstm.dim' or 'model.char_cnn.embedding.dim'?)"),
 ])
 def test_a_key_given_in_the_wrong_section_names_the_right_one(override, expected):
     with pytest.raises(ConfigError) as e:

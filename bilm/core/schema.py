@@ -102,6 +102,18 @@ def _key_parts(f: dataclasses.Field) -> list[str]:
     return f.metadata.get("key", f.name).split(".")
 
 
+def dotted_keys(cls: type, prefix: str) -> list[str]:
+    """Every key a file of ``cls`` can hold, dotted from ``prefix`` (``model.char_cnn.embedding.dim``),
+    nested dataclasses (optional ones too) walked."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        key = ".".join((prefix, *_key_parts(f)))
+        inner = next((t for t in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(t)), None)
+        out += dotted_keys(inner, key) if inner is not None else [key]
+    return out
+
+
 def suggest(key: str, known: list[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""

@@ -22,10 +22,8 @@ plain form saved with every checkpoint; the round trip is exact.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -34,7 +32,7 @@ import yaml
 
 from bilm.core.errors import InputError, not_utf8
 from bilm.core.options import BiLMOptions
-from bilm.core.schema import FieldError, SchemaError, Style, dump, load, suggest
+from bilm.core.schema import FieldError, SchemaError, Style, dotted_keys, dump, load, suggest
 
 
 # The guard's training-loss bound, in units of log(vocab size); bilm evaluate and bilm score call a model
@@ -292,14 +290,7 @@ def _build_section(name: str, raw: Any, source: _Source):
 def _all_keys() -> list[str]:
     """Every dotted key of every section (``optim.lr``, ``model.lstm.dim``, ...): where a key given
     in the wrong section belongs."""
-    def keys(cls: type, prefix: str) -> list[str]:
-        out = []
-        for f in dataclasses.fields(cls):
-            inner = typing.get_type_hints(cls).get(f.name)
-            inner = next((a for a in typing.get_args(inner) if dataclasses.is_dataclass(a)), inner)
-            out += keys(inner, f"{prefix}.{f.name}") if dataclasses.is_dataclass(inner) else [f"{prefix}.{f.name}"]
-        return out
-    return [key for name, (cls, _) in _SECTIONS.items() for key in keys(cls, name)]
+    return [key for name, (cls, _) in _SECTIONS.items() for key in dotted_keys(cls, name)]
 
 
 # ----- overrides and source lines -----
