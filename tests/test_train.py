@@ -83,6 +83,28 @@ def test_resume_with_another_batch_size_or_unroll_restarts_the_data_not_the_mode
               TRAIN_DATA, str(tmp_path), resume=True, vocab_file=TRAIN_VOCAB, progress=False)
 
 
+def test_a_checkpoint_with_a_damaged_rank_state_is_refused_or_restarts_the_data(tmp_path):
+    """rank_states come from a file someone handed over: a rank state that is no mapping is one error; a
+    data state whose config is no mapping starts the data afresh (it matches no reader)."""
+    from bilm.runs.checkpoint import CheckpointError, save_checkpoint
+
+    train(tiny_config("train.max_steps=2"), TRAIN_DATA, str(tmp_path), vocab_file=TRAIN_VOCAB, progress=False)
+    path = list_checkpoints(str(tmp_path / "checkpoints"))[-1]
+    payload = {k: v for k, v in load_checkpoint(path).items() if k != "format"}
+    payload["rank_states"][0]["data"]["config"] = "not a mapping"
+    save_checkpoint(payload, path)
+    with pytest.warns(UserWarning, match=r"the data reader changed \(reader None -> 0; .*start afresh"):
+        assert train(tiny_config("train.max_steps=3"), TRAIN_DATA, str(tmp_path), resume=True,
+                     vocab_file=TRAIN_VOCAB, progress=False)["step"] == 3
+    path = list_checkpoints(str(tmp_path / "checkpoints"))[-1]
+    payload = {k: v for k, v in load_checkpoint(path).items() if k != "format"}
+    payload["rank_states"] = ["not a mapping"]
+    save_checkpoint(payload, path)
+    with pytest.raises(CheckpointError, match=r"rank_states\[0\] must be a mapping, got str"):
+        train(tiny_config("train.max_steps=4"), TRAIN_DATA, str(tmp_path), resume=True, vocab_file=TRAIN_VOCAB,
+              progress=False)
+
+
 @pytest.mark.parametrize("optimizer", ["adagrad", "adam"])  # adam + sparse softmax: two optimizers
 def test_resume_keeps_neither_a_copy_nor_a_mapping_of_the_checkpoint(tmp_path, monkeypatch, optimizer):
     """Resuming maps the checkpoint file; once restored, the run holds neither the payload's weights

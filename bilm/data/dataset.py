@@ -158,7 +158,8 @@ class LMDataset(IterableDataset):
     def state_differs(self, state: dict) -> list[str]:
         """The reader settings (``batch_size``, ``unroll_steps``, shards, ...) in which ``state`` differs
         from this reader's, as ``key old -> new``: a state that only another reader can continue."""
-        saved = state.get("config", {}) if isinstance(state, dict) else {}
+        saved = state.get("config") if isinstance(state, dict) else None
+        saved = saved if isinstance(saved, dict) else {}  # a damaged state differs in every key
         return [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in self._config().items()
                 if saved.get(key) != value]
 

@@ -22,7 +22,7 @@ import torch
 from bilm.data import LMDataset
 from bilm.core.logs import log
 from bilm.core.errors import CheckpointWriteError
-from bilm.runs.checkpoint import checkpoint_payload, load_checkpoint, load_model_state, save_checkpoint
+from bilm.runs.checkpoint import CheckpointError, checkpoint_payload, load_checkpoint, load_model_state, save_checkpoint
 from bilm.runs.resume import check_resume
 from bilm.runs.run_dir import checkpoint_path, checkpoint_step, keep_as_best, list_checkpoints, load_latest_valid, prune_checkpoints, remove_stale_temporaries
 from bilm.runs.config import Config, config_to_dict
@@ -209,9 +209,14 @@ class Checkpointer:
             log.info(f"{path} holds no data positions or LSTM states: they start afresh")
         elif payload["world_size"] == env.world_size:
             rank_state = payload["rank_states"][env.rank]
+            if not isinstance(rank_state, dict):  # a file handed over: its structure is checked, not trusted
+                raise CheckpointError(f"{path}: rank_states[{env.rank}] must be a mapping, got "
+                                      f"{type(rank_state).__name__}")
             # A batch size or unroll changed on --resume: the saved positions and LSTM states are
-            # another reader's (and another shape); the same rank on every rank, so all agree.
-            differs = dataset.state_differs(rank_state["data"]) if rank_state.get("data") is not None else []
+            # another reader's (and another shape). Every rank finds the same keys changed, so all
+            # ranks take the same branch.
+            data_state = rank_state.get("data")
+            differs = dataset.state_differs(data_state) if data_state is not None else []
             if not differs:
                 trainer.load_rank_state(rank_state, dataset)
             elif env.is_main:
