@@ -84,13 +84,14 @@ def _layout(path: str, label_column: Optional[int], text_column: Optional[int]) 
     return f"{'csv' if _is_csv(path) else 'tsv'}:label={label_column or 1},text={text_column or 'last'}"
 
 
-def _classification_rows(path: str) -> Iterator[tuple[int, list[str]]]:
-    """(line number, fields) of each non-blank row: tab-separated lines, or for a ``.csv`` file the rows
-    of Python's csv reader (quoted values may hold commas and newlines; the row's first line)."""
+def _classification_rows(path: str, whole_text: bool) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each non-blank row: tab-separated lines (``whole_text``: cut at the first
+    tab only, label<TAB>text whose text may hold tabs), or for a ``.csv`` file the rows of Python's csv
+    reader (quoted values may hold commas and newlines; a row's number is its first line)."""
     if not _is_csv(path):
         for number, line in enumerate(_read_lines(path), 1):
             if line.strip():
-                yield number, [line]  # split by the caller: label<TAB>text keeps the text's tabs
+                yield number, line.split("\t", 1 if whole_text else -1)
         return
     try:
         with open(path, encoding="utf-8", newline="") as f:
@@ -110,14 +111,11 @@ def _classification_rows(path: str) -> Iterator[tuple[int, list[str]]]:
 
 def _classification_fields(path: str, number: int, fields: list[str], label_column: Optional[int],
                            text_column: Optional[int]) -> tuple[str, str]:
-    if label_column is None and text_column is None and not _is_csv(path):  # label<TAB>text, the text may hold tabs
-        line = fields[0]
-        if "\t" not in line:
-            raise InputError(f"{path}, line {number}: no tab (each line is label<TAB>text; for text<TAB>label "
-                             f"give --label-column 2; a comma-separated file must be named .csv)")
-        label, text = line.split("\t", 1)
-        return label, text
-    fields = fields[0].split("\t") if not _is_csv(path) else fields
+    """The label and the text of one row; by default the label is column 1 and the text the last
+    other column (label<TAB>text: the rest of the line)."""
+    if len(fields) == 1 and label_column is None and text_column is None and not _is_csv(path):
+        raise InputError(f"{path}, line {number}: no tab (each line is label<TAB>text; for text<TAB>label "
+                         f"give --label-column 2; a comma-separated file must be named .csv)")
     label_at = label_column or 1
     others = [i for i in range(1, len(fields) + 1) if i != label_at]
     text_at = text_column or (others[-1] if others else None)
@@ -141,7 +139,7 @@ def read_classification(path: str, label_column: Optional[int] = None, text_colu
     if label_column is not None and label_column == text_column:
         raise InputError(f"--label-column and --text-column are both {label_column}")
     data = LabelledData(path, "classify", [], [], reader=_layout(path, label_column, text_column))
-    for number, fields in _classification_rows(path):
+    for number, fields in _classification_rows(path, whole_text=label_column is None and text_column is None):
         label, text = _classification_fields(path, number, fields, label_column, text_column)
         if not label.strip():
             raise InputError(f"{path}, line {number}: empty label (each line is label<TAB>text)")
