@@ -176,3 +176,27 @@ def test_train_on_a_manifest_without_its_vocab_key_is_one_error(tmp_path, capsys
                  str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "manifest.json: key 'vocab' must name the vocabulary file (or give --vocab)" in err
+
+
+def test_a_real_bilm_warning_prints_as_one_warning_line(tmp_path):
+    """End to end, the warning of a resume with another batch size: `warning: ...` on stderr, no
+    Python file:line, no source line."""
+    import os
+    import subprocess
+    import sys
+
+    from train_helpers import ROOT, TRAIN_DATA, TRAIN_VOCAB
+
+    def bilm_train(*sets):
+        argv = [sys.executable, "-m", "bilm.cli", "train", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
+                "--data", TRAIN_DATA, "--vocab", TRAIN_VOCAB, "--out", str(tmp_path / "run"), "--resume",
+                "--no-progress", "--set", "train.eval_every_steps=0", *[a for s in sets for a in ("--set", s)]]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    bilm_train("train.max_steps=2", "train.batch_size=4")
+    err = bilm_train("train.max_steps=3", "train.batch_size=2")
+    lines = [line for line in err.splitlines() if "data reader changed" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "batch_size 4 -> 2" in lines[0], err
+    assert "UserWarning" not in err and "warnings.warn" not in err, err
